@@ -1,0 +1,153 @@
+"""The ``hardmix`` command: train, eval, sweep, report, presets.
+
+Parsing and config validation happen here, before any work starts: a bad value prints one line
+(field, value, what is allowed) and exits 2. The heavy modules (torch training, Ray, analysis)
+are imported only by the subcommand that needs them, so ``hardmix --help`` is instant and
+importing :mod:`hardmix` never imports Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from typing import Callable, Sequence
+
+from hardmix import __version__
+from hardmix.config import (ConfigError, RunConfig, SweepConfig, describe_fields, fail,
+                            load_config, preset_kind, preset_names, read_preset)
+
+
+def _fields_epilog(cls: type, title: str) -> str:
+    rows = describe_fields(cls)
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"{title} (YAML keys, and --set KEY=VALUE):"]
+    for name, default, text in rows:
+        wrapped = textwrap.wrap(f"{text} [default: {default}]", 100 - width - 4) or [""]
+        lines.append(f"  {name:<{width}}  {wrapped[0]}")
+        lines += [f"  {'':<{width}}  {more}" for more in wrapped[1:]]
+    return "\n".join(lines)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", metavar="NAME",
+                   help="start from a named preset shipped with hardmix (`hardmix presets` lists them)")
+    p.add_argument("--config", metavar="FILE", help="YAML file of config keys, applied after the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, e.g. --set augment.alpha=0.5 (repeatable; "
+                        "applied last)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="hardmix", formatter_class=fmt,
+        description="HardMix (CutMix with sources cut from the batch's hard samples) and its "
+                    "baselines: train one run, sweep and ablate on Ray, report from Parquet.")
+    parser.add_argument("--version", action="version", version=f"hardmix {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", formatter_class=fmt, help="train one run (no Ray)",
+                       description="Train one model with one augmentation; writes metrics to "
+                                   "Parquet, TensorBoard logs and checkpoints into the run folder.",
+                       epilog=_fields_epilog(RunConfig, "Run config fields"))
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in output.dir/output.name from its last checkpoint")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("eval", formatter_class=fmt, help="test error of a saved checkpoint",
+                       description="Evaluate a checkpoint written by `hardmix train` on its test set.")
+    p.add_argument("checkpoint", help="checkpoint file (.pt) written by a run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the stored run config (e.g. data.path=...)")
+    p.set_defaults(handler=_eval)
+
+    p = sub.add_parser("sweep", formatter_class=fmt, help="sweep or ablate many runs on Ray Tune",
+                       description="Run a search (Optuna) or a grid of training runs on a local Ray "
+                                   "instance or a cluster; every trial and epoch lands in Parquet "
+                                   "under storage/name, with TensorBoard logs and a report.",
+                       epilog=_fields_epilog(SweepConfig, "Sweep config fields (run.* are the run "
+                                                          "fields of `hardmix train --help`)"))
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="SWEEP", nargs="?", const="",
+                   help="resume an interrupted sweep: its folder (or name under storage)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the trials, resources and a compute estimate, then stop")
+    p.add_argument("--address", help="Ray address (auto, ray://host:port); same as --set address=")
+    p.add_argument("--storage", help="results folder or URI (s3://, gs://); same as --set storage=")
+    p.set_defaults(handler=_sweep)
+
+    p = sub.add_parser("report", formatter_class=fmt, help="tables and plots of a sweep",
+                       description="Read a sweep's Parquet results and write a Markdown report, CSV "
+                                   "tables and PNG plots into it; prints the main table.")
+    p.add_argument("path", help="sweep folder or URI (or a folder of sweeps)")
+    p.add_argument("--out", help="where to write the report (default: <path>/report)")
+    p.add_argument("--baseline", default="cutmix", help="method the deltas are taken against")
+    p.set_defaults(handler=_report)
+
+    p = sub.add_parser("presets", help="list the shipped presets",
+                       description="List the presets shipped with hardmix, or print one.")
+    p.add_argument("name", nargs="?", help="print this preset's YAML")
+    p.set_defaults(handler=_presets)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(RunConfig, args.preset, args.config, args.overrides)
+    from hardmix.train import train_from_cli
+    return train_from_cli(cfg, resume=args.resume)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from hardmix.train import evaluate_checkpoint_cli
+    return evaluate_checkpoint_cli(args.checkpoint, args.overrides)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"address={args.address}")
+    if args.storage:
+        overrides.append(f"storage={args.storage}")
+    from tune.sweep import sweep_from_cli  # Ray is imported only here
+    return sweep_from_cli(args.preset, args.config, overrides, resume=args.resume,
+                          dry_run=args.dry_run)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ablations.report import report_from_cli
+    return report_from_cli(args.path, out=args.out, baseline=args.baseline)
+
+
+def _presets(args: argparse.Namespace) -> int:
+    if args.name:
+        from importlib import resources
+        if args.name not in preset_names():
+            read_preset(args.name)  # raises the ConfigError with the list of names
+        print(resources.files("hardmix.presets").joinpath(f"{args.name}.yaml").read_text(), end="")
+        return 0
+    for name in preset_names():
+        raw = read_preset(name)
+        print(f"{name:<28} {preset_kind(raw):<6} {raw.get('description', '')}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except ConfigError as exc:
+        return fail(exc)
+    except KeyboardInterrupt:
+        print("hardmix: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
