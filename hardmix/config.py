@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import os
 import sys
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -294,8 +295,12 @@ def deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """``["augment.alpha=0.5", ...]`` -> nested mapping; values are parsed as YAML scalars."""
+def parse_overrides(pairs: list[str], cls: type | None = None) -> dict:
+    """``["augment.alpha=0.5", ...]`` -> nested mapping; values are parsed as YAML scalars.
+
+    With ``cls`` the key is read against the schema, so keys of mapping fields may hold dots:
+    ``space.augment.k.high=0.5`` sets ``space["augment.k"]["high"]``.
+    """
     out: dict = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -305,14 +310,36 @@ def parse_overrides(pairs: list[str]) -> dict:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
+        parts = _split_key(cls, key.strip().split(".")) if cls else key.strip().split(".")
         node = out
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError("--set", pair, f"sets both {part} and a field inside it")
         node[parts[-1]] = value
     return out
+
+
+def _split_key(cls: Any, parts: list[str]) -> list[str]:
+    """Group dotted key parts by the schema: a mapping field's key keeps its dots."""
+    if not parts or not dataclasses.is_dataclass(cls):
+        return parts
+    names = {f.name for f in dataclasses.fields(cls)}
+    if parts[0] not in names:
+        return parts
+    tp = typing.get_type_hints(cls)[parts[0]]
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    rest = parts[1:]
+    if typing.get_origin(tp) is dict and rest:
+        inner = typing.get_args(tp)[1]
+        inner_names = ({f.name for f in dataclasses.fields(inner)}
+                       if dataclasses.is_dataclass(inner) else set())
+        for cut in range(len(rest) - 1, 0, -1):  # the longest key whose remainder is a field
+            if rest[cut] in inner_names:
+                return [parts[0], ".".join(rest[:cut])] + _split_key(inner, rest[cut:])
+        return [parts[0], ".".join(rest)]
+    return [parts[0]] + _split_key(tp, rest)
 
 
 def load_config(cls: type, preset: str | None = None, file: str | None = None,
@@ -325,7 +352,7 @@ def load_config(cls: type, preset: str | None = None, file: str | None = None,
     raw: dict = {}
     for layer in (read_preset(preset) if preset else None,
                   read_yaml_file(file) if file else None,
-                  parse_overrides(overrides or [])):
+                  parse_overrides(overrides or [], cls)):
         if layer:
             if cls is RunConfig and preset_kind(layer) == "sweep":
                 layer = layer.get("run", {})
@@ -554,8 +581,13 @@ def _check_writable(name: str, target: str) -> None:
         if probe.parent == probe:
             break
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise ConfigError(name, target, "must be a writable folder")
+    if not probe.is_dir():
+        raise ConfigError(name, target, f"must be a writable folder ({probe} is a file)")
+    try:  # a real write: permission bits say nothing for root or read-only mounts
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ConfigError(name, target, f"must be a writable folder ({exc.strerror})") from None
 
 
 def _check_sweep(cfg: SweepConfig) -> None:
@@ -622,7 +654,7 @@ def _one_of(choices: Any, value: Any) -> str:
     return text + (f" (did you mean {close[0]}?)" if close else "")
 
 
-def fail(exc: ConfigError, stream=sys.stderr) -> int:
+def fail(exc: ConfigError, stream=None) -> int:
     """Print a config error as its one line; the exit code the CLI returns."""
-    print(f"hardmix: error: {exc}", file=stream)
+    print(f"hardmix: error: {exc}", file=stream or sys.stderr)
     return 2
