@@ -1,0 +1,623 @@
+"""The results store: every trial and every epoch of every run and sweep, as plain Parquet.
+
+This module is the single owner of the results schema. Runs (``hardmix train``) and sweeps
+(``tune``) write through :class:`ResultStore` (usually via :class:`StoreCallback`); the analysis
+reads through :func:`read_results`; DuckDB, polars and pandas can read the same files directly.
+
+Layout of one sweep (``<sweep_dir>`` is a local folder or a pyarrow URI such as ``s3://b/x``)::
+
+    <sweep_dir>/trials/sweep=<sweep id>/<trial_id>-<uuid>.parquet   one trial row per file
+    <sweep_dir>/epochs/sweep=<sweep id>/<trial_id>-<uuid>.parquet   epoch rows of one write
+
+Rules that make many writers on many nodes safe without any coordination:
+
+* every write is a new, complete file with a unique name (trial id + uuid4); nothing is ever
+  rewritten or appended, so two writers can never clash;
+* on a local or network disk the file is written under a hidden temporary name (``.name.tmp``,
+  which every Parquet dataset reader skips) and renamed into place, so a killed writer leaves at
+  most a hidden temporary file; on object stores (s3://, gs://), where rename is a copy, the file
+  is serialised in memory first and sent as one object put, which is all-or-nothing;
+* readers deduplicate: the trial row with the latest ``written_at`` wins per (sweep, trial_id),
+  the epoch row with the latest ``written_at`` per (sweep, trial_id, epoch). A trial is therefore
+  written once as ``running`` when it starts and again with its final status when it ends.
+
+Schema versions: every row carries the ``schema_version`` it was written with. Files written by an
+older known version are migrated when read (see ``MIGRATIONS``); a file with a version this code
+does not know stops the reader with an error naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import typing
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Mapping, Sequence
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from hardmix.config import ConfigError, RunConfig, field_type, flatten
+
+try:  # the training loop's callback base class (issue 4); the store only needs its method names
+    from hardmix.train import Callback as _CallbackBase
+except ImportError:  # pragma: no cover - only while hardmix.train is being written
+    _CallbackBase = object
+
+#: Version of the schema this code writes. Bump it (and add a migration) when a column changes.
+SCHEMA_VERSION = 2
+
+STATUSES = ("running", "completed", "pruned", "failed")
+#: Dedup tie-break when two rows of a trial carry the same ``written_at``: a final status wins.
+_STATUS_RANK = {"running": 0, "pruned": 1, "failed": 2, "completed": 3}
+
+TABLES = ("trials", "epochs")
+
+_TS = pa.timestamp("us", tz="UTC")
+
+#: Columns of the ``trials`` table before the config columns (``flatten(cfg)``) and extra columns.
+TRIAL_FIELDS = pa.schema([
+    ("sweep", pa.string()), ("trial_id", pa.string()), ("status", pa.string()),
+    ("error", pa.string()), ("attempt", pa.int64()),
+    ("final_top1_err", pa.float64()), ("final_top5_err", pa.float64()),
+    ("best_top1_err", pa.float64()), ("best_top5_err", pa.float64()),
+    ("final_val_top1_err", pa.float64()), ("best_val_top1_err", pa.float64()),
+    ("epochs_run", pa.int64()), ("wall_seconds", pa.float64()), ("device", pa.string()),
+    ("versions", pa.string()), ("git_commit", pa.string()),
+    ("schema_version", pa.int64()), ("written_at", _TS),
+])
+
+#: Columns of the ``epochs`` table (the per-epoch metrics of ``hardmix.train``).
+EPOCH_FIELDS = pa.schema([
+    ("sweep", pa.string()), ("trial_id", pa.string()), ("epoch", pa.int64()),
+    ("train_loss", pa.float64()), ("val_loss", pa.float64()), ("val_top1_err", pa.float64()),
+    ("val_top5_err", pa.float64()), ("test_loss", pa.float64()), ("test_top1_err", pa.float64()),
+    ("test_top5_err", pa.float64()), ("lr", pa.float64()), ("images_per_s", pa.float64()),
+    ("epoch_seconds", pa.float64()), ("hard_share", pa.float64()), ("fallback_rate", pa.float64()),
+    ("mixed_rate", pa.float64()), ("distinct_sources", pa.float64()),
+    ("source_class_counts", pa.list_(pa.int64())),
+    ("schema_version", pa.int64()), ("written_at", _TS),
+])
+
+#: Columns a file must have to be usable at all (per table).
+_REQUIRED = {"trials": ("trial_id", "schema_version", "written_at"),
+             "epochs": ("trial_id", "epoch", "schema_version", "written_at")}
+
+#: Trial columns whose values are mappings, stored as JSON strings.
+_JSON_COLUMNS = ("versions",)
+
+_PY_TO_ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
+
+
+def _arrow_type(tp: Any) -> pa.DataType:
+    if tp in _PY_TO_ARROW:
+        return _PY_TO_ARROW[tp]
+    if typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp) or (str,)
+        return pa.list_(_PY_TO_ARROW.get(inner, pa.string()))
+    return pa.string()  # mappings and anything else are stored as JSON text
+
+
+def config_schema() -> pa.Schema:
+    """Typed config columns, one per leaf field of :class:`RunConfig` (``flatten`` order).
+
+    Derived from the dataclasses, so a field added to ``hardmix.config`` becomes a column
+    without touching the store.
+    """
+    return pa.schema([(name, _arrow_type(field_type(RunConfig, name)))
+                      for name in flatten(RunConfig())])
+
+
+def trial_schema() -> pa.Schema:
+    """Known columns of the ``trials`` table: base columns, then config columns.
+
+    The config field ``device`` (requested: auto/cpu/cuda) shares its column with the device the
+    run actually used, which wins once the run has reported it.
+    """
+    return pa.schema(list(TRIAL_FIELDS) + [f for f in config_schema()
+                                           if f.name not in TRIAL_FIELDS.names])
+
+
+def epoch_schema() -> pa.Schema:
+    return EPOCH_FIELDS
+
+
+def _known_schema(kind: str) -> pa.Schema:
+    return trial_schema() if kind == "trials" else epoch_schema()
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class ResultsError(ConfigError):
+    """A results file that cannot be used: corrupt, or written by an unknown schema version.
+
+    A :class:`ConfigError`, so the CLI prints its one line and exits with code 2.
+    """
+
+    def __init__(self, file: str, problem: str, reason: str = "corrupt"):
+        self.file, self.problem, self.reason = file, problem, reason  # reason: corrupt | version
+        super().__init__("results file", file, problem)
+
+
+# --------------------------------------------------------------------------------------------
+# Filesystems
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path or a URI (s3://, gs://, file://, ...)."""
+    path = str(path)
+    if filesystem is not None:
+        return filesystem, path.rstrip("/")
+    if "://" in path:
+        try:
+            fs, inner = pafs.FileSystem.from_uri(path)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+            raise ConfigError("path", path, f"is not a usable filesystem URI ({exc})") from None
+        return fs, inner.rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def _renames_atomically(fs: pafs.FileSystem) -> bool:
+    """True on filesystems where rename is an atomic metadata operation (local/posix disks).
+
+    Object stores (S3, GCS) implement rename as copy + delete, so they get one object put.
+    """
+    if isinstance(fs, pafs.SubTreeFileSystem):
+        return _renames_atomically(fs.base_fs)
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.=+-]")
+
+
+def _file_stem(trial_id: str) -> str:
+    # Readers skip names starting with "." or "_" (temporary files), so a real file never may.
+    stem = _SAFE.sub("_", trial_id).lstrip("._")[:120]
+    return stem or "trial"
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+_clock_lock = threading.Lock()
+_last_stamp = datetime.min.replace(tzinfo=timezone.utc)
+
+
+def _now() -> datetime:
+    """UTC now, strictly increasing within this process (later writes of a trial must win)."""
+    global _last_stamp
+    with _clock_lock:
+        stamp = datetime.now(timezone.utc)
+        if stamp <= _last_stamp:
+            stamp = _last_stamp + timedelta(microseconds=1)
+        _last_stamp = stamp
+        return stamp
+
+
+def _plain(value: Any) -> Any:
+    """numpy / torch scalars and arrays -> Python values pyarrow accepts."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _column(name: str, value: Any, tp: pa.DataType | None) -> pa.Array:
+    value = _plain(value)
+    if name in _JSON_COLUMNS and isinstance(value, Mapping):
+        value = json.dumps(value, sort_keys=True)
+    if tp is None:
+        if isinstance(value, Mapping):
+            value = json.dumps(value, sort_keys=True, default=str)
+        return pa.array([value])
+    if pa.types.is_string(tp) and value is not None and not isinstance(value, str):
+        value = json.dumps(value, default=str) if isinstance(value, (list, Mapping)) else str(value)
+    try:
+        return pa.array([value], type=tp)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as exc:
+        raise ConfigError(name, value, f"must fit the results column type {tp} ({exc})") from None
+
+
+def _row_table(row: Mapping[str, Any], schema: pa.Schema) -> pa.Table:
+    """One-row table: every known column (null where absent) in schema order, then extras."""
+    names = list(schema.names) + sorted(k for k in row if k not in schema.names)
+    arrays = [_column(n, row.get(n), schema.field(n).type if n in schema.names else None)
+              for n in names]
+    return pa.table(dict(zip(names, arrays)))
+
+
+class ResultStore:
+    """Writes trial and epoch rows of one sweep as Parquet files; see the module docstring.
+
+    ``sweep_dir`` is a local folder or a URI (``s3://bucket/sweeps/name``, ``gs://...``,
+    ``file:///...``); the sweep id is its last path component. ``filesystem`` overrides the
+    filesystem the URI would pick (tests, custom credentials).
+    """
+
+    def __init__(self, sweep_dir: str, filesystem: pafs.FileSystem | None = None):
+        self.uri = str(sweep_dir)
+        self.fs, self.root = _resolve(self.uri, filesystem)
+        self.sweep = self.root.rstrip("/").rsplit("/", 1)[-1]
+        if not self.sweep or self.sweep.startswith((".", "_")):
+            raise ConfigError("sweep folder", self.uri,
+                              "must end in a plain name (not starting with '.' or '_')")
+        self.atomic_rename = _renames_atomically(self.fs)
+
+    def __repr__(self) -> str:
+        return f"ResultStore({self.uri!r})"
+
+    def folder(self, table: str) -> str:
+        """The partition folder a table's files go to."""
+        return f"{self.root}/{table}/sweep={self.sweep}"
+
+    def write_trial(self, row: Mapping[str, Any]) -> str:
+        """Write one trial row (one new file). A later write of the same trial_id supersedes it.
+
+        ``row`` holds any of the ``trials`` columns (absent ones are null), the config columns
+        by dotted name and any extra sweep-level columns. ``sweep``, ``schema_version`` and
+        ``written_at`` are filled in. Returns the file's path.
+        """
+        row = dict(row)
+        trial_id = _check_trial_id(row.get("trial_id"))
+        status = row.get("status")
+        if status not in STATUSES:
+            raise ConfigError("status", status, f"must be one of {', '.join(STATUSES)}")
+        row.update(sweep=self.sweep, schema_version=SCHEMA_VERSION, written_at=_now())
+        return self._write("trials", trial_id, _row_table(row, trial_schema()))
+
+    def write_epochs(self, trial_id: str, rows: Sequence[Mapping[str, Any]]) -> str | None:
+        """Write epoch rows of one trial (one new file); a later row per (trial_id, epoch) wins."""
+        trial_id = _check_trial_id(trial_id)
+        if not rows:
+            return None
+        stamp = _now()
+        tables = []
+        for r in rows:
+            r = dict(r)
+            if not isinstance(_plain(r.get("epoch")), int) or isinstance(r.get("epoch"), bool):
+                raise ConfigError("epoch", r.get("epoch"), "every epoch row needs an integer epoch")
+            r.update(sweep=self.sweep, trial_id=trial_id, schema_version=SCHEMA_VERSION,
+                     written_at=stamp)
+            tables.append(_row_table(r, epoch_schema()))
+        table = _concat(tables)
+        return self._write("epochs", trial_id, table)
+
+    def _write(self, table_name: str, trial_id: str, table: pa.Table) -> str:
+        folder = self.folder(table_name)
+        name = f"{_file_stem(trial_id)}-{uuid.uuid4().hex}.parquet"
+        final = f"{folder}/{name}"
+        if self.atomic_rename:
+            self.fs.create_dir(folder, recursive=True)
+            tmp = f"{folder}/.{name}.tmp"
+            try:
+                pq.write_table(table, tmp, filesystem=self.fs)
+                self.fs.move(tmp, final)
+            except BaseException:
+                try:
+                    self.fs.delete_file(tmp)
+                except (OSError, FileNotFoundError):
+                    pass
+                raise
+        else:
+            # Serialise fully first: closing a half-written stream would upload a partial object.
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            data = sink.getvalue()
+            with self.fs.open_output_stream(final) as out:
+                out.write(data)
+        return final
+
+
+def _check_trial_id(trial_id: Any) -> str:
+    if not isinstance(trial_id, str) or not trial_id.strip():
+        raise ConfigError("trial_id", trial_id, "must be a non-empty string")
+    return trial_id
+
+
+# --------------------------------------------------------------------------------------------
+# The training-loop callback
+# --------------------------------------------------------------------------------------------
+
+
+class StoreCallback(_CallbackBase):
+    """A :class:`hardmix.train.Callback` that records one run in a :class:`ResultStore`.
+
+    ``on_run_start`` writes the trial row with status ``running``; ``on_epoch_end`` writes each
+    epoch row as soon as the epoch ends (a dead driver loses nothing already reported);
+    ``on_run_end`` writes the final trial row with the summary. ``extra`` holds sweep-level
+    columns added to every trial row (``attempt``, ``versions``, ``git_commit``, a Tune trial
+    name, ...); its ``versions`` mapping is merged into the run's. Only rank 0 writes.
+    """
+
+    def __init__(self, store: ResultStore, trial_id: str, cfg: RunConfig | None = None,
+                 extra: Mapping[str, Any] | None = None):
+        self.store = store
+        self.trial_id = _check_trial_id(trial_id)
+        self.cfg = cfg
+        self.extra = dict(extra or {})
+        self.info: dict = {}
+        self.epochs_run = 0
+        self.active = True
+
+    def _base_row(self) -> dict:
+        row: dict[str, Any] = {}
+        if self.cfg is not None:
+            row.update(flatten(self.cfg))
+        versions = dict(self.info.get("versions") or {})
+        extra = dict(self.extra)
+        if isinstance(extra.get("versions"), Mapping):
+            versions.update(extra.pop("versions"))
+        row.update(device=self.info.get("device") or row.get("device"),
+                   git_commit=self.info.get("git_commit"), versions=versions or None, attempt=1)
+        row.update(extra)
+        row["trial_id"] = self.trial_id
+        return row
+
+    def on_run_start(self, cfg: RunConfig, info: dict) -> None:
+        self.cfg = cfg if cfg is not None else self.cfg
+        self.info = dict(info or {})
+        self.active = int(self.info.get("rank", 0) or 0) == 0
+        if self.active:
+            self.store.write_trial({**self._base_row(), "status": "running", "error": ""})
+
+    def on_epoch_end(self, metrics: dict, checkpoint: str | None = None) -> None:
+        if not self.active:
+            return
+        self.epochs_run = max(self.epochs_run, int(_plain(metrics.get("epoch", 0)) or 0))
+        self.store.write_epochs(self.trial_id, [metrics])
+
+    def on_run_end(self, summary: dict) -> None:
+        if not self.active:
+            return
+        row = self._base_row()
+        row.update({k: v for k, v in summary.items()
+                    if k in TRIAL_FIELDS.names and v is not None})
+        row.setdefault("epochs_run", self.epochs_run)
+        row["error"] = row.get("error") or ""
+        self.store.write_trial(row)
+
+    def record_failure(self, error: str) -> None:
+        """Write a ``failed`` trial row when the run died without reaching ``on_run_end``."""
+        if self.active:
+            self.store.write_trial({**self._base_row(), "status": "failed", "error": str(error),
+                                    "epochs_run": self.epochs_run})
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def _v1_to_v2(table: pa.Table, kind: str) -> pa.Table:
+    """v1 (the first draft of the schema) had no retries and no mixed-batch rate.
+
+    trials: ``attempt`` did not exist; every v1 trial ran once, so it is attempt 1.
+    epochs: ``mixed_rate`` did not exist; it is unknown (null).
+    """
+    if kind == "trials" and "attempt" not in table.column_names:
+        table = table.append_column("attempt", pa.array([1] * table.num_rows, pa.int64()))
+    if kind == "epochs" and "mixed_rate" not in table.column_names:
+        table = table.append_column("mixed_rate", pa.nulls(table.num_rows, pa.float64()))
+    return table
+
+
+#: ``MIGRATIONS[v]`` turns a table written by version ``v`` into version ``v + 1``.
+MIGRATIONS: dict[int, Callable[[pa.Table, str], pa.Table]] = {1: _v1_to_v2}
+KNOWN_VERSIONS = tuple(sorted(set(MIGRATIONS) | {SCHEMA_VERSION}))
+
+
+@dataclass
+class Results:
+    """Deduplicated results of one sweep or a folder of sweeps.
+
+    ``trials`` / ``epochs``: pyarrow Tables (latest row per trial / per trial and epoch).
+    ``skipped``: ``(file, reason)`` of files left out (only with ``on_corrupt="skip"``).
+    ``files``: how many files were read. ``rows_read``: rows before deduplication, per table.
+    """
+
+    trials: pa.Table
+    epochs: pa.Table
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    files: int = 0
+    rows_read: dict[str, int] = field(default_factory=dict)
+    sweeps: list[str] = field(default_factory=list)
+
+    def to_pandas(self):
+        """``(trials_df, epochs_df)`` as pandas DataFrames."""
+        return self.trials.to_pandas(), self.epochs.to_pandas()
+
+
+def sweep_roots(path: str, filesystem: pafs.FileSystem | None = None
+                ) -> tuple[pafs.FileSystem, list[str]]:
+    """The sweep folders at ``path``: itself when it holds trials/ or epochs/, else its children
+    that do. Raises ConfigError when the path does not exist or holds no sweep."""
+    fs, root = _resolve(path, filesystem)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError("path", str(path), "does not exist (expected a sweep folder or URI)")
+    if info.type != pafs.FileType.Directory:
+        raise ConfigError("path", str(path), "must be a sweep folder (with trials/ inside) or a "
+                                             "folder of sweeps")
+
+    def is_sweep(folder: str) -> bool:
+        return any(fs.get_file_info(f"{folder}/{t}").type == pafs.FileType.Directory
+                   for t in TABLES)
+
+    if is_sweep(root):
+        return fs, [root]
+    children = [i.path for i in fs.get_file_info(pafs.FileSelector(root))
+                if i.type == pafs.FileType.Directory and not i.base_name.startswith((".", "_"))]
+    found = sorted(c for c in children if is_sweep(c))
+    if not found:
+        raise ConfigError("path", str(path), "holds no results (no trials/ or epochs/ folder in it "
+                                             "or in its sub-folders)")
+    return fs, found
+
+
+def _list_files(fs: pafs.FileSystem, sweep_root: str, kind: str) -> list[tuple[str, str | None]]:
+    """``(path, sweep from the partition folder)`` of the readable data files of one table."""
+    base = f"{sweep_root}/{kind}"
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet"):
+            continue
+        rel = info.path[len(base):].strip("/").split("/")
+        # Hidden or underscore names are temporary files of a writer (maybe killed): skip them.
+        if any(part.startswith((".", "_")) for part in rel):
+            continue
+        sweep = next((unquote(p.split("=", 1)[1]) for p in rel[:-1] if p.startswith("sweep=")),
+                     None)
+        out.append((info.path, sweep))
+    return sorted(out)
+
+
+def _cast_known(table: pa.Table, schema: pa.Schema, path: str) -> pa.Table:
+    for i, name in enumerate(table.column_names):
+        if name not in schema.names:
+            continue
+        want = schema.field(name).type
+        have = table.schema.field(i).type
+        if have != want:
+            try:
+                table = table.set_column(i, name, table.column(i).cast(want))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                raise ResultsError(path, f"column {name} has type {have}, expected {want}") from None
+    return table
+
+
+def _read_file(fs: pafs.FileSystem, path: str, sweep: str | None, kind: str) -> pa.Table:
+    """One file, checked, migrated to the current schema and cast to the known column types."""
+    try:
+        table = pq.read_table(path, filesystem=fs)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ResultsError(path, f"is not a readable Parquet file ({exc})") from None
+    missing = [c for c in _REQUIRED[kind] if c not in table.column_names]
+    if missing:
+        raise ResultsError(path, f"lacks the column(s) {', '.join(missing)} of a {kind} file")
+    versions = set(table.column("schema_version").to_pylist())
+    unknown = [v for v in versions if v not in KNOWN_VERSIONS]
+    if unknown:
+        raise ResultsError(path, f"has schema_version {unknown[0]}; this hardmix reads versions "
+                                 f"{', '.join(map(str, KNOWN_VERSIONS))} (upgrade hardmix to read "
+                                 "it)", reason="version")
+    for version in range(min(versions), SCHEMA_VERSION):
+        table = MIGRATIONS[version](table, kind)
+    if "sweep" not in table.column_names:
+        table = table.append_column("sweep", pa.array([sweep] * table.num_rows, pa.string()))
+    return _cast_known(table, _known_schema(kind), path)
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate with permissive schema unification (columns added later never vanish)."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # An extra (non-schema) column written with different types by different writers:
+        # fall back to text for that column rather than refusing the whole sweep.
+        types: dict[str, set] = {}
+        for t in tables:
+            for f in t.schema:
+                if not pa.types.is_null(f.type):
+                    types.setdefault(f.name, set()).add(f.type)
+        clash = {n for n, ts in types.items() if len(ts) > 1}
+        fixed = []
+        for t in tables:
+            for n in clash & set(t.column_names):
+                i = t.column_names.index(n)
+                text = [None if v is None else (v if isinstance(v, str) else json.dumps(v, default=str))
+                        for v in t.column(i).to_pylist()]
+                t = t.set_column(i, n, pa.array(text, pa.string()))
+            fixed.append(t)
+        return pa.concat_tables(fixed, promote_options="permissive")
+
+
+def _ordered(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Known columns first in schema order (added as nulls when absent), then extras by name."""
+    for f in schema:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    extras = sorted(n for n in table.column_names if n not in schema.names)
+    return table.select(list(schema.names) + extras)
+
+
+def _dedup(table: pa.Table, keys: list[str]) -> pa.Table:
+    """Keep the latest row (by written_at, then final status) per key."""
+    if table.num_rows == 0:
+        return table
+    import numpy as np
+
+    cols = keys + ["written_at"] + (["status"] if "status" in table.column_names else [])
+    df = table.select(cols).to_pandas()
+    df["_rank"] = df["status"].map(_STATUS_RANK).fillna(-1) if "status" in df else 0
+    df["_row"] = np.arange(len(df))
+    df = df.sort_values(keys + ["written_at", "_rank", "_row"], kind="stable")
+    keep = df.drop_duplicates(keys, keep="last").sort_values(keys)["_row"].to_numpy()
+    return table.take(pa.array(keep))
+
+
+def read_results(path: str, on_corrupt: str = "raise",
+                 filesystem: pafs.FileSystem | None = None) -> Results:
+    """Both tables of a sweep folder (or a folder of sweeps), local or URI, deduplicated.
+
+    ``on_corrupt``: ``"raise"`` (default) stops with a :class:`ResultsError` naming the first
+    unreadable file; ``"skip"`` leaves such files out and lists them in ``Results.skipped`` with
+    the reason. A file with an unknown ``schema_version`` always raises: its rows cannot be
+    interpreted, and silently dropping them would bias every table.
+    """
+    if on_corrupt not in ("raise", "skip"):
+        raise ConfigError("on_corrupt", on_corrupt, "must be raise or skip")
+    fs, roots = sweep_roots(path, filesystem)
+    out: dict[str, pa.Table] = {}
+    skipped: list[tuple[str, str]] = []
+    rows_read: dict[str, int] = {}
+    n_files = 0
+    for kind in TABLES:
+        files = [(f, s) for root in roots for f, s in _list_files(fs, root, kind)]
+        n_files += len(files)
+
+        def load(item: tuple[str, str | None]) -> pa.Table | ResultsError:
+            try:
+                return _read_file(fs, item[0], item[1], kind)
+            except ResultsError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
+            loaded = list(pool.map(load, files))
+        tables = []
+        for (f, _), item in zip(files, loaded):
+            if isinstance(item, ResultsError):
+                if on_corrupt == "raise" or item.reason == "version":
+                    raise item
+                skipped.append((f, item.problem))
+            else:
+                tables.append(item)
+        schema = _known_schema(kind)
+        table = _concat(tables) if tables else schema.empty_table()
+        rows_read[kind] = table.num_rows
+        table = _ordered(table, schema)
+        keys = ["sweep", "trial_id"] + (["epoch"] if kind == "epochs" else [])
+        out[kind] = _dedup(table, keys)
+    sweeps = sorted(set(out["trials"].column("sweep").to_pylist())
+                    | set(out["epochs"].column("sweep").to_pylist()))
+    return Results(out["trials"], out["epochs"], skipped, n_files, rows_read, sweeps)
+
+
+__all__ = ["SCHEMA_VERSION", "STATUSES", "TRIAL_FIELDS", "EPOCH_FIELDS", "KNOWN_VERSIONS",
+           "MIGRATIONS", "ResultStore", "StoreCallback", "Results", "ResultsError", "read_results",
+           "sweep_roots", "config_schema", "trial_schema", "epoch_schema"]
