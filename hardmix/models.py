@@ -1,0 +1,199 @@
+"""Models by name: ResNet-18/34/50/101 (CIFAR or ImageNet stem), WideResNet-28-10, smallnet.
+
+``build_model(cfg.model, num_classes, in_channels, image_size)`` looks the name up in
+:data:`MODELS`, a registry of builder functions; add an architecture with :func:`register`.
+
+The ResNets are torchvision's, with the stem swapped for small images: the CIFAR stem is a 3x3
+stride-1 convolution without max-pool (He et al.'s CIFAR variant, used by CutMix, SaliencyMix and
+HardMix), the ImageNet stem is torchvision's 7x7 stride-2 convolution + max-pool. ``stem: auto``
+picks the CIFAR stem for images smaller than 64 pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torchvision.models.resnet as tv_resnet
+
+from hardmix.config import ConfigError, ModelConfig, MODELS as MODEL_NAMES
+
+Builder = Callable[[ModelConfig, int, int, int], nn.Module]
+MODELS: dict[str, Builder] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: make a builder ``(model_cfg, num_classes, in_channels, image_size) -> Module``
+    available under ``name``."""
+
+    def wrap(fn: Builder) -> Builder:
+        MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3,
+                image_size: int = 32) -> nn.Module:
+    """The model ``cfg.name`` for ``num_classes`` classes and images of ``in_channels`` x
+    ``image_size`` x ``image_size``."""
+    if cfg.name not in MODELS:
+        raise ConfigError("model.name", cfg.name, f"must be one of {', '.join(MODELS)}")
+    return MODELS[cfg.name](cfg, num_classes, in_channels, image_size)
+
+
+def resolve_stem(stem: str, image_size: int) -> str:
+    """``auto`` -> ``cifar`` below 64 pixels, else ``imagenet``."""
+    if stem != "auto":
+        return stem
+    return "cifar" if image_size < 64 else "imagenet"
+
+
+# --------------------------------------------------------------------------------------------
+# ResNet (torchvision) with a swappable stem
+# --------------------------------------------------------------------------------------------
+
+_RESNETS = {
+    "resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (tv_resnet.BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (tv_resnet.Bottleneck, [3, 4, 23, 3]),
+}
+
+
+def _resnet(name: str) -> Builder:
+    block, layers = _RESNETS[name]
+
+    def build(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+        model = tv_resnet.ResNet(block, layers, num_classes=num_classes)
+        if resolve_stem(cfg.stem, image_size) == "cifar":
+            model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+            model.maxpool = nn.Identity()
+        elif in_channels != 3:
+            model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        if cfg.dropout > 0:
+            model.fc = nn.Sequential(nn.Dropout(cfg.dropout), model.fc)
+        return model
+
+    build.__doc__ = f"{name} from torchvision with the CIFAR or ImageNet stem."
+    return build
+
+
+for _name in _RESNETS:
+    register(_name)(_resnet(_name))
+
+
+# --------------------------------------------------------------------------------------------
+# WideResNet-28-10 (Zagoruyko & Komodakis), dropout inside the blocks
+# --------------------------------------------------------------------------------------------
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation wide basic block: BN-ReLU-conv-(dropout)-BN-ReLU-conv + shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.shortcut = (nn.Identity() if c_in == c_out and stride == 1
+                         else nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = torch.relu(self.bn1(x))
+        # The projection shortcut reads the activated input, as in the reference implementation.
+        short = x if isinstance(self.shortcut, nn.Identity) else self.shortcut(o)
+        o = self.conv1(o)
+        o = self.conv2(torch.relu(self.bn2(self.dropout(o))))
+        return o + short
+
+
+class WideResNet(nn.Module):
+    """WideResNet-depth-widen for small images (3 groups, strides 1/2/2)."""
+
+    def __init__(self, depth: int = 28, widen: int = 10, num_classes: int = 10,
+                 in_channels: int = 3, dropout: float = 0.0):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError("WideResNet depth must be 6n+4")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        blocks = []
+        c_in = widths[0]
+        for g, (c_out, stride) in enumerate(zip(widths[1:], (1, 2, 2))):
+            for i in range(n):
+                blocks.append(_WideBlock(c_in, c_out, stride if i == 0 else 1, dropout))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(c_in)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = torch.relu(self.bn(self.blocks(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(o, 1), 1))
+
+
+@register("wrn28_10")
+def _wrn28_10(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """WideResNet-28-10; ``model.dropout`` is the dropout inside every block (0.3 in the paper)."""
+    return WideResNet(28, 10, num_classes, in_channels, cfg.dropout)
+
+
+# --------------------------------------------------------------------------------------------
+# smallnet: a small, fast BatchNorm CNN for CPU runs
+# --------------------------------------------------------------------------------------------
+
+
+def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True)]
+
+
+class SmallNet(nn.Module):
+    """An airbench-style CNN: a stem, then three stages of conv-pool-conv at widths w, 2w, 4w,
+    global max-pool and a linear head. Max-pools come early so most convolutions run at 16x16 and
+    below, which keeps a 2-core CPU at a few thousand images a second with ``width`` 32."""
+
+    def __init__(self, width: int = 64, num_classes: int = 10, in_channels: int = 3,
+                 dropout: float = 0.0, image_size: int = 32):
+        super().__init__()
+        w = width
+        layers: list[nn.Module] = _conv_bn(in_channels, w)
+        c = w
+        # Images of 16 px and below (digits) keep their resolution for one more stage.
+        pools = 3 if image_size >= 32 else max(1, image_size.bit_length() - 3)
+        for i, c_out in enumerate((w, 2 * w, 4 * w)):
+            layers += _conv_bn(c, c_out)
+            if i < pools:
+                layers.append(nn.MaxPool2d(2))
+            layers += _conv_bn(c_out, c_out)
+            c = c_out
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = torch.amax(self.features(x), dim=(2, 3))
+        return self.fc(self.dropout(o))
+
+
+@register("smallnet")
+def _smallnet(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """smallnet of base width ``model.width``."""
+    return SmallNet(cfg.width, num_classes, in_channels, cfg.dropout, image_size)
+
+
+assert set(MODELS) == set(MODEL_NAMES), "config.MODELS and the model registry must agree"
