@@ -1,0 +1,138 @@
+"""Which config columns are factors of a sweep, when a factor matters, and variant labels.
+
+A *variant* is ``augment.method`` plus the config columns that vary within the sweep (seed and
+run bookkeeping excluded). A factor only counts for the trials where it changes what the method
+does: the criterion of a CutMix trial, or ``k`` of a ``misclassified`` HardMix trial without a
+``topk_loss`` fallback, are inert config values. :data:`RELEVANT` holds those rules (one
+predicate per config column); they keep inert values from splitting a variant and give Optuna's
+importance evaluator truly conditional parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import pandas as pd
+
+from hardmix.config import METHODS, RunConfig, flatten
+
+#: Config columns that describe bookkeeping rather than a design choice, never factors.
+NON_FACTORS = ("seed", "description", "device", "augment.method")
+NON_FACTOR_PREFIXES = ("output.",)
+
+#: Mixing methods whose sources are the batch's hard samples.
+HARD_SOURCE = tuple(m for m in METHODS if m.startswith("hard"))
+#: Methods that paste a box (so one box per batch vs per sample matters).
+BOX_METHODS = ("cutmix", "saliencymix", "hardmix", "hard_saliencymix")
+TOPK_CRITERIA = ("topk_loss", "low_margin")
+
+
+def _hard(r: Mapping) -> bool:
+    return r.get("augment.method") in HARD_SOURCE
+
+
+def _uses_fallback(r: Mapping) -> bool:
+    # A top-k hard set is never empty: the fallback (and min_hard) only act for misclassified.
+    return _hard(r) and r.get("augment.criterion") == "misclassified"
+
+
+#: ``RELEVANT[column](row) -> bool``: does this config value change what the run does?
+#: Columns without a rule are always relevant.
+RELEVANT: dict[str, Callable[[Mapping], bool]] = {
+    "augment.criterion": _hard,
+    "augment.fallback": _uses_fallback,
+    "augment.min_hard": _uses_fallback,
+    "augment.k": lambda r: _hard(r) and (r.get("augment.criterion") in TOPK_CRITERIA
+                                         or (_uses_fallback(r)
+                                             and r.get("augment.fallback") == "topk_loss")),
+    "augment.signal": _hard,
+    "augment.bn_mode": lambda r: _hard(r) and r.get("augment.signal") == "forward",
+    "augment.alpha": lambda r: r.get("augment.method") not in ("none", "cutout"),
+    "augment.prob": lambda r: r.get("augment.method") != "none",
+    "augment.box": lambda r: r.get("augment.method") in BOX_METHODS,
+    "augment.cutout_size": lambda r: r.get("augment.method") == "cutout",
+}
+
+INERT = "—"
+
+
+def config_columns(df: pd.DataFrame) -> list[str]:
+    """Config columns present in ``df``, in config order."""
+    return [c for c in flatten(RunConfig()) if c in df.columns]
+
+
+def hashable(value: Any) -> Any:
+    """A value usable as a group key: lists become tuples, NaN/None become None."""
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist") and not isinstance(value, str):
+        value = value.tolist() if hasattr(value, "tolist") else value
+        if isinstance(value, list):
+            return tuple(hashable(v) for v in value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def is_relevant(column: str, row: Mapping) -> bool:
+    rule = RELEVANT.get(column)
+    return True if rule is None else bool(rule(row))
+
+
+def relevance(df: pd.DataFrame, column: str) -> pd.Series:
+    """Boolean Series: is ``column`` relevant for each row of ``df``."""
+    if column not in RELEVANT:
+        return pd.Series(True, index=df.index)
+    return pd.Series([is_relevant(column, r) for r in df.to_dict("records")], index=df.index,
+                     dtype=bool)
+
+
+def varying_factors(df: pd.DataFrame) -> list[str]:
+    """Config columns that take more than one value among the rows where they are relevant."""
+    out = []
+    for col in config_columns(df):
+        if col in NON_FACTORS or col.startswith(NON_FACTOR_PREFIXES):
+            continue
+        rel = relevance(df, col)
+        values = {hashable(v) for v in df.loc[rel, col]}
+        if len(values) > 1:
+            out.append(col)
+    return out
+
+
+def short_names(factors: list[str]) -> dict[str, str]:
+    """``augment.alpha -> alpha`` unless two factors share the last part."""
+    last = [f.rsplit(".", 1)[-1] for f in factors]
+    return {f: (s if last.count(s) == 1 else f) for f, s in zip(factors, last)}
+
+
+def fmt_value(value: Any) -> str:
+    value = hashable(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "[" + ",".join(fmt_value(v) for v in value) + "]"
+    return str(value)
+
+
+def factor_frame(df: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+    """One column per factor, holding the formatted value where relevant and ``—`` where inert."""
+    out = pd.DataFrame(index=df.index)
+    for col in factors:
+        rel = relevance(df, col)
+        out[col] = [fmt_value(v) if r else INERT for v, r in zip(df[col], rel)]
+    return out
+
+
+def variant_labels(df: pd.DataFrame, factors: list[str]) -> pd.Series:
+    """``"hardmix (alpha=0.5, criterion=topk_loss)"`` per row: method + its relevant factors."""
+    frame = factor_frame(df, factors)
+    names = short_names(factors)
+    labels = []
+    for i, method in zip(df.index, df["augment.method"]):
+        parts = [f"{names[c]}={frame.at[i, c]}" for c in factors if frame.at[i, c] != INERT]
+        labels.append(f"{method} ({', '.join(parts)})" if parts else str(method))
+    return pd.Series(labels, index=df.index, dtype=object)
+
+
+def method_order(method: Any) -> int:
+    return METHODS.index(method) if method in METHODS else len(METHODS)
