@@ -1,0 +1,391 @@
+"""Cluster configs (cluster.yaml, cluster-local.yaml), the cluster presets and the pre-launch
+resource check: everything about running on a real cluster that can be checked without a cloud
+account. Ray's own cluster-config preparation and schema validation run offline here."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import re
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hardmix.config import ConfigError, SweepConfig, load_config, with_overrides
+from tune import cluster as tc
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_FILES = ("cluster.yaml", "cluster-local.yaml")
+CLUSTER_PRESETS = ("cluster-cifar10-ablation", "cluster-cifar100-ablation", "cluster-imagenet-ddp")
+
+
+def _raw(name: str = "cluster.yaml") -> dict:
+    return yaml.safe_load((REPO / name).read_text())
+
+
+def _ray_validate(config: dict) -> dict:
+    """Ray's own offline path, exactly as `ray up` starts: prepare, then validate."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any DNS lookup or socket connect fails the test: validation must make no cloud calls."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError(f"network access during offline validation: {args[:2]}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return calls
+
+
+# ------------------------------------------------------------------------------------------------
+# cluster.yaml
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_cluster_files_pass_rays_validation_offline(name, no_network):
+    before = set(sys.modules)
+    prepared = _ray_validate(_raw(name))
+    assert tc.validate_cluster_file(REPO / name) == prepared
+    assert not no_network
+    # The AWS SDK is what would talk to the cloud; validation must not even load it.
+    assert not {m for m in set(sys.modules) - before if m.split(".")[0] in ("boto3", "botocore")}
+
+
+def test_cluster_yaml_has_head_and_autoscaling_gpu_worker_types():
+    prepared = _ray_validate(_raw())
+    types = prepared["available_node_types"]
+    head = types[prepared["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0 and head["resources"].get("CPU", 1) == 0, \
+        "the CPU head must keep trials off itself"
+    workers = {n: t for n, t in types.items() if n != prepared["head_node_type"]}
+    gpus = sorted(t["resources"].get("GPU", 0) for t in workers.values())
+    assert gpus[0] == 1 and gpus[-1] > 1, "one single-GPU type and one multi-GPU type"
+    for spec in workers.values():
+        assert 0 == spec["min_workers"] < spec["max_workers"], "autoscaling from zero"
+        assert spec["node_config"]["InstanceType"]
+    assert sum(t["max_workers"] for t in workers.values()) >= prepared["max_workers"] > 0
+    assert prepared["idle_timeout_minutes"] > 0
+    assert prepared["provider"]["type"] == "aws"
+
+
+def test_cluster_yaml_pins_a_current_image_and_says_how_to_refresh_it():
+    text = (REPO / "cluster.yaml").read_text()
+    images = {spec["node_config"].get("ImageId")
+              for spec in _raw()["available_node_types"].values()}
+    assert len(images) == 1 and re.fullmatch(r"ami-[0-9a-f]{17}", images.pop())
+    assert "aws ssm get-parameter" in text and "/aws/service/deeplearning/ami/" in text
+    # Ray's built-in default images (an old Ubuntu 18.04 DLAMI) are not what the nodes get.
+    # Read from the source: importing that module needs boto3, which tests do not install.
+    import ray.autoscaler
+    source = (Path(ray.autoscaler.__file__).parent / "_private/aws/config.py").read_text()
+    defaults = set(re.findall(r"ami-[0-9a-f]{8,17}", source))
+    assert defaults and not any(ami in text for ami in defaults)
+
+
+def test_cluster_yaml_installs_this_project_with_pinned_dependencies():
+    prepared = _ray_validate(_raw())
+    assert prepared["file_mounts"].get("~/hardmix") == "."
+    for role in ("head_setup_commands", "worker_setup_commands"):
+        commands = " ; ".join(prepared[role])  # prepare_config prepends setup_commands
+        assert re.search(r"pip install .*-c ~/hardmix/requirements-cluster\.txt .*-e ~/hardmix", commands)
+    pins = dict(line.split("==") for line in (REPO / "requirements-cluster.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    import ray
+    import torch
+    import pyarrow
+    # The cluster runs the versions this test suite runs with (and the job client's Ray).
+    assert pins["ray"] == ray.__version__
+    assert pins["torch"] == torch.__version__.split("+")[0]
+    assert pins["pyarrow"] == pyarrow.__version__
+    pyproject = (REPO / "pyproject.toml").read_text()
+    for dep in ("torch", "torchvision", "ray", "optuna", "pyarrow", "pandas", "numpy"):
+        assert f'"{dep}' in pyproject and dep in pins
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_dashboard_is_bound_to_localhost_only(name):
+    prepared = _ray_validate(_raw(name))
+    hosts = tc.dashboard_hosts(prepared)
+    assert hosts and set(hosts) <= {"127.0.0.1", "localhost"}
+    started = " ".join(prepared["head_start_ray_commands"])
+    assert "0.0.0.0" not in started and "--dashboard-host=127.0.0.1" in started
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_no_credentials_in_cluster_files(name):
+    text = (REPO / name).read_text()
+    assert tc.find_secrets(text) == []
+    assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", text)
+    assert not re.search(r"(?i)secret|aws_access_key_id|password", text.replace("secrets", ""))
+    assert "BEGIN" not in text
+
+
+def _drop(path):
+    def edit(cfg):
+        node = cfg
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    return edit
+
+
+def _set(path, value):
+    def edit(cfg):
+        node = cfg
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+# (description, edit, rejected by Ray's own schema too?)
+BROKEN = [
+    ("worker type without node_config", _drop(["available_node_types", "gpu-1x", "node_config"]), True),
+    ("worker type without resources", _drop(["available_node_types", "gpu-4x", "resources"]), True),
+    ("negative global max_workers", _set(["max_workers"], -1), True),
+    ("unknown top-level key", _set(["max_worker"], 3), True),
+    ("unknown key in a node type", _set(["available_node_types", "gpu-1x", "max_nodes"], 3), True),
+    ("non-integer resources", _set(["available_node_types", "gpu-1x", "resources"], {"GPU": 0.5}), True),
+    ("head type that does not exist", _set(["head_node_type"], "cpu-head"), True),
+    ("negative max_workers of a node type", _set(["available_node_types", "gpu-1x", "max_workers"], -2), False),
+    ("min_workers above max_workers", _set(["available_node_types", "gpu-4x", "min_workers"], 5), False),
+    ("dashboard on all interfaces", _set(["head_start_ray_commands"], [
+        "ray stop", "ray start --head --port=6379 --dashboard-host=0.0.0.0"]), False),
+    # Without its own start commands the file inherits Ray's AWS defaults, which open the dashboard.
+    ("head start commands left to Ray's defaults", _drop(["head_start_ray_commands"]), False),
+]
+
+
+@pytest.mark.parametrize("what, edit, ray_rejects", BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_cluster_variants_are_rejected(what, edit, ray_rejects, no_network):
+    cfg = _raw()
+    edit(cfg)
+    if ray_rejects:
+        with pytest.raises(Exception):
+            _ray_validate(cfg)
+    with pytest.raises(ConfigError) as info:
+        tc.validate_cluster_config(cfg, yaml.safe_dump(cfg))
+    assert "cluster.yaml" in str(info.value) and len(str(info.value).splitlines()) == 1
+    assert not no_network
+
+
+# Built at run time so that no credential-shaped string sits in the repository.
+PLANTED = [
+    ("access key id", "AKIA" + "Q" * 16),
+    ("secret env var", "export AWS_SECRET_ACCESS_KEY=$X"),
+    ("40-char secret", "k" * 20 + "/" + "Z9" * 9 + "+"),
+    ("private key", "-----BEGIN OPENSSH " + "PRIVATE KEY-----"),
+]
+
+
+@pytest.mark.parametrize("what, secret", PLANTED, ids=[p[0] for p in PLANTED])
+def test_planted_credentials_are_found(what, secret, tmp_path):
+    text = (REPO / "cluster.yaml").read_text().replace(
+        "head_setup_commands: []", f"head_setup_commands:\n  - echo '{secret}' > /dev/null")
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="credentials"):
+        tc.validate_cluster_file(path)
+
+
+def test_credentials_entry_in_config_is_found():
+    cfg = _raw()
+    cfg["provider"]["aws_credentials"] = {"aws_session_token": "x"}
+    with pytest.raises(ConfigError, match="credentials"):
+        tc.validate_cluster_config(cfg, yaml.safe_dump(cfg))
+
+
+def test_local_variant_rejects_node_types():
+    cfg = _raw("cluster-local.yaml")
+    assert cfg["provider"]["type"] == "local" and cfg["provider"]["head_ip"] and cfg["provider"]["worker_ips"]
+    cfg["available_node_types"] = _raw()["available_node_types"]
+    with pytest.raises(ConfigError, match="rejected by Ray"):
+        tc.validate_cluster_config(cfg, "", "cluster-local.yaml")
+    broken = _raw("cluster-local.yaml")
+    del broken["provider"]["head_ip"]
+    with pytest.raises(ConfigError):
+        tc.validate_cluster_config(broken, "", "cluster-local.yaml")
+
+
+def test_cli_validates_files(capsys, tmp_path):
+    assert tc.main([str(REPO / "cluster.yaml")]) == 0
+    assert "gpu-4x" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster_name: x\nprovider: {type: aws, region: us-east-2}\nmax_workers: -1\n")
+    assert tc.main([str(bad)]) == 2
+    assert capsys.readouterr().err.startswith("hardmix: error: bad.yaml")
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets sized for the cluster
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", CLUSTER_PRESETS[:2])
+def test_cifar_cluster_presets_load_and_pack_trials(preset):
+    cfg = load_config(SweepConfig, preset=preset)
+    assert cfg.run.data.name == preset.split("-")[1]
+    assert cfg.run.model.name == "resnet18" and cfg.run.optim.epochs == 200
+    assert (cfg.run.optim.milestones, cfg.run.optim.gamma, cfg.run.optim.weight_decay) == ([60, 120, 160], 0.2, 5e-4)
+    assert len(cfg.seeds) == 5
+    assert {"augment.alpha", "augment.criterion", "augment.fallback"} <= set(cfg.space)
+    assert 0 < cfg.resources.gpus < 1 and 2 <= cfg.resources.cpus <= 4 and cfg.resources.workers == 1
+    assert cfg.run.data.download and cfg.run.data.path is None  # nodes prefetch into the default
+
+
+def test_imagenet_preset_needs_a_data_path_and_uses_data_parallel_workers(tmp_path):
+    with pytest.raises(ConfigError, match="data.path"):
+        load_config(SweepConfig, preset="cluster-imagenet-ddp")
+    cfg = load_config(SweepConfig, preset="cluster-imagenet-ddp",
+                      overrides=[f"run.data.path={tmp_path}"])
+    assert cfg.resources.workers > 1 and cfg.resources.gpus == 1
+    assert cfg.run.data.name == "folder" and cfg.run.optim.milestones == [75, 150, 225]
+    assert cfg.run.data.batch_size * cfg.resources.workers == 256  # the paper's global batch
+
+
+def test_cluster_yaml_can_hold_every_cluster_preset(tmp_path):
+    view = tc.view_from_cluster_config(_ray_validate(_raw()), "cluster.yaml")
+    for preset in CLUSTER_PRESETS:
+        cfg = load_config(SweepConfig, preset=preset, overrides=[f"run.data.path={tmp_path}"]
+                          if "imagenet" in preset else [])
+        tc.check_cluster_resources(cfg, view)
+        assert tc.max_placeable(tc.trial_bundle(cfg), view) >= cfg.resources.workers
+    # CIFAR packs 4 trials per single-GPU node; ImageNet fills exactly the two 4-GPU nodes.
+    cifar = load_config(SweepConfig, preset=CLUSTER_PRESETS[0])
+    assert tc.per_node(tc.trial_bundle(cifar), {"CPU": 8, "GPU": 1}) == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Pre-launch resource check on fake clusters (no Ray)
+# ------------------------------------------------------------------------------------------------
+
+
+def _cfg(cpus=1.0, gpus=0.0, workers=1, address=None) -> SweepConfig:
+    base = load_config(SweepConfig, overrides=["run.data.name=synthetic"])
+    return with_overrides(base, {"resources.cpus": cpus, "resources.gpus": gpus,
+                                 "resources.workers": workers, "address": address})
+
+
+def _view(*groups, max_workers=None, complete=True, max_resources=None):
+    return tc.ClusterView(tuple(groups), "test", complete, max_workers, max_resources)
+
+
+HEAD = tc.NodeGroup("head", {"CPU": 0}, 1, worker=False)
+ONE_GPU = tc.NodeGroup("gpu-1x", {"CPU": 8, "GPU": 1}, 8)
+FOUR_GPU = tc.NodeGroup("gpu-4x", {"CPU": 48, "GPU": 4}, 2)
+
+
+def test_four_gpus_per_worker_is_refused_where_no_node_has_four():
+    cfg = _cfg(cpus=8, gpus=4, workers=2)
+    with pytest.raises(ConfigError) as info:
+        tc.check_cluster_resources(cfg, _view(HEAD, ONE_GPU))
+    assert info.value.field == "resources.gpus" and info.value.value == 4
+    assert "gpu-1x {CPU: 8, GPU: 1}" in str(info.value)
+    # Once the 4-GPU type exists (up to two nodes), the same request fits: one worker per node.
+    tc.check_cluster_resources(cfg, _view(HEAD, ONE_GPU, FOUR_GPU))
+    with pytest.raises(ConfigError) as info:
+        tc.check_cluster_resources(_cfg(cpus=8, gpus=4, workers=3), _view(HEAD, ONE_GPU, FOUR_GPU))
+    assert info.value.field == "resources.workers" and "at most 2" in str(info.value)
+
+
+def test_cpu_shortage_names_cpus():
+    with pytest.raises(ConfigError) as info:
+        tc.check_cluster_resources(_cfg(cpus=64, gpus=1), _view(HEAD, ONE_GPU, FOUR_GPU))
+    assert info.value.field == "resources.cpus"
+
+
+def test_fractional_gpus_pack_several_trials_per_node():
+    assert tc.per_node({"CPU": 2, "GPU": 0.25}, {"CPU": 8, "GPU": 1}) == 4
+    assert tc.per_node({"CPU": 1, "GPU": 0.1}, {"CPU": 16, "GPU": 1}) == 10  # no float shortfall
+    assert tc.per_node({"CPU": 3, "GPU": 0.25}, {"CPU": 8, "GPU": 1}) == 2   # CPU-bound
+    assert tc.per_node({"CPU": 1, "GPU": 1}, {"CPU": 8}) == 0
+
+
+def test_global_max_workers_caps_the_nodes_counted():
+    view = _view(HEAD, ONE_GPU, FOUR_GPU, max_workers=2)
+    bundle = {"CPU": 4, "GPU": 1}
+    assert tc.max_placeable(bundle, view) == 8           # the two 4-GPU nodes, not 8 + 8
+    tc.check_cluster_resources(_cfg(cpus=4, gpus=1, workers=8), view)
+    with pytest.raises(ConfigError, match="at most 8"):
+        tc.check_cluster_resources(_cfg(cpus=4, gpus=1, workers=9), view)
+    unbounded = _view(HEAD, tc.NodeGroup("any", {"CPU": 4, "GPU": 1}, tc.UNBOUNDED))
+    assert tc.max_placeable(bundle, unbounded) == math.inf
+
+
+def test_autoscaler_max_resources_cap_the_total():
+    view = _view(tc.NodeGroup("gpu", {"CPU": 8, "GPU": 1}, 16), max_resources={"GPU": 3})
+    assert tc.max_placeable({"CPU": 1, "GPU": 1}, view) == 3
+
+
+def test_incomplete_or_unknown_views_warn_instead_of_failing():
+    cfg = _cfg(cpus=8, gpus=4, workers=2)
+    stream = io.StringIO()
+    tc.check_cluster_resources(cfg, _view(HEAD, ONE_GPU, complete=False), stream=stream)
+    assert "warning" in stream.getvalue() and "pending" in stream.getvalue()
+    unknown = tc.NodeGroup("local.cluster.node", {}, 2, known=False)
+    stream = io.StringIO()
+    tc.check_cluster_resources(cfg, _view(HEAD, unknown), stream=stream)
+    assert "warning" in stream.getvalue()
+    quiet = io.StringIO()
+    tc.check_cluster_resources(_cfg(cpus=2, gpus=0.25), _view(HEAD, ONE_GPU, complete=False), stream=quiet)
+    assert quiet.getvalue() == ""
+
+
+def test_views_from_nodes_and_from_the_bootstrap_file(tmp_path):
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0, "memory": 1e9}},
+             {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 96.0, "GPU": 8.0}},
+             {"Alive": True, "Resources": {"CPU": 4.0}}]
+    view = tc.view_from_nodes(nodes, "nodes", complete=True)
+    assert sorted((g.count, g.resources.get("GPU", 0)) for g in view.groups) == [(1, 0), (2, 1)]
+    assert tc.max_placeable({"CPU": 1, "GPU": 1}, view) == 2
+    # `ray up` writes the prepared config as JSON to ~/ray_bootstrap_config.yaml on the head.
+    import json
+    path = tmp_path / "ray_bootstrap_config.yaml"
+    path.write_text(json.dumps(_ray_validate(_raw())))
+    boot = tc._view_from_bootstrap(str(path))
+    assert boot is not None and boot.complete and boot.max_worker_nodes == 10
+    assert {g.name: g.count for g in boot.groups} == {"head": 1, "gpu-1x": 8, "gpu-4x": 2}
+    assert tc._view_from_bootstrap(str(tmp_path / "absent.yaml")) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Against the session's local Ray
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_check_against_local_ray(ray_local, monkeypatch, tmp_path):
+    monkeypatch.setattr(tc, "BOOTSTRAP_CONFIG", str(tmp_path / "none.yaml"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    view = tc.discover_view(None)
+    assert view.complete and view.source == "the nodes alive now"
+    cpus = ray_local.cluster_resources()["CPU"]
+    assert sum(g.resources["CPU"] * g.count for g in view.groups) == cpus
+    tc.check_cluster_resources(_cfg(cpus=cpus / 2, workers=2))
+    with pytest.raises(ConfigError) as info:
+        tc.check_cluster_resources(_cfg(cpus=1, gpus=1))
+    assert info.value.field == "resources.gpus"
+    with pytest.raises(ConfigError) as info:
+        tc.check_cluster_resources(_cfg(cpus=cpus / 2 + 1, workers=2))
+    assert info.value.field == "resources.workers"
+    # Joined by address, the same cluster may autoscale: a warning, not an error.
+    stream = io.StringIO()
+    tc.check_cluster_resources(_cfg(cpus=1, gpus=1, address="auto"), stream=stream)
+    assert "warning" in stream.getvalue()
