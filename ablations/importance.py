@@ -56,24 +56,22 @@ def _distribution(values: pd.Series):
     return od.CategoricalDistribution(choices), to_choice
 
 
-def factor_importance(trials: pd.DataFrame, factors: list[str], target: str = TARGET
-                      ) -> tuple[pd.DataFrame, str]:
-    """``(table, note)``: importance of each factor for ``target`` (lower is better).
+def importance_study(trials: pd.DataFrame, factors: list[str], target: str = TARGET):
+    """``(study or None, note)``: an Optuna study rebuilt from the full-length completed rows.
 
-    ``factors`` are config columns (``augment.method`` may be one). ``table`` has columns
-    ``factor, importance`` sorted by importance; empty when it cannot be computed, with the
-    reason in ``note``.
+    Each factor becomes a parameter of the trials where it is relevant and is absent elsewhere
+    (a conditional parameter). ``None`` when fewer than 2 trials or no varying factor remain.
     """
     import optuna
 
-    empty = pd.DataFrame(columns=["factor", "importance"])
-    usable = trials[full_length(trials) & np.isfinite(trials[target].astype(float))]
+    usable = trials[full_length(trials)
+                    & np.isfinite(pd.to_numeric(trials[target], errors="coerce").astype(float))]
     note = (f"{len(usable)} full-length completed trials (of {len(trials)}); target: {target}; "
             "evaluator: PED-ANOVA (Optuna's default)")
     if not factors:
-        return empty, note + "; no factor varies"
+        return None, note + "; no factor varies"
     if len(usable) < 2:
-        return empty, note + "; needs at least 2 such trials"
+        return None, note + "; needs at least 2 such trials"
 
     dists: dict[str, Any] = {}
     maps: dict[str, dict] = {}
@@ -83,7 +81,7 @@ def factor_importance(trials: pd.DataFrame, factors: list[str], target: str = TA
         if dist is not None:
             dists[col], maps[col] = dist, mapping
     if not dists:
-        return empty, note + "; no factor varies among them"
+        return None, note + "; no factor varies among them"
 
     optuna.logging.set_verbosity(logging.WARNING)
     study = optuna.create_study(direction="minimize")
@@ -99,6 +97,23 @@ def factor_importance(trials: pd.DataFrame, factors: list[str], target: str = TA
             params[col], pdists[col] = v, dist
         study.add_trial(optuna.trial.create_trial(params=params, distributions=pdists,
                                                   value=float(row[target])))
+    return study, note
+
+
+def factor_importance(trials: pd.DataFrame, factors: list[str], target: str = TARGET
+                      ) -> tuple[pd.DataFrame, str]:
+    """``(table, note)``: importance of each factor for ``target`` (lower is better).
+
+    ``factors`` are config columns (``augment.method`` may be one). ``table`` has columns
+    ``factor, importance`` sorted by importance; empty when it cannot be computed, with the
+    reason in ``note``.
+    """
+    import optuna
+
+    empty = pd.DataFrame(columns=["factor", "importance"])
+    study, note = importance_study(trials, factors, target)
+    if study is None:
+        return empty, note
     try:
         result = optuna.importance.get_param_importances(study)
     except (ValueError, RuntimeError, ZeroDivisionError) as exc:
