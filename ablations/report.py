@@ -261,7 +261,10 @@ def _ms(mean: float, std: float, n: int) -> str:
 
 
 def _left_out_summary(left: pd.DataFrame, skipped: list[tuple[str, str]]) -> str:
-    parts = [f"{n} {reason}" for reason, n in left["reason"].value_counts().items()]
+    counts = left["reason"].value_counts()
+    known = list(LEFT_OUT_REASONS.values())
+    order = sorted(counts.index, key=lambda r: (known.index(r) if r in known else len(known), r))
+    parts = [f"{counts[reason]} {reason}" for reason in order]
     if skipped:
         parts.append(f"{len(skipped)} corrupt file(s) skipped")
     return ", ".join(parts) if parts else "none"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import zlib
+
 import numpy as np
 
 from ablations.store import ResultStore
@@ -54,7 +56,7 @@ def write_run(store: ResultStore, trial_id: str, cfg: dict, *, top1: float | Non
     if running_row:
         store.write_trial({**base, "status": "running", "error": ""})
     rows = epoch_rows(n_epochs, top1 if top1 is not None else 50.0, fallback_rate=fallback_rate,
-                      hard_share=hard_share, seed=hash(trial_id) % 1000)
+                      hard_share=hard_share, seed=zlib.crc32(trial_id.encode()))
     for r in rows:  # one file per epoch, as StoreCallback writes them
         store.write_epochs(trial_id, [r])
     if status == "running":
