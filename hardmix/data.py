@@ -279,7 +279,10 @@ def stratified_split(y: np.ndarray, n_take: int, seed: int) -> tuple[np.ndarray,
 
 def split_sizes(cfg: DataConfig, n_train_total: int) -> tuple[int, int]:
     """``(n_used, n_val)``: training images after ``subset``, and how many of them are held out."""
-    n = min(cfg.subset, n_train_total) if cfg.subset else n_train_total
+    if cfg.subset and cfg.subset > n_train_total:
+        raise ConfigError("data.subset", cfg.subset, f"must be <= {n_train_total} (the training "
+                                                     f"images of data.name={cfg.name})")
+    n = cfg.subset or n_train_total
     n_val = int(round(cfg.val_size * n)) if cfg.val_size < 1 else int(cfg.val_size)
     if n_val >= n:
         raise ConfigError("data.val_size", cfg.val_size,
