@@ -52,10 +52,12 @@ _OWN_PATTERNS = ("report.md", "*.csv", "*.png")
 
 @dataclass
 class Report:
-    """What :func:`build_report` produced; the files are under ``out``."""
+    """What :func:`build_report` produced: ``path`` is report.md (file or URI) inside ``out``;
+    ``text`` its Markdown."""
 
     out: str
-    markdown: str
+    path: str
+    text: str
     main_table: pd.DataFrame
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     plots: dict[str, str] = field(default_factory=dict)
@@ -387,7 +389,7 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix") ->
         _publish(out_dir, out)
         shutil.rmtree(out_dir, ignore_errors=True)
         made = {k: f"{out.rstrip('/')}/{Path(v).name}" for k, v in made.items()}
-    return Report(out=out, markdown=md, main_table=table, tables=tables, plots=made,
+    return Report(out=out, path=f"{out.rstrip('/')}/report.md", text=md, main_table=table, tables=tables, plots=made,
                   differences=diffs, left_out=left, skipped_files=skipped, factors=factors,
                   n_trials=len(trials), n_used=len(used), terminal=terminal)
 

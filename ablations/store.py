@@ -45,11 +45,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hardmix.config import ConfigError, RunConfig, field_type, flatten
-
-try:  # the training loop's callback base class (issue 4); the store only needs its method names
-    from hardmix.train import Callback as _CallbackBase
-except ImportError:  # pragma: no cover - only while hardmix.train is being written
-    _CallbackBase = object
+from hardmix.train import Callback
 
 #: Version of the schema this code writes. Bump it (and add a migration) when a column changes.
 SCHEMA_VERSION = 2
@@ -334,7 +330,7 @@ def _check_trial_id(trial_id: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class StoreCallback(_CallbackBase):
+class StoreCallback(Callback):
     """A :class:`hardmix.train.Callback` that records one run in a :class:`ResultStore`.
 
     ``on_run_start`` writes the trial row with status ``running``; ``on_epoch_end`` writes each

@@ -156,7 +156,7 @@ def test_differences_against_cutmix_paired_welch_and_too_small(report):
 
 def test_files_and_markdown(report, sweep):
     out = sweep / "report"
-    assert Path(report.out) == out
+    assert Path(report.out) == out and Path(report.path) == out / "report.md"
     for name in ("report.md", "main_table.csv", "differences.csv", "factor_alpha.csv",
                  "factor_criterion.csv", "criterion_x_fallback.csv", "alpha_by_criterion.csv",
                  "importance.csv", "left_out.csv", "skipped_files.csv", "learning_curves.png",
@@ -243,7 +243,7 @@ def test_running_sweep_reports_what_it_has(tmp_path):
                   n_epochs=1)
     rep = build_report(str(tmp_path / "live"))
     assert rep.n_used == 0 and rep.main_table.empty
-    assert "No completed trials yet" in rep.markdown and "2 still running" in rep.markdown
+    assert "No completed trials yet" in rep.text and "2 still running" in rep.text
     assert "(no completed trials yet)" in rep.terminal
 
 
