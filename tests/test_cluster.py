@@ -389,3 +389,51 @@ def test_check_against_local_ray(ray_local, monkeypatch, tmp_path):
     stream = io.StringIO()
     tc.check_cluster_resources(_cfg(cpus=1, gpus=1, address="auto"), stream=stream)
     assert "warning" in stream.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# The README's cluster steps refer to things that exist
+# ------------------------------------------------------------------------------------------------
+
+
+def _readme_section(name: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"<!-- section:{name} -->")
+    return text[start:text.index(f"<!-- /section:{name} -->")]
+
+
+def _commands(section: str) -> list[str]:
+    """Shell commands of the section's code blocks, continuation lines joined."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        out += [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    return out
+
+
+def test_readme_cluster_commands_match_the_cli_and_files():
+    import shlex
+
+    from hardmix.cli import build_parser
+    from hardmix.config import preset_names
+
+    section = _readme_section("cluster")
+    commands = _commands(section)
+    hardmix_calls = [c[c.index("hardmix "):] for c in commands if re.search(r"\bhardmix (sweep|report)", c)]
+    assert len(hardmix_calls) >= 4
+    parser = build_parser()
+    for call in hardmix_calls:
+        argv = shlex.split(call.replace("$BUCKET", "bucket").replace("$AWS_REGION", "us-east-2"))[1:]
+        args = parser.parse_args(argv)  # exits (fails the test) on an option the CLI lacks
+        if getattr(args, "preset", None):
+            assert args.preset in preset_names()
+    steps = " ".join(commands)
+    for needed in ("ray up cluster.yaml", "ray dashboard cluster.yaml", "ray job submit",
+                   "--address http://127.0.0.1:8265", "--address auto", "--storage s3://",
+                   "--resume s3://", "ray down cluster.yaml", "python -m tune.cluster cluster.yaml"):
+        assert needed in steps, needed
+    for path in re.findall(r"`((?:cluster|cluster-local)\.yaml|requirements-cluster\.txt)`", section):
+        assert (REPO / path).is_file()
+    # The SSM parameter the README and cluster.yaml use is the same.
+    ssm = re.findall(r"/aws/service/deeplearning/ami/\S+/ami-id", section)
+    assert ssm and set(ssm) <= set(re.findall(r"/aws/service/deeplearning/ami/\S+/ami-id",
+                                              (REPO / "cluster.yaml").read_text()))
