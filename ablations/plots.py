@@ -7,6 +7,7 @@ plot has nothing to show (e.g. α does not vary).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,9 @@ MAX_LINES = 10
 
 
 def _save(fig, path: Path, rect: tuple = (0, 0, 1, 1)) -> Path:
-    fig.tight_layout(rect=rect)
+    with warnings.catch_warnings():  # long variant names: a cramped layout is still a plot
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -500,7 +500,10 @@ def _cast_known(table: pa.Table, schema: pa.Schema, path: str) -> pa.Table:
 def _read_file(fs: pafs.FileSystem, path: str, sweep: str | None, kind: str) -> pa.Table:
     """One file, checked, migrated to the current schema and cast to the known column types."""
     try:
-        table = pq.read_table(path, filesystem=fs)
+        # ParquetFile on an open file: several times less overhead than pq.read_table, which
+        # builds a whole dataset per call (sweeps hold thousands of small files).
+        with fs.open_input_file(path) as handle:
+            table = pq.ParquetFile(handle).read()
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ResultsError(path, f"is not a readable Parquet file ({exc})") from None
     missing = [c for c in _REQUIRED[kind] if c not in table.column_names]
