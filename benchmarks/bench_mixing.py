@@ -1,0 +1,102 @@
+"""Microseconds per mixing call on this machine, against torchvision's CutMix in the same run.
+
+    python benchmarks/bench_mixing.py [--batch 128] [--rounds 15] [--calls 100] [--threads 1]
+
+Batch of ``B`` images 3×32×32 (float32) with labels and clean logits (10 classes), ``prob=1``.
+Every method is timed as a full call: source selection (HardMix: hard samples from the logits,
+the hard source batch, the fallback), the paste or blend, λ and the source labels. References:
+``torchvision.transforms.v2.CutMix`` (one λ and box per batch, soft labels) and ``x.clone()``.
+
+Methods are timed in interleaved rounds (each round times every method once, ``--calls`` calls
+each) so that load from other processes hits all of them alike; the table shows the median and the
+minimum over rounds, and the last line the speedups of HardMix (batch box / per-sample boxes) over
+torchvision's CutMix from the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hardmix import HardMix  # noqa: E402
+
+
+def time_call(fn: Callable[[], object], calls: int) -> float:
+    """Mean microseconds per call over ``calls`` calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--size", type=int, default=32, help="image side")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--calls", type=int, default=100, help="calls per method per round")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: stable figures on a shared machine)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from torchvision.transforms import v2
+
+    g = torch.Generator().manual_seed(0)
+    b, s, c = args.batch, args.size, 10
+    x = torch.randn(b, 3, s, s, generator=g)
+    y = torch.randint(0, c, (b,), generator=g)
+    # Clean logits with about 30% misclassified samples, like mid-training.
+    logits = torch.randn(b, c, generator=g)
+    logits[torch.arange(b), y] += torch.where(torch.rand(b, generator=g) < 0.7, 3.0, -3.0)
+    work = x.clone()  # target of the in-place variants
+
+    def mk(method: str, **kw: object) -> HardMix:
+        return HardMix(method=method, prob=1.0, seed=0, num_classes=c, **kw)
+
+    tv = v2.CutMix(num_classes=c)
+    hm_batch, hm_sample = mk("hardmix"), mk("hardmix", box="sample")
+    hm_batch_ip, hm_sample_ip = mk("hardmix", inplace=True), mk("hardmix", box="sample", inplace=True)
+    cases: dict[str, Callable[[], object]] = {
+        "x.clone()": lambda: x.clone(),
+        "torchvision v2.CutMix": lambda: tv(x, y),
+        "none": (lambda m: lambda: m(x, y))(mk("none")),
+        "cutmix (batch box)": (lambda m: lambda: m(x, y))(mk("cutmix")),
+        "hardmix (batch box)": lambda: hm_batch(x, y, logits=logits),
+        "hardmix (per-sample boxes)": lambda: hm_sample(x, y, logits=logits),
+        "hardmix (batch box, inplace)": lambda: hm_batch_ip(work, y, logits=logits),
+        "hardmix (per-sample, inplace)": lambda: hm_sample_ip(work, y, logits=logits),
+        "mixup (batch λ)": (lambda m: lambda: m(x, y))(mk("mixup")),
+        "cutout (batch box)": (lambda m: lambda: m(x, y))(mk("cutout")),
+        "saliencymix (batch box)": (lambda m: lambda: m(x, y))(mk("saliencymix")),
+    }
+    for fn in cases.values():  # warm-up: allocator, lazy generators, first-call paths
+        time_call(fn, 20)
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.rounds):
+        for name, fn in cases.items():
+            samples[name].append(time_call(fn, args.calls))
+
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    ref = med["torchvision v2.CutMix"]
+    print(f"batch {b} x 3x{s}x{s}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{args.rounds} rounds x {args.calls} calls")
+    print(f"{'method':32s} {'median us':>10s} {'min us':>8s} {'vs torchvision':>15s}")
+    for name, v in samples.items():
+        print(f"{name:32s} {med[name]:10.1f} {min(v):8.1f} {ref / med[name]:14.2f}x")
+    speed_batch = ref / med["hardmix (batch box)"]
+    speed_sample = ref / med["hardmix (per-sample boxes)"]
+    print(f"hardmix_speedup_vs_torchvision_cutmix={speed_batch:.2f} "
+          f"per_sample_speedup_vs_torchvision_cutmix={speed_sample:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,384 @@
+"""Mixing primitives: small pure functions over a batch, and the registry of mixers built from them.
+
+Every function here takes the source of each target sample as an index tensor (``source_index``,
+shape ``(B,)``): which sample pastes into which is the job of :mod:`hardmix.sources`, so CutMix and
+HardMix share all of this code and differ only in that index.
+
+Two box modes:
+
+* **batch** -- one λ ~ Beta(α, α) and one box for the whole batch (CutMix, the paper). λ and the box
+  corners are drawn on the host from a seeded generator, so the box is a pair of Python slices: the
+  paste is one ``index_select`` of the patch, written straight into the output.
+* **sample** -- every sample draws its own λ and box on the device. The box becomes a 0/1 mask built
+  from two broadcast comparisons of ``arange`` (rows and columns separately, then an outer product,
+  as airbench does) and the paste is one ``lerp``; no Python loop over samples.
+
+Either way λ is recomputed from the exact pasted area: ``λ = 1 - box_area / (H*W)`` (CutMix's
+``correct_lam``), per sample in sample mode.
+
+Box rule (CutMix's, which the paper follows): centre uniform over the pixels, sides
+``⌊H·√(1-λ)⌋`` and ``⌊W·√(1-λ)⌋``, top-left corner at ``centre - side // 2``, clipped to the image.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "Draws", "MIXERS", "beta_host", "beta_device", "box_sides", "place_box", "rand_box",
+    "boxes_at", "lam_sides", "rand_centres", "rand_boxes", "box_lam",
+    "box_masks", "paste_box", "paste_masks", "mixup_blend", "cutout_box", "cutout_masks",
+    "spectral_residual_saliency", "salient_points",
+]
+
+Box = tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open, already clipped
+
+
+# --------------------------------------------------------------------------------------------
+# Random draws
+# --------------------------------------------------------------------------------------------
+
+
+def beta_host(alpha: float, generator: torch.Generator) -> float:
+    """One λ ~ Beta(α, α) drawn on the host (CPU generator), as a Python float.
+
+    Beta(1, 1) is the uniform distribution; other α use the ratio of two Gamma(α) draws.
+    ``.numpy()`` reads the CPU tensor without a dispatcher call (no device involved).
+    """
+    if alpha == 1.0:
+        return float(torch.rand(1, generator=generator, dtype=torch.float64).numpy()[0])
+    g = torch._standard_gamma(torch.full((2,), float(alpha), dtype=torch.float64),
+                              generator=generator).numpy()
+    total = g[0] + g[1]
+    return float(g[0] / total) if total > 0 else 0.5
+
+
+def beta_device(alpha: float, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """``n`` independent λ ~ Beta(α, α) on ``device`` from a device generator, float32 ``(n,)``."""
+    if alpha == 1.0:
+        return torch.rand(n, generator=generator, device=device)
+    conc = torch.full((2, n), float(alpha), device=device)
+    g = torch._standard_gamma(conc, generator=generator)
+    total = g.sum(0)
+    # Tiny α can underflow both gammas to 0; the limit of Beta(α, α) as α -> 0 is a fair coin on {0, 1}.
+    return torch.where(total > 0, g[0] / total.clamp_min(torch.finfo(g.dtype).tiny),
+                       (g[0] >= g[1]).float())
+
+
+@dataclass(frozen=True)
+class Draws:
+    """The random inputs of one mixing call.
+
+    ``lam``, ``uy`` and ``ux`` are host floats in [0, 1) from the seeded host generator (batch λ,
+    batch box centre), identical on every data-parallel rank; ``generator`` is the device generator
+    for per-sample draws.
+    """
+
+    lam: float
+    uy: float
+    ux: float
+    generator: torch.Generator
+
+
+# --------------------------------------------------------------------------------------------
+# Boxes
+# --------------------------------------------------------------------------------------------
+
+
+def box_sides(lam: float, height: int, width: int) -> tuple[int, int]:
+    """The CutMix box sides ``(⌊H·√(1-λ)⌋, ⌊W·√(1-λ)⌋)`` as host ints."""
+    ratio = math.sqrt(min(max(1.0 - lam, 0.0), 1.0))
+    return int(height * ratio), int(width * ratio)
+
+
+def place_box(ch: int, cw: int, uy: float, ux: float, height: int, width: int) -> Box:
+    """A ``ch × cw`` box centred at pixel ``(⌊uy·H⌋, ⌊ux·W⌋)``, clipped to the image (host ints)."""
+    cy, cx = min(int(uy * height), height - 1), min(int(ux * width), width - 1)
+    y0, x0 = cy - ch // 2, cx - cw // 2
+    return (max(y0, 0), min(y0 + ch, height), max(x0, 0), min(x0 + cw, width))
+
+
+def rand_box(lam: float, height: int, width: int, uy: float, ux: float) -> Box:
+    """The CutMix box for area ratio ``1 - lam`` centred at pixel ``(⌊uy·H⌋, ⌊ux·W⌋)``, clipped.
+
+    Pure: the uniforms ``uy``/``ux`` come from the caller's generator. Returns host ints
+    ``(y0, y1, x0, x1)``; the box may be empty (λ close to 1).
+    """
+    return place_box(*box_sides(lam, height, width), uy, ux, height, width)
+
+
+# Device boxes are a pair ``(lo, hi)`` of long tensors of shape (2, B): row 0 is y, row 1 is x, and
+# the box of sample i covers rows lo[0, i]:hi[0, i] and columns lo[1, i]:hi[1, i]. Handling y and x
+# as one tensor halves the number of (tiny) tensor ops, which dominate the cost of the per-sample path.
+Boxes = tuple[Tensor, Tensor]
+
+
+@functools.lru_cache(maxsize=64)
+def _shape_consts(height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(2, 1) long [[H], [W]], the same minus one, and ``arange(max(H, W))`` on ``device``."""
+    hw = torch.tensor([[height], [width]], device=device)
+    return hw, hw - 1, torch.arange(max(height, width), device=device)
+
+
+def boxes_at(sides: Tensor, centres: Tensor, height: int, width: int) -> Boxes:
+    """Boxes of ``sides`` (long (2, B) or (2, 1): heights, widths) centred at pixels ``centres``.
+
+    The top-left corner is ``centre - side // 2``; the box is clipped to the image.
+    """
+    hw, _, _ = _shape_consts(height, width, centres.device)
+    lo = centres - sides // 2
+    hi = torch.minimum(lo + sides, hw)
+    return lo.clamp_min_(0), hi
+
+
+def lam_sides(lam: Tensor, height: int, width: int) -> Tensor:
+    """Per-sample CutMix box sides ``(⌊H·√(1-λ)⌋, ⌊W·√(1-λ)⌋)`` as long (2, B)."""
+    hw, _, _ = _shape_consts(height, width, lam.device)
+    return (hw * (1.0 - lam).clamp_(0.0, 1.0).sqrt_()).long()
+
+
+def rand_centres(n: int, height: int, width: int, generator: torch.Generator,
+                 device: torch.device) -> Tensor:
+    """``n`` box centres uniform over the pixels (device generator): long (2, n) of (cy, cx)."""
+    hw, hw1, _ = _shape_consts(height, width, device)
+    u = torch.rand(2, n, generator=generator, device=device)
+    return torch.minimum((u * hw).long(), hw1)
+
+
+def rand_boxes(lam: Tensor, height: int, width: int, generator: torch.Generator) -> Boxes:
+    """Per-sample CutMix boxes for λ ``(B,)``, centres uniform over the pixels."""
+    centres = rand_centres(lam.shape[0], height, width, generator, lam.device)
+    return boxes_at(lam_sides(lam, height, width), centres, height, width)
+
+
+def box_lam(boxes: Boxes, height: int, width: int) -> Tensor:
+    """Exact λ = 1 - box area / image area: float32 ``(B,)``."""
+    lo, hi = boxes
+    area = (hi - lo).prod(0)
+    return area.float().mul_(-1.0 / float(height * width)).add_(1.0)
+
+
+def box_masks(boxes: Boxes, height: int, width: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """0/1 masks ``(B, 1, H, W)`` of the boxes, from broadcast comparisons of ``arange``.
+
+    Rows and columns are compared separately (``(2, B, max(H, W))``, tiny) and joined by one
+    outer product: much cheaper on a CPU than combining two full-size boolean masks with ``&``.
+    """
+    lo, hi = boxes
+    _, _, ar = _shape_consts(height, width, lo.device)
+    inside = ((ar >= lo[:, :, None]) & (ar < hi[:, :, None])).to(dtype)
+    rows, cols = inside[0, :, :height], inside[1, :, :width]
+    return (rows[:, None, :, None] * cols[:, None, None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Pasting and blending
+# --------------------------------------------------------------------------------------------
+
+
+def paste_box(x: Tensor, source_index: Tensor, box: Box, inplace: bool = False) -> Tensor:
+    """CutMix with one box for the batch: ``out[i, :, box] = x[source_index[i], :, box]``.
+
+    With ``inplace=False`` the output is a fresh tensor: one copy of ``x`` and one ``index_select``
+    of the patch written straight into it. ``inplace=True`` writes into ``x`` itself (the patch is
+    gathered first, so sources are read before they are overwritten).
+    """
+    y0, y1, x0, x1 = box
+    if y1 <= y0 or x1 <= x0:
+        return x if inplace else x.clone()
+    patch = x[:, :, y0:y1, x0:x1]
+    if inplace:
+        x[:, :, y0:y1, x0:x1] = patch.index_select(0, source_index)
+        return x
+    out = x.clone()
+    if torch.is_grad_enabled() and x.requires_grad:  # out= kernels do not record autograd
+        out[:, :, y0:y1, x0:x1] = patch.index_select(0, source_index)
+    else:
+        torch.index_select(patch, 0, source_index, out=out[:, :, y0:y1, x0:x1])
+    return out
+
+
+def paste_masks(x: Tensor, source_index: Tensor, masks: Tensor, inplace: bool = False) -> Tensor:
+    """Paste with per-sample 0/1 masks ``(B or 1, 1, H, W)``: ``out = x + mask·(x[src] - x)``.
+
+    ``lerp`` with weights exactly 0 or 1 returns exactly one of its inputs, so pixels are copied,
+    not blended. Integer images fall back to ``torch.where``.
+    """
+    src = x.index_select(0, source_index)
+    if not x.is_floating_point():
+        out = torch.where(masks.bool(), src, x)
+        return x.copy_(out) if inplace else out
+    masks = masks.to(x.dtype)
+    return x.lerp_(src, masks) if inplace else torch.lerp(x, src, masks)
+
+
+def mixup_blend(x: Tensor, source_index: Tensor, lam: Tensor | float,
+                inplace: bool = False) -> Tensor:
+    """Mixup: ``out = lam·x + (1 - lam)·x[source_index]``; ``lam`` a float or a ``(B,)`` tensor."""
+    src = x.index_select(0, source_index)
+    if isinstance(lam, Tensor):
+        weight = (1.0 - lam).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    else:
+        weight = 1.0 - float(lam)
+    return x.lerp_(src, weight) if inplace else torch.lerp(x, src, weight)
+
+
+def cutout_box(x: Tensor, box: Box, inplace: bool = False) -> Tensor:
+    """Cutout with one box for the batch: the box is set to zero, labels stay as they are."""
+    out = x if inplace else x.clone()
+    y0, y1, x0, x1 = box
+    out[:, :, y0:y1, x0:x1] = 0
+    return out
+
+
+def cutout_masks(x: Tensor, masks: Tensor, inplace: bool = False) -> Tensor:
+    """Cutout with per-sample 0/1 masks ``(B, 1, H, W)``: masked pixels become zero."""
+    keep = (1 - masks).to(x.dtype)
+    return x.mul_(keep) if inplace else x * keep
+
+
+# --------------------------------------------------------------------------------------------
+# Saliency (SaliencyMix)
+# --------------------------------------------------------------------------------------------
+
+
+def spectral_residual_saliency(x: Tensor, max_side: int = 64) -> tuple[Tensor, int]:
+    """Spectral-residual saliency maps (Hou & Zhang, 2007) of a batch, computed with torch FFTs.
+
+    The grey image is average-pooled by an integer ``factor`` so that its sides are at most
+    ``max_side`` (OpenCV's implementation works on 64×64 too); log amplitude minus its 3×3 local
+    mean (circular padding: the spectrum is periodic) is the spectral residual; it is recombined
+    with the phase, transformed back, squared and smoothed. Returns ``(maps (B, h, w), factor)``.
+    """
+    grey = x.float().mean(1, keepdim=True)
+    factor = max(1, math.ceil(max(grey.shape[-2:]) / max_side))
+    if factor > 1:
+        grey = F.avg_pool2d(grey, factor, ceil_mode=True)
+    spec = torch.fft.fft2(grey)
+    amp = spec.abs().clamp_min(1e-8)
+    log_amp = amp.log()
+    local = F.avg_pool2d(F.pad(log_amp, (1, 1, 1, 1), mode="circular"), 3, stride=1)
+    sal = torch.fft.ifft2(spec / amp * torch.exp(log_amp - local)).abs().square()
+    sal = _gaussian_blur(sal, sigma=max(grey.shape[-1] / 32.0, 0.5))
+    return sal[:, 0], factor
+
+
+def _gaussian_blur(img: Tensor, sigma: float) -> Tensor:
+    radius = max(1, int(round(2 * sigma)))
+    t = torch.arange(-radius, radius + 1, device=img.device, dtype=img.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    img = F.conv2d(F.pad(img, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(img, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+
+
+def salient_points(x: Tensor, height: int, width: int) -> Tensor:
+    """The most salient pixel of every image of ``x``: long (2, B) of (cy, cx)."""
+    sal, factor = spectral_residual_saliency(x)
+    w = sal.shape[-1]
+    flat = sal.flatten(1).argmax(1)
+    cy = ((flat // w) * factor + factor // 2).clamp_max(height - 1)
+    cx = ((flat % w) * factor + factor // 2).clamp_max(width - 1)
+    return torch.stack((cy, cx))
+
+
+# --------------------------------------------------------------------------------------------
+# Mixers: (x, source_index, draws, options) -> (mixed x, λ per sample)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MixerOptions:
+    """Static options of a mixer: α, box mode, Cutout side, in-place."""
+
+    alpha: float = 1.0
+    box: str = "batch"
+    cutout_size: float = 0.5
+    inplace: bool = False
+
+
+Mixer = Callable[[Tensor, Optional[Tensor], Draws, MixerOptions], tuple[Tensor, Tensor]]
+
+
+def _lam_full(value: float, n: int, device: torch.device) -> Tensor:
+    return torch.full((n,), value, device=device)
+
+
+def mix_none(x: Tensor, source_index: Optional[Tensor], draws: Draws,
+             opt: MixerOptions) -> tuple[Tensor, Tensor]:
+    """No augmentation: the batch as it is, λ = 1."""
+    return x, _lam_full(1.0, x.shape[0], x.device)
+
+
+def mix_cutmix(x: Tensor, source_index: Tensor, draws: Draws,
+               opt: MixerOptions) -> tuple[Tensor, Tensor]:
+    """CutMix box paste (batch or per-sample box) with λ from the exact pasted area."""
+    b, _, h, w = x.shape
+    if opt.box == "batch":
+        box = rand_box(draws.lam, h, w, draws.uy, draws.ux)
+        lam = 1.0 - (box[1] - box[0]) * (box[3] - box[2]) / float(h * w)
+        return paste_box(x, source_index, box, opt.inplace), _lam_full(lam, b, x.device)
+    boxes = rand_boxes(beta_device(opt.alpha, b, draws.generator, x.device), h, w, draws.generator)
+    return paste_masks(x, source_index, box_masks(boxes, h, w), opt.inplace), box_lam(boxes, h, w)
+
+
+def mix_saliencymix(x: Tensor, source_index: Tensor, draws: Draws,
+                    opt: MixerOptions) -> tuple[Tensor, Tensor]:
+    """SaliencyMix: a CutMix box centred on the most salient pixel of the source image.
+
+    ``batch``: one λ and one box for the batch, centred on the salient point of the first target's
+    source (as the SaliencyMix reference code does); ``sample``: every target its own λ and a box
+    at its own source's salient point. The centre lives on the device, so the paste uses masks.
+    """
+    b, _, h, w = x.shape
+    if opt.box == "batch":
+        centres = salient_points(x.index_select(0, source_index[:1]), h, w)
+        sides = torch.tensor(box_sides(draws.lam, h, w), device=x.device).view(2, 1)
+    else:
+        centres = salient_points(x, h, w).index_select(1, source_index)
+        sides = lam_sides(beta_device(opt.alpha, b, draws.generator, x.device), h, w)
+    boxes = boxes_at(sides, centres, h, w)
+    mixed = paste_masks(x, source_index, box_masks(boxes, h, w), opt.inplace)
+    return mixed, box_lam(boxes, h, w).expand(b).contiguous()
+
+
+def mix_mixup(x: Tensor, source_index: Tensor, draws: Draws,
+              opt: MixerOptions) -> tuple[Tensor, Tensor]:
+    """Mixup: one λ for the batch (``batch``) or one per sample (``sample``)."""
+    b = x.shape[0]
+    if opt.box == "batch":
+        return mixup_blend(x, source_index, draws.lam, opt.inplace), _lam_full(draws.lam, b, x.device)
+    lam = beta_device(opt.alpha, b, draws.generator, x.device)
+    return mixup_blend(x, source_index, lam, opt.inplace), lam
+
+
+def mix_cutout(x: Tensor, source_index: Optional[Tensor], draws: Draws,
+               opt: MixerOptions) -> tuple[Tensor, Tensor]:
+    """Cutout: a square of side ``cutout_size``·side, centre uniform, clipped, set to zero; λ = 1."""
+    b, _, h, w = x.shape
+    side_h, side_w = max(1, round(opt.cutout_size * h)), max(1, round(opt.cutout_size * w))
+    if opt.box == "batch":
+        out = cutout_box(x, place_box(side_h, side_w, draws.uy, draws.ux, h, w), opt.inplace)
+    else:
+        sides = torch.tensor([[side_h], [side_w]], device=x.device)
+        boxes = boxes_at(sides, rand_centres(b, h, w, draws.generator, x.device), h, w)
+        out = cutout_masks(x, box_masks(boxes, h, w), opt.inplace)
+    return out, _lam_full(1.0, b, x.device)
+
+
+#: Mixers by name. A mixer takes the batch, the source of every target, the step's random draws
+#: and the static options, and returns the mixed batch and the weight λ of the target label.
+MIXERS: dict[str, Mixer] = {
+    "none": mix_none,
+    "cutout": mix_cutout,
+    "mixup": mix_mixup,
+    "cutmix": mix_cutmix,
+    "saliencymix": mix_saliencymix,
+}
