@@ -276,3 +276,23 @@ def test_importance_uses_full_length_completed_trials_only():
     assert "4 full-length completed trials (of 8)" in note
     for t in study.trials:  # k is a conditional parameter: only topk_loss trials have it
         assert ("augment.k" in t.params) == (t.params["augment.criterion"] == "topk_loss")
+
+
+def test_report_to_an_object_store_uri(tmp_path, monkeypatch):
+    fsspec = pytest.importorskip("fsspec")
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    import ablations.report as report_mod
+
+    mem = fsspec.filesystem("memory")
+    fs = PyFileSystem(FSSpecHandler(mem))
+    real = report_mod._resolve
+    monkeypatch.setattr(report_mod, "_resolve",
+                        lambda p, f=None: (fs, p.split("://", 1)[1]) if p.startswith("s3://")
+                        else real(p, f))
+    make_sweep(tmp_path / "sw", left_out=False, corrupt=False)
+    rep = build_report(str(tmp_path / "sw"), out="s3://bucket/reports/sw")
+    names = {p.rsplit("/", 1)[-1] for p in mem.find("/bucket/reports/sw")}
+    assert {"report.md", "main_table.csv", "learning_curves.png"} <= names
+    assert rep.path == "s3://bucket/reports/sw/report.md"
+    assert mem.cat("/bucket/reports/sw/report.md").decode() == rep.text
