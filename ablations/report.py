@@ -37,7 +37,7 @@ from ablations import plots
 from ablations.factors import (HARD_SOURCE, INERT, factor_frame, fmt_value, hashable, is_relevant,
                                method_order, relevance, short_names, variant_labels,
                                varying_factors)
-from ablations.importance import factor_importance, full_length
+from ablations.importance import factor_importance
 from ablations.stats import (Difference, as_record, difference, holm, mean_std_text, summarize,
                              verdict)
 from ablations.store import _resolve, read_results
