@@ -28,6 +28,7 @@ does not know stops the reader with an error naming the file.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -101,6 +102,7 @@ def _arrow_type(tp: Any) -> pa.DataType:
     return pa.string()  # mappings and anything else are stored as JSON text
 
 
+@functools.lru_cache(maxsize=1)
 def config_schema() -> pa.Schema:
     """Typed config columns, one per leaf field of :class:`RunConfig` (``flatten`` order).
 
@@ -111,6 +113,7 @@ def config_schema() -> pa.Schema:
                       for name in flatten(RunConfig())])
 
 
+@functools.lru_cache(maxsize=1)
 def trial_schema() -> pa.Schema:
     """Known columns of the ``trials`` table: base columns, then config columns.
 
