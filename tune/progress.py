@@ -1,0 +1,200 @@
+"""Terse terminal progress for sweeps, and a quiet Ray.
+
+Ray's own console output is a wall of tables, deprecation notes and worker logs. A sweep here
+prints one status line when something changes (trials running / done / pruned / failed, and the
+best validation result so far), plus one line per trial that ends. Everything else Ray would say
+stays in its logs (``/tmp/ray/session_latest/logs``); every result is in Parquet anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Any, Sequence, TextIO
+
+from ray.tune import ProgressReporter
+
+#: Environment Ray reads at import or start-up; set before ``ray`` is imported where possible.
+QUIET_ENV = {
+    "RAY_AIR_NEW_OUTPUT": "0",           # the classic reporter path, so ours is used
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/JSON/TensorBoard copy from Tune itself
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_TRAIN_ENABLE_STATE_TRACKING": "0",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "1000000",
+    "TUNE_WARN_INSUFFICENT_RESOURCE_THRESHOLD_S": "1000000",
+    "TUNE_WARN_INSUFFICENT_RESOURCE_THRESHOLD_S_AUTOSCALER": "1000000",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+}
+
+
+def quiet_ray() -> None:
+    """Silence Ray's console chatter in this process (and, through the environment, in the
+    processes of a local Ray instance it starts). Errors are still logged."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in ("ray", "ray.tune", "ray.train", "ray.data", "ray.air"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # Tune logs each retried or failed trial with a full traceback at ERROR; the sweep prints its
+    # own one-line version and the traceback stays in the trial's error file.
+    # "Trials did not complete: [...]" repeats what the sweep has already printed.
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for category in (DeprecationWarning, FutureWarning, UserWarning, RuntimeWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(ray|optuna|pyarrow)(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*ExperimentalWarning.*")
+    try:
+        import optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    except ImportError:  # pragma: no cover - optuna is a dependency
+        pass
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def ran_every_epoch(result: dict | None, epochs: int) -> bool:
+    """Whether a trial's last result is its planned last epoch. The trial's own planned epochs
+    (reported as ``epochs_planned``) win over the sweep's ``epochs``, which may be searched."""
+    result = result or {}
+    return (result.get("epoch", 0) or 0) >= (result.get("epochs_planned") or epochs)
+
+
+def trial_state(trial: Any, epochs: int) -> str:
+    """``pending``, ``running``, ``done``, ``pruned`` or ``failed`` for a Tune trial.
+
+    A trial Tune terminated before its last epoch was stopped by the scheduler: pruned.
+    """
+    status = getattr(trial, "status", "PENDING")
+    if status == "ERROR":
+        return "failed"
+    if status == "TERMINATED":
+        return "done" if ran_every_epoch(getattr(trial, "last_result", None), epochs) else "pruned"
+    if status in ("RUNNING", "PAUSED"):
+        return "running"
+    return "pending"
+
+
+def last_error_line(text: str | None) -> str:
+    """The line of a traceback that says what went wrong (its last non-empty line)."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if not ln.startswith(("File ", "^", "~", "Traceback", "Failure #")):
+            return ln[:300]
+    return lines[-1][:300] if lines else "unknown error"
+
+
+class SweepProgress(ProgressReporter):
+    """A :class:`ray.tune.ProgressReporter` that prints a few lines instead of tables.
+
+    A trial's display name is its sweep trial id (``str(trial)``). A status line is printed
+    when a trial ends and every ``every_s`` seconds while trials run; each ending trial gets one
+    line of its own (with the error's last line when it failed). Picklable: Tune saves it with
+    the experiment for ``--resume``.
+    """
+
+    def __init__(self, metric: str, epochs: int, total: int, label: str = "sweep",
+                 out: TextIO | None = None, every_s: float = 60.0):
+        self.metric, self.epochs, self.total, self.label = metric, epochs, total, label
+        self.out = out
+        self.every_s = every_s
+        self.start = time.time()
+        self._seen: dict[str, str] = {}
+        self._last_line = ""
+        self._last_time = 0.0
+
+    # Tune calls setup() before the first report; the sweep already knows what it needs.
+    def setup(self, start_time: float | None = None, total_samples: int | None = None,
+              metric: str | None = None, mode: str | None = None, **kwargs: Any) -> None:
+        self.start = start_time or self.start
+        if total_samples and total_samples > 0 and not self.total:
+            self.total = total_samples
+
+    def _stream(self) -> TextIO:
+        return self.out or sys.stdout
+
+    @staticmethod
+    def name_of(trial: Any) -> str:
+        return str(trial)
+
+    @staticmethod
+    def error_of(trial: Any) -> str | None:
+        return trial.get_error() if hasattr(trial, "get_error") else None
+
+    def _best(self, trials: Sequence[Any]) -> tuple[float, str] | None:
+        """Lowest final value among trials that ran every epoch (what the sweep would pick)."""
+        best = None
+        for t in trials:
+            if trial_state(t, self.epochs) != "done":
+                continue
+            value = (getattr(t, "last_result", None) or {}).get(self.metric)
+            if isinstance(value, (int, float)) and not math.isnan(value):
+                if best is None or value < best[0]:
+                    best = (float(value), self.name_of(t))
+        return best
+
+    def _status_line(self, trials: Sequence[Any]) -> str:
+        counts = {"pending": 0, "running": 0, "done": 0, "pruned": 0, "failed": 0}
+        for t in trials:
+            counts[trial_state(t, self.epochs)] += 1
+        total = max(self.total or 0, len(trials))
+        parts = [f"{counts['running']} running", f"{counts['done']} done"]
+        if counts["pruned"]:
+            parts.append(f"{counts['pruned']} pruned")
+        parts.append(f"{counts['failed']} failed")
+        text = f"[{self.label}] " + ", ".join(parts) + f" of {total}"
+        best = self._best(trials)
+        if best:
+            text += f" | best {self.metric} {best[0]:.2f} ({best[1]})"
+        return text
+
+    def _events(self, trials: Sequence[Any]) -> list[str]:
+        lines = []
+        for t in trials:
+            state = trial_state(t, self.epochs)
+            key = getattr(t, "trial_id", id(t))
+            if self._seen.get(key) == state:
+                continue
+            self._seen[key] = state
+            name = self.name_of(t)
+            result = getattr(t, "last_result", None) or {}
+            value = result.get(self.metric)
+            shown = f"{self.metric} {value:.2f}" if isinstance(value, (int, float)) else ""
+            if state == "done":
+                lines.append(f"  done    {name}  {shown}")
+            elif state == "pruned":
+                lines.append(f"  pruned  {name}  at epoch {result.get('epoch', 0)}  {shown}")
+            elif state == "failed":
+                lines.append(f"  FAILED  {name}  {last_error_line(self.error_of(t))}")
+        return lines
+
+    def _ended(self, trials: Sequence[Any]) -> bool:
+        """Whether a trial ended since the last report."""
+        for t in trials:
+            state = trial_state(t, self.epochs)
+            if state in ("done", "pruned", "failed") and \
+                    self._seen.get(getattr(t, "trial_id", id(t))) != state:
+                return True
+        return False
+
+    def should_report(self, trials: Sequence[Any], done: bool = False) -> bool:
+        # Starts and stops of running trials alone are not news; ends are, and a heartbeat.
+        return (done or not self._last_time or self._ended(trials)
+                or time.time() - self._last_time >= self.every_s)
+
+    def report(self, trials: Sequence[Any], done: bool, *sys_info: str) -> None:
+        out = self._stream()
+        for line in self._events(trials):
+            print(line, file=out)
+        line = self._status_line(trials)
+        elapsed = _fmt_seconds(time.time() - self.start)
+        print(f"{line} | {elapsed}", file=out)
+        self._last_line = line
+        self._last_time = time.time()
+        out.flush()

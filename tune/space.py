@@ -1,0 +1,226 @@
+"""The sweep's search space: an Optuna define-by-run function and the grid, from ``cfg.space``.
+
+A :class:`~hardmix.config.ParamSpec` may carry ``when`` conditions (``{other parameter: [allowed
+values]}``, all of which must hold). A conditional parameter then *exists only where it means
+something*: Optuna is never asked for it otherwise (``augment.k`` only when the criterion is
+``topk_loss``, ``augment.fallback`` only for ``misclassified``), the grid does not branch on it,
+and the trial's run config keeps the field's fixed value. This is what keeps the importance
+analysis honest: a parameter that cannot act is never recorded as if it had.
+
+Seeds are not part of the space: every configuration runs once per seed (``cfg.seeds``), in both
+modes, so seed-to-seed noise can be measured instead of being searched over.
+
+Nothing here imports Ray; the functions are pure and unit-tested on their own.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+from hardmix.config import (ConfigError, ParamSpec, RunConfig, SweepConfig, flatten,
+                            validate, with_overrides)
+
+#: The space a search explores when the config names none: the axes this platform exists for.
+#: α; the hard-sample criterion (the paper's ``misclassified`` or the ``topk_loss`` set with its
+#: k); the fallback when no sample is hard, which only exists for ``misclassified`` (a top-k set
+#: is never empty).
+DEFAULT_SPACE: dict[str, dict] = {
+    "augment.alpha": {"type": "float", "low": 0.1, "high": 2.0, "log": True},
+    "augment.criterion": {"type": "choice", "values": ["misclassified", "topk_loss"]},
+    "augment.k": {"type": "float", "low": 0.05, "high": 0.5,
+                  "when": {"augment.criterion": ["topk_loss"]}},
+    "augment.fallback": {"type": "choice", "values": ["random", "skip", "topk_loss"],
+                         "when": {"augment.criterion": ["misclassified"]}},
+}
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def default_space() -> dict[str, ParamSpec]:
+    """:data:`DEFAULT_SPACE` as ParamSpecs (fresh objects each call)."""
+    return {name: ParamSpec(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in spec.items()})
+            for name, spec in DEFAULT_SPACE.items()}
+
+
+def with_default_space(cfg: SweepConfig) -> SweepConfig:
+    """A search that names no space explores :data:`DEFAULT_SPACE` (re-validated). A grid with
+    no space is the base run once per seed."""
+    if cfg.space or cfg.mode != "search":
+        return cfg
+    cfg.space = default_space()
+    validate(cfg)
+    return cfg
+
+
+def param_order(space: Mapping[str, ParamSpec]) -> list[str]:
+    """Parameters ordered so that every condition is decided before the parameter it guards.
+
+    Raises ConfigError on a cycle of ``when`` conditions (a parameter that exists only if it
+    exists).
+    """
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = " -> ".join(path[path.index(name):] + (name,))
+            raise ConfigError(f"space.{name}.when", cycle, "conditions must not form a cycle")
+        state[name] = 1
+        for other in space[name].when:
+            if other in space:
+                visit(other, path + (name,))
+        state[name] = 2
+        order.append(name)
+
+    for name in space:  # declaration order among independent parameters
+        visit(name, ())
+    return order
+
+
+def check_space(cfg: SweepConfig) -> None:
+    """Checks the space beyond field validation: acyclic conditions, conditions that can hold.
+
+    A condition on another *parameter* must name values that parameter can take; a condition on
+    a *fixed* run field must allow that field's value, or the parameter could never exist.
+    Grid mode additionally checks that every combination gives a valid run config.
+    """
+    order = param_order(cfg.space)
+    fixed = flatten(cfg.run)
+    for name in order:
+        spec = cfg.space[name]
+        for other, allowed in spec.when.items():
+            where = f"space.{name}.when.{other}"
+            if other in cfg.space:
+                ospec = cfg.space[other]
+                if ospec.values is not None:
+                    possible = [v for v in allowed if v in ospec.values]
+                    if not possible:
+                        raise ConfigError(where, allowed,
+                                          f"none of these is a value of {other} "
+                                          f"({', '.join(map(str, ospec.values))})")
+            elif fixed.get(other) not in allowed:
+                raise ConfigError(where, allowed,
+                                  f"{other} is fixed at {fixed.get(other)!r} (not searched), so "
+                                  f"{name} would never exist; add {other} to the space or "
+                                  "drop the condition")
+    if cfg.mode == "grid":
+        for params in grid_points(cfg):
+            for seed in cfg.seeds:
+                trial_config(cfg.run, params, seed)
+
+
+def _active(spec: ParamSpec, values: Mapping[str, Any], fixed: Mapping[str, Any],
+            space: Mapping[str, ParamSpec]) -> bool:
+    """Whether every ``when`` condition holds for the values decided so far."""
+    for other, allowed in spec.when.items():
+        if other in space:
+            if other not in values or values[other] not in allowed:
+                return False
+        elif fixed.get(other) not in allowed:
+            return False
+    return True
+
+
+def _encode(value: Any) -> Any:
+    """Optuna's categorical choices must be scalars: lists/mappings travel as JSON text."""
+    return value if isinstance(value, _SCALARS) else "json:" + json.dumps(value, sort_keys=True)
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("json:"):
+        return json.loads(value[5:])
+    return value
+
+
+class ConditionalSpace:
+    """Optuna define-by-run space: ``space(trial)`` asks Optuna only for active parameters.
+
+    A plain picklable object (Tune saves the searcher, and with it this space, for ``--resume``).
+    Call :meth:`params` on the suggested values to get the run-config overrides.
+    """
+
+    def __init__(self, space: Mapping[str, ParamSpec], run: RunConfig):
+        self.space = dict(space)
+        self.order = param_order(self.space)
+        self.fixed = flatten(run)
+
+    def __call__(self, trial: Any) -> None:
+        values: dict[str, Any] = {}
+        for name in self.order:
+            spec = self.space[name]
+            if not _active(spec, values, self.fixed, self.space):
+                continue
+            values[name] = _decode(self._suggest(trial, name, spec))
+
+    @staticmethod
+    def _suggest(trial: Any, name: str, spec: ParamSpec) -> Any:
+        if spec.values is not None:
+            return trial.suggest_categorical(name, [_encode(v) for v in spec.values])
+        if spec.type == "int":
+            return trial.suggest_int(name, int(spec.low), int(spec.high), log=spec.log)
+        return trial.suggest_float(name, float(spec.low), float(spec.high), log=spec.log)
+
+    @staticmethod
+    def params(suggested: Mapping[str, Any]) -> dict[str, Any]:
+        """Run-config overrides from what Optuna suggested (JSON-encoded choices decoded)."""
+        return {k: _decode(v) for k, v in suggested.items()}
+
+
+def grid_points(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """Every valid combination of the space (without seeds), conditional parameters included
+    only where their conditions hold, in a stable order (declaration order, values in order)."""
+    order = param_order(cfg.space)
+    fixed = flatten(cfg.run)
+    points: list[dict[str, Any]] = []
+
+    def branch(i: int, values: dict[str, Any]) -> None:
+        if i == len(order):
+            points.append(dict(values))
+            return
+        name = order[i]
+        spec = cfg.space[name]
+        if not _active(spec, values, fixed, cfg.space):
+            branch(i + 1, values)
+            return
+        for v in _grid_values(spec):
+            values[name] = v
+            branch(i + 1, values)
+        del values[name]
+
+    branch(0, {})
+    # Report in declaration order of the config (readable dry-run tables).
+    names = list(cfg.space)
+    return [{n: p[n] for n in names if n in p} for p in points]
+
+
+def _grid_values(spec: ParamSpec) -> list[Any]:
+    if spec.values is None:  # validation rejects this in grid mode; kept for direct callers
+        raise ConfigError("space", spec, "grid mode needs explicit values")
+    return list(spec.values)
+
+
+def num_configs(cfg: SweepConfig) -> int:
+    """Configurations of the sweep's main phase (before seeds)."""
+    return len(grid_points(cfg)) if cfg.mode == "grid" else cfg.num_samples
+
+
+def trial_config(run: RunConfig, params: Mapping[str, Any], seed: int) -> RunConfig:
+    """The run config of one trial: the sweep's run with the trial's parameters and seed."""
+    return with_overrides(run, {**params, "seed": int(seed)})
+
+
+def describe_param(name: str, spec: ParamSpec) -> str:
+    """One readable line for ``--dry-run``."""
+    if spec.values is not None:
+        dom = "{" + ", ".join(map(str, spec.values)) + "}"
+    else:
+        dom = f"[{spec.low:g}, {spec.high:g}]" + (" log" if spec.log else "")
+        dom = f"{spec.type} {dom}"
+    cond = ""
+    if spec.when:
+        cond = "  only when " + " and ".join(
+            f"{k} in {{{', '.join(map(str, v))}}}" for k, v in spec.when.items())
+    return f"{name} {dom}{cond}"

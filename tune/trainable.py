@@ -1,0 +1,490 @@
+"""One sweep trial on Ray: a Tune function trainable around :func:`hardmix.train.train`.
+
+The training run knows nothing about Ray; this module adapts it:
+
+* the trial's :class:`~hardmix.config.RunConfig` is the sweep's run with the trial's parameters
+  and seed (:func:`tune.space.trial_config`), validated like any run;
+* each epoch a callback ``ray.tune.report``\\ s the metrics and, when the run wrote a checkpoint,
+  that checkpoint file as a Ray checkpoint: a lost node or a retried trial continues from it
+  (``ray.tune.get_checkpoint()``), costing at most the epochs since;
+* :class:`ablations.store.StoreCallback` writes the trial and epoch rows into the sweep's store
+  while the trial runs; the trial row carries the seed and every config column, and the Tune
+  trial id and attempt (as ``extra``);
+* TensorBoard logs come from the run itself, one run folder per trial under
+  ``<sweep>/runs/<trial>`` (Tune's own loggers are switched off, so there is no second copy);
+* ``resources.workers > 1`` fits a Ray Train ``TorchTrainer`` (gloo on CPU, nccl on GPU) whose
+  workers each call ``train()``; ``TuneReportCallback`` carries rank 0's reports to Tune.
+
+Each trial's final row (completed, pruned, failed after the last retry) is written again by
+:class:`StoreStatusCallback` on the driver, because Ray may end a trial before its own callbacks
+see the end (pruning), and a dead process writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from ray.tune import Callback as TuneCallback
+
+from hardmix.config import ResourcesConfig, RunConfig
+from hardmix.train import Callback, train
+from tune.space import ConditionalSpace, trial_config
+
+#: Key the search adds to a trial's config: which of the configuration's seeds it runs
+#: (``ray.tune.search.repeater.TRIAL_INDEX``).
+TRIAL_INDEX = "__trial_index__"
+#: Files a trial keeps in its run folder across attempts.
+ATTEMPT_FILE = "attempt.json"
+CKPT_META = "hardmix_checkpoint.json"
+#: Per-epoch metrics that are not scalars stay in Parquet and are not sent to Tune.
+_NOT_REPORTED = ("source_class_counts",)
+#: Reported with every epoch: the trial's own ``optim.epochs`` (it may be a searched parameter).
+EPOCHS_PLANNED = "epochs_planned"
+
+
+class TrialFailed(RuntimeError):
+    """The run ended with status ``failed`` (e.g. a NaN loss); raised so Tune retries it."""
+
+
+@dataclass
+class SweepContext:
+    """What every trial of one sweep phase needs to know (picklable; shipped to Ray once).
+
+    ``points`` are the phase's configurations when they are fixed in advance (grid mode and
+    follow-up runs); ``None`` in search mode, where Optuna suggests them. ``prefix`` starts the
+    trial ids of the phase: ``c`` for the main phase, ``f`` for follow-up runs.
+    """
+
+    sweep_dir: str
+    run: RunConfig
+    seeds: list[int]
+    metric: str
+    resources: ResourcesConfig
+    prefix: str = "c"
+    points: Optional[list[dict]] = None
+    ray_version: str = ""
+    local_runs: bool = True  # run folders under <sweep>/runs (local or network disk)
+
+    # ---- trial identity ---------------------------------------------------------------------
+
+    def params_and_seed(self, config: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+        """The run-config overrides and the seed of a trial, from its Tune config."""
+        if "point" in config:
+            return dict(config["point"]), int(config["seed"])
+        params = {k: v for k, v in config.items() if k != TRIAL_INDEX}
+        return ConditionalSpace.params(params), int(self.seeds[int(config.get(TRIAL_INDEX, 0))])
+
+    def config_index(self, trial: Any) -> int:
+        """Which configuration of the phase a Tune trial runs (0-based)."""
+        config = trial.config
+        if "point" in config and self.points is not None:
+            return self.points.index(config["point"])
+        # The searcher numbers its trials 1, 2, ... in the experiment tag; Repeater hands out
+        # len(seeds) consecutive trials per configuration.
+        number = int(str(trial.experiment_tag).split("_", 1)[0])
+        return (number - 1) // max(1, len(self.seeds))
+
+    def trial_id(self, trial: Any) -> str:
+        """The sweep's id of a Tune trial: ``c007-s1`` = configuration 7, seed 1. No timestamp,
+        so ``--resume`` and the store find the same trial again."""
+        _, seed = self.params_and_seed(trial.config)
+        return f"{self.prefix}{self.config_index(trial):03d}-s{seed}"
+
+    def run_config(self, config: Mapping[str, Any], trial_id: str) -> RunConfig:
+        params, seed = self.params_and_seed(config)
+        cfg = trial_config(self.run, params, seed)
+        cfg.output.name = trial_id
+        cfg.output.dir = self.runs_root() or cfg.output.dir
+        cfg.output.progress = False  # trial output is not shown; the sweep prints progress
+        return cfg
+
+    def runs_root(self) -> str | None:
+        return f"{self.sweep_dir}/runs" if self.local_runs else None
+
+
+class TrialNamer:
+    """``trial_name_creator`` / ``trial_dirname_creator`` for Tune (picklable)."""
+
+    def __init__(self, ctx: SweepContext):
+        self.ctx = ctx
+
+    def __call__(self, trial: Any) -> str:
+        return self.ctx.trial_id(trial)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and attempts
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def next_attempt(run_dir: Path, checkpoint_dir: str | None) -> int:
+    """1 + the attempts recorded so far (in the run folder and in the restored checkpoint)."""
+    seen = 0
+    for source in (run_dir / ATTEMPT_FILE, Path(checkpoint_dir or "/nonexistent") / CKPT_META):
+        try:
+            seen = max(seen, int(json.loads(source.read_text()).get("attempt", 0)))
+        except (OSError, ValueError, TypeError):
+            pass
+    attempt = seen + 1
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(run_dir / ATTEMPT_FILE, json.dumps({"attempt": attempt}))
+    return attempt
+
+
+def restore_checkpoint(checkpoint_dir: str | None, run_dir: Path) -> bool:
+    """Put a Ray checkpoint's run checkpoint back where the run wrote it; True if there was one.
+
+    Without one, the run folder is emptied (but for the attempt counter): a fresh start must not
+    mix its logs and checkpoints with those of a killed attempt.
+    """
+    meta_file = Path(checkpoint_dir) / CKPT_META if checkpoint_dir else None
+    if meta_file is not None and meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        _atomic_copy(Path(checkpoint_dir) / meta["file"], run_dir / meta["relpath"])
+        return True
+    if run_dir.is_dir():
+        for child in run_dir.iterdir():
+            if child.name == ATTEMPT_FILE:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    return False
+
+
+def _pack_checkpoint(checkpoint: str, run_dir: Path, folder: Path, attempt: int,
+                     epoch: int) -> None:
+    """Fill ``folder`` (a fresh temporary folder) with the run's checkpoint file and where it
+    goes back to. A hard link where possible: Ray copies the folder into storage anyway."""
+    src = Path(checkpoint)
+    try:
+        rel = src.resolve().relative_to(run_dir.resolve()).as_posix()
+    except ValueError:
+        rel = src.name
+    try:
+        os.link(src, folder / src.name)
+    except OSError:
+        shutil.copyfile(src, folder / src.name)
+    (folder / CKPT_META).write_text(json.dumps(
+        {"file": src.name, "relpath": rel, "attempt": attempt, "epoch": epoch}))
+
+
+def tune_metrics(metrics: Mapping[str, Any], best: dict[str, float], attempt: int,
+                 epochs: int) -> dict:
+    """The scalar metrics sent to Tune, with the run's best errors so far (kept in ``best``),
+    the attempt and the run's planned epochs (a trial that stops before them was pruned)."""
+    out = {k: v for k, v in metrics.items() if k not in _NOT_REPORTED
+           and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for key, src in (("best_top1_err", "test_top1_err"), ("best_top5_err", "test_top5_err"),
+                     ("best_val_top1_err", "val_top1_err")):
+        value = out.get(src)
+        if isinstance(value, (int, float)) and not math.isnan(value):
+            best[key] = min(best.get(key, math.inf), float(value))
+        if key in best:
+            out[key] = best[key]
+    out["attempt"] = attempt
+    out[EPOCHS_PLANNED] = epochs
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Callbacks (inside the trial)
+# --------------------------------------------------------------------------------------------
+
+
+class Writers(Callback):
+    """The run's writing callbacks (store, TensorBoard) behind one switch.
+
+    When Ray stops a trial (ASHA pruning, or the sweep being interrupted) the training thread
+    gets ``SystemExit`` inside ``report`` and ``train()`` ends with status ``failed``. That is not
+    what happened, so the writers are silenced first: the driver records a pruned trial
+    (:class:`StoreStatusCallback`), and an interrupted one stays ``running`` until it resumes.
+    """
+
+    def __init__(self, callbacks: list[Callback]):
+        self.callbacks = list(callbacks)
+        self.silenced = False
+
+    def on_run_start(self, cfg: RunConfig, info: dict) -> None:
+        for cb in self.callbacks:
+            cb.on_run_start(cfg, info)
+
+    def on_mixed_preview(self, images: dict) -> None:
+        if not self.silenced:
+            for cb in self.callbacks:
+                cb.on_mixed_preview(images)
+
+    def on_epoch_end(self, metrics: dict, checkpoint: str | None = None) -> None:
+        if not self.silenced:
+            for cb in self.callbacks:
+                cb.on_epoch_end(metrics, checkpoint)
+
+    def on_run_end(self, summary: dict) -> None:
+        if not self.silenced:
+            for cb in self.callbacks:
+                cb.on_run_end(summary)
+
+
+class RayReporter(Callback):
+    """Reports every epoch to Ray, with the epoch's checkpoint (when the run wrote one) as a Ray
+    checkpoint. ``train=False``: ``ray.tune.report`` from a Tune trial; ``train=True``:
+    ``ray.train.report`` from a Ray Train worker, where every rank reports each epoch (it is a
+    barrier) and rank 0 attaches the checkpoint."""
+
+    def __init__(self, run_dir: Path, attempt: int, writers: Writers, train: bool = False):
+        self.run_dir, self.attempt, self.writers, self.train = run_dir, attempt, writers, train
+        self.best: dict[str, float] = {}
+        self.rank = 0
+        self.epochs = 0
+        self.facts: dict[str, str] = {}
+
+    def on_run_start(self, cfg: RunConfig, info: dict) -> None:
+        self.rank = int(info.get("rank", 0) or 0)
+        self.epochs = cfg.optim.epochs
+        # Strings travel with the results, so the driver can write a complete row for a trial
+        # whose process died.
+        self.facts = {"device": str(info.get("device", "")),
+                      "git_commit": str(info.get("git_commit", "")),
+                      "versions_json": json.dumps(info.get("versions") or {}, sort_keys=True)}
+
+    def on_epoch_end(self, metrics: dict, checkpoint: str | None = None) -> None:
+        import ray.train
+        import ray.tune
+
+        report = ray.train.report if self.train else ray.tune.report
+        Checkpoint = ray.train.Checkpoint if self.train else ray.tune.Checkpoint
+        out = {**tune_metrics(metrics, self.best, self.attempt, self.epochs), **self.facts}
+        try:
+            if self.rank != 0 or not checkpoint or not os.path.isfile(checkpoint):
+                report(out)
+                return
+            with tempfile.TemporaryDirectory(prefix="hardmix-ckpt-") as folder:
+                _pack_checkpoint(checkpoint, self.run_dir, Path(folder), self.attempt,
+                                 int(metrics.get("epoch", 0)))
+                # report() copies the folder into the sweep's storage before it returns.
+                report(out, checkpoint=Checkpoint.from_directory(folder))
+        except SystemExit:
+            self.writers.silenced = True
+            raise
+
+
+def trial_callbacks(cfg: RunConfig, store_cb: Callback, run_dir: Path, attempt: int,
+                    train: bool = False) -> list[Callback]:
+    """Store, TensorBoard (the run's own logs, in its run folder), then the Ray reporter: an
+    epoch's rows are written before Ray hears of it (and possibly stops the trial)."""
+    writers = [store_cb]
+    if cfg.output.tensorboard:
+        from hardmix.tensorboard import TensorBoardCallback
+        writers.append(TensorBoardCallback())
+    guard = Writers(writers)
+    return [guard, RayReporter(run_dir, attempt, guard, train=train)]
+
+
+# --------------------------------------------------------------------------------------------
+# The trainable
+# --------------------------------------------------------------------------------------------
+
+
+def _set_threads(cpus: float) -> None:
+    import torch
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def _run(cfg: RunConfig, callbacks: list, run_dir: Path, resume: bool) -> dict:
+    """``train()``; it records a failure through the callbacks and re-raises it, so Tune
+    retries the trial."""
+    summary = train(cfg, callbacks=callbacks, run_dir=run_dir, resume=resume)
+    if summary.get("status") == "failed":  # train() raises on failure; be strict anyway
+        raise TrialFailed(summary.get("error") or "the run failed")
+    return summary
+
+
+def run_trial(config: dict, ctx: SweepContext) -> None:
+    """Tune function trainable: one training run of the sweep (see the module docstring)."""
+    import ray.tune
+    from ablations.store import ResultStore, StoreCallback
+
+    tctx = ray.tune.get_context()
+    trial_id = tctx.get_trial_name()
+    cfg = ctx.run_config(config, trial_id)
+    root = ctx.runs_root()
+    run_dir = Path(root, trial_id) if root else Path(tctx.get_trial_dir(), "run")
+    _set_threads(ctx.resources.cpus)
+
+    if ctx.resources.workers > 1:
+        attempt = next_attempt(run_dir, None)
+        _fit_data_parallel(ctx, cfg, trial_id, run_dir, attempt, tctx.get_trial_id())
+        return
+
+    checkpoint = ray.tune.get_checkpoint()
+    with (checkpoint.as_directory() if checkpoint else _no_dir()) as ckpt_dir:
+        attempt = next_attempt(run_dir, ckpt_dir)
+        resume = restore_checkpoint(ckpt_dir, run_dir)
+    store_cb = StoreCallback(ResultStore(ctx.sweep_dir), trial_id, cfg,
+                             extra=_extra(ctx, attempt, tctx.get_trial_id()))
+    _run(cfg, trial_callbacks(cfg, store_cb, run_dir, attempt), run_dir, resume)
+
+
+class _no_dir:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _extra(ctx: SweepContext, attempt: int, tune_trial_id: str) -> dict:
+    return {"attempt": attempt, "tune_trial_id": tune_trial_id,
+            "versions": {"ray": ctx.ray_version}}
+
+
+# --------------------------------------------------------------------------------------------
+# Data-parallel trials: Ray Train inside the Tune trial
+# --------------------------------------------------------------------------------------------
+
+
+def _fit_data_parallel(ctx: SweepContext, cfg: RunConfig, trial_id: str, run_dir: Path,
+                       attempt: int, tune_trial_id: str) -> None:
+    """Fit a ``TorchTrainer`` with ``resources.workers`` workers for this trial.
+
+    Ray Train keeps its own checkpoints under ``<sweep>/train/<trial>``; fitting again under
+    the same name (a retried or resumed trial) continues from the latest one.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    res = ctx.resources
+    per_worker = {"CPU": res.cpus}
+    if res.gpus:
+        per_worker["GPU"] = res.gpus
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"ctx": ctx, "cfg": cfg, "trial_id": trial_id,
+                           "run_dir": str(run_dir), "attempt": attempt,
+                           "tune_trial_id": tune_trial_id},
+        torch_config=TorchConfig(backend="nccl" if res.gpus else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus > 0,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=trial_id, storage_path=f"{ctx.sweep_dir}/train",
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # Retries are Tune's business (FailureConfig of the sweep): one policy, one count.
+            failure_config=ray.train.FailureConfig(max_failures=0)),
+    )
+    trainer.fit()
+
+
+def _worker_loop(config: dict) -> None:
+    """One Ray Train worker: ``train()`` on its shard; DDP set up by ``train()`` itself."""
+    import ray.train
+    from ablations.store import ResultStore, StoreCallback
+
+    ctx: SweepContext = config["ctx"]
+    cfg: RunConfig = config["cfg"]
+    rank = ray.train.get_context().get_world_rank()
+    run_dir = Path(config["run_dir"])
+    _set_threads(ctx.resources.cpus)
+    checkpoint = ray.train.get_checkpoint()
+    with (checkpoint.as_directory() if checkpoint else _no_dir()) as ckpt_dir:
+        if ckpt_dir is not None:
+            resume = restore_checkpoint(ckpt_dir, run_dir)  # every rank loads the same state
+        else:
+            resume = False
+            if rank == 0:
+                restore_checkpoint(None, run_dir)
+    store_cb = StoreCallback(ResultStore(ctx.sweep_dir), config["trial_id"], cfg,
+                             extra=_extra(ctx, config["attempt"], config["tune_trial_id"]))
+    _run(cfg, trial_callbacks(cfg, store_cb, run_dir, config["attempt"], train=True), run_dir,
+         resume)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver side: outcomes the trial cannot record itself
+# --------------------------------------------------------------------------------------------
+
+
+def summary_from_result(result: Mapping[str, Any], status: str, error: str = "") -> dict:
+    """A run summary (the keys of ``train()``'s) rebuilt from a trial's last Tune result."""
+    def get(key: str) -> float:
+        value = result.get(key)
+        return float(value) if isinstance(value, (int, float)) else math.nan
+
+    return {"status": status, "error": error, "epochs_run": int(result.get("epoch", 0) or 0),
+            "wall_seconds": get("time_total_s"), "final_top1_err": get("test_top1_err"),
+            "final_top5_err": get("test_top5_err"), "best_top1_err": get("best_top1_err"),
+            "best_top5_err": get("best_top5_err"),
+            "final_val_top1_err": get("val_top1_err"),
+            "best_val_top1_err": get("best_val_top1_err")}
+
+
+class StoreStatusCallback(TuneCallback):
+    """Driver-side Tune callback writing each trial's final row.
+
+    The trial writes its own rows while it runs, but Ray ends a trial's thread when Tune stops
+    it (ASHA pruning, or ASHA's stop at ``max_t`` on the last epoch), so its own callbacks may
+    never see the end; and a process or node that dies writes nothing. The driver therefore
+    writes the final status of every trial: ``completed`` (every epoch ran) or ``pruned`` when
+    Tune completes it, ``failed`` (with the error's last line) after its last allowed attempt.
+    Rows are built from the trial's last report, which carries the run's device, versions and
+    commit; being written last, they are the ones readers keep.
+    """
+
+    def __init__(self, ctx: SweepContext):
+        self.ctx = ctx
+
+    def _write(self, trial: Any, status: str, error: str = "") -> None:
+        from ablations.store import ResultStore, StoreCallback
+
+        result = dict(trial.last_result or {})
+        attempt = (int(getattr(trial, "num_failures", 0) or 0) if status == "failed"
+                   else int(result.get("attempt", 1) or 1))
+        extra = _extra(self.ctx, max(1, attempt), trial.trial_id)
+        try:
+            versions = json.loads(result.get("versions_json") or "{}")
+        except ValueError:
+            versions = {}
+        extra["versions"] = {**versions, **extra["versions"]}
+        extra["git_commit"] = result.get("git_commit") or None
+        try:
+            cfg = self.ctx.run_config(trial.config, str(trial))
+        except Exception as exc:  # the trial's config itself is what failed
+            cfg, error = None, error or f"{type(exc).__name__}: {exc}"
+        cb = StoreCallback(ResultStore(self.ctx.sweep_dir), str(trial), cfg, extra=extra)
+        summary = summary_from_result(result, status, error)
+        summary["device"] = result.get("device") or None
+        cb.on_run_end(summary)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from tune.progress import ran_every_epoch
+
+        # (Tune marks the trial terminated only after its callbacks ran: look at the result.)
+        done = ran_every_epoch(trial.last_result, self.ctx.run.optim.epochs)
+        self._write(trial, "completed" if done else "pruned")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from tune.progress import last_error_line
+
+        self._write(trial, "failed", last_error_line(trial.get_error()))
