@@ -47,6 +47,10 @@ DIGITS_SIZE = 16
 #: synthetic data: a learnable toy problem for tests (class prototypes + noise).
 SYNTHETIC = {"train": 512, "test": 128, "classes": 10, "size": 16}
 
+#: Training images of the built-in sets (checked against data.subset before any work).
+KNOWN_TRAIN_SIZES = {"cifar10": 50000, "cifar100": 50000, "digits": 1438,
+                     "synthetic": SYNTHETIC["train"]}
+
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -518,6 +522,17 @@ def preflight(cfg: DataConfig) -> None:
             if not (root / sub).is_dir():
                 raise ConfigError("data.path", cfg.path, f"must hold {sub}/<class>/ image "
                                                          f"folders (no {root / sub})")
+    n_train = train_size(cfg)
+    if n_train is not None:
+        split_sizes(cfg, n_train)  # subset and val_size against the real size
+
+
+def train_size(cfg: DataConfig) -> Optional[int]:
+    """Training images of ``cfg.name`` when cheap to know (not for folders), else None."""
+    if cfg.name == "npz":
+        with np.load(os.path.expanduser(cfg.path or ""), allow_pickle=False) as f:
+            return int(np.asarray(f["y_train"]).reshape(-1).shape[0])
+    return KNOWN_TRAIN_SIZES.get(cfg.name)
 
 
 def build_data(cfg: DataConfig, seed: int = 0, device: torch.device | str = "cpu",

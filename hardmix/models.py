@@ -159,6 +159,9 @@ def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
             nn.ReLU(inplace=True)]
 
 
+LOGIT_SCALE = 0.125
+
+
 class SmallNet(nn.Module):
     """An airbench-style CNN: a stem, then three stages of conv-pool-conv at widths w, 2w, 4w,
     global max-pool and a linear head. Max-pools come early so most convolutions run at 16x16 and
@@ -187,7 +190,8 @@ class SmallNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = torch.amax(self.features(x), dim=(2, 3))
-        return self.fc(self.dropout(o))
+        # Small initial logits (Myrtle's ResNet-9 scales by 1/8): stable at high learning rates.
+        return self.fc(self.dropout(o)) * LOGIT_SCALE
 
 
 @register("smallnet")

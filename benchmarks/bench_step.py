@@ -1,0 +1,94 @@
+"""Time of one training step (forward, backward, optimiser) with no mixing, CutMix and HardMix.
+
+The step is the training loop's own (:func:`hardmix.train.training_step`): smallnet at batch 128
+on 32x32 images, ``prob=1`` so every step mixes. Four variants, each with its own copy of the
+same model and optimiser, are timed in interleaved rounds so that load on a shared machine hits
+them alike; medians are reported.
+
+* ``none``: plain cross-entropy step (reference of the reference);
+* ``cutmix``: random sources + box;
+* ``hardmix_forward``: hard sources from an extra no-grad eval-mode forward of the clean batch;
+* ``hardmix_cached``: hard sources from the per-sample memory (fed from the clean rows).
+
+    python benchmarks/bench_step.py [--width 32] [--rounds 25] [--batch 128]
+
+Last line: ``cached_over_cutmix=<x> forward_over_cutmix=<y>`` (targets: <= 1.03 and <= 1.40).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hardmix import HardMix  # noqa: E402
+from hardmix.models import SmallNet  # noqa: E402
+from hardmix.train import training_step  # noqa: E402
+
+DATASET = 50_000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=int, default=32, help="smallnet width")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    torch.manual_seed(0)
+    base = SmallNet(args.width, num_classes=10).to(dev)
+    variants = {
+        "none": dict(method="none"),
+        "cutmix": dict(method="cutmix"),
+        "hardmix_forward": dict(method="hardmix", signal="forward"),
+        "hardmix_cached": dict(method="hardmix", signal="cached", dataset_size=DATASET),
+    }
+    runs = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"signal='cached'")  # observe(mask=...) is used
+        for name, kw in variants.items():
+            model = copy.deepcopy(base)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                                  weight_decay=5e-4)
+            runs[name] = (model, opt, HardMix(prob=1.0, num_classes=10, seed=0, inplace=True, **kw))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(args.batch, 3, 32, 32, generator=g),
+                torch.randint(0, 10, (args.batch,), generator=g),
+                torch.randperm(DATASET, generator=g)[:args.batch]) for _ in range(4)]
+    batches = [tuple(t.to(dev) for t in b) for b in batches]
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    print(f"smallnet width {args.width}, batch {args.batch}, device {dev}, "
+          f"torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds")
+    for r in range(args.warmup + args.rounds):
+        for name, (model, opt, mix) in runs.items():
+            x, y, idx = batches[r % len(batches)]
+            x = x.clone()  # the mixer works in place, as in the training loop
+            model.train()
+            sync()
+            t0 = time.perf_counter()
+            training_step(model, model, mix, opt, x, y, idx)
+            sync()
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    for name, m in med.items():
+        print(f"{name:16s} median {1000 * m:8.2f} ms/step  {args.batch / m:8.0f} img/s  "
+              f"{m / med['cutmix']:.3f} x cutmix")
+    print(f"cached_over_cutmix={med['hardmix_cached'] / med['cutmix']:.3f} "
+          f"forward_over_cutmix={med['hardmix_forward'] / med['cutmix']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,658 @@
+"""One training run: ``train(cfg, callbacks, run_dir, resume) -> summary``. No Ray here.
+
+The loop trains ``cfg.model`` on ``cfg.data`` with the augmentation ``cfg.augment`` from the core
+library (:class:`hardmix.HardMix`), evaluates validation and test error every epoch and hands the
+metrics to callbacks; it writes nothing itself except the run folder's metadata
+(``config.yaml``, ``run.json``) and checkpoints (``checkpoints/last.pt``). The CLI
+(:func:`train_from_cli`) wires the Parquet store, TensorBoard and the console; ``tune`` wires its
+own callbacks and calls :func:`train` inside Ray Tune trials and Ray Train workers.
+
+One training step::
+
+    out = mix(x, y, model=model, index=idx)   # signal=forward (extra clean forward inside)
+    out = mix(x, y, index=idx)                # signal=cached
+    logits = model(out.x); loss = out.loss(logits, label_smoothing)
+    if not out.mixed: mix.observe(logits, y, idx)   # clean batch: feeds the cached signal
+
+Statistics are summed as device tensors and read once per epoch (no per-step host sync).
+
+Failure semantics (what ``tune`` relies on):
+
+* a callback raising :class:`StopRun` (ASHA pruning) ends the run after that epoch with
+  ``status="pruned"``; the summary is returned, nothing is raised;
+* any exception during the run (a NaN loss is a ``FloatingPointError``) gives a summary with
+  ``status="failed"`` and the error string; every callback's ``on_run_end`` still receives it,
+  then the exception is re-raised, so Tune can retry the trial (from its last checkpoint when
+  called with ``resume=True``).
+
+Data-parallel: when ``torch.distributed`` is initialised (Ray Train's ``TorchTrainer`` does it),
+the model is wrapped in DDP, every rank trains on its own disjoint shard with the same number of
+steps, metrics are all-reduced before the callbacks see them, and every rank calls the callbacks
+with identical metrics (``info["rank"]`` tells a callback whether it should write: the store,
+TensorBoard and the console write on rank 0 only; Ray's ``report`` must run on every rank).
+Checkpoints are written by rank 0. HardMix's host generator is seeded identically on every rank,
+so its probability coin and extra forward agree across ranks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hardmix
+from hardmix.checkpoint import (atomic_write_bytes, checkpoint_path, load_checkpoint,
+                                rng_state, save_checkpoint, set_rng_state)
+from hardmix.config import (ConfigError, OptimConfig, RunConfig, deep_merge, from_dict,
+                            parse_overrides, to_dict, to_yaml, validate)
+from hardmix.data import Data, build_data, epoch_seed, preflight as data_preflight
+from hardmix.models import build_model
+
+#: The per-epoch metrics keys, in order (the ``epochs`` Parquet columns after sweep/trial_id).
+METRIC_KEYS = ("epoch", "train_loss", "val_loss", "val_top1_err", "val_top5_err", "test_loss",
+               "test_top1_err", "test_top5_err", "lr", "images_per_s", "epoch_seconds",
+               "hard_share", "fallback_rate", "mixed_rate", "distinct_sources",
+               "source_class_counts")
+#: The summary keys ``train`` returns and ``on_run_end`` receives.
+SUMMARY_KEYS = ("status", "error", "epochs_run", "wall_seconds", "device", "final_top1_err",
+                "final_top5_err", "best_top1_err", "best_top5_err", "final_val_top1_err",
+                "best_val_top1_err")
+PREVIEW_IMAGES = 8
+
+
+class StopRun(Exception):
+    """Raise from a callback's ``on_epoch_end`` to end the run early (e.g. ASHA pruning): the
+    run stops after that epoch and its summary has ``status == "pruned"``."""
+
+
+class Callback:
+    """Hooks of a run; every method is optional (the base class does nothing).
+
+    Callbacks are called on every data-parallel rank with identical (all-reduced) metrics;
+    ``info["rank"]`` in ``on_run_start`` says whether this is rank 0. ``on_mixed_preview`` is
+    called on rank 0 only.
+    """
+
+    def on_run_start(self, cfg: RunConfig, info: dict) -> None:
+        """Before the first epoch. ``info``: run_dir, device, versions, git_commit,
+        num_classes, classes, sizes (train/val/test), steps_per_epoch, start_epoch (last
+        finished epoch when resumed, else 0), rank, world_size."""
+
+    def on_epoch_end(self, metrics: dict, checkpoint: Optional[str]) -> None:
+        """After each epoch with the :data:`METRIC_KEYS` metrics; ``checkpoint`` is the path of
+        the checkpoint written at this epoch (rank 0), else None."""
+
+    def on_run_end(self, summary: dict) -> None:
+        """Once at the end, whatever the outcome, with the :data:`SUMMARY_KEYS` summary."""
+
+    def on_mixed_preview(self, images: dict) -> None:
+        """Once, at the first mixed batch of a fresh run: ``images``, ``sources`` (the source
+        image of each), ``mixed`` (B, C, H, W in 0..1, on the CPU), ``lam``, ``labels``,
+        ``source_labels``."""
+
+
+# --------------------------------------------------------------------------------------------
+# Environment: device, distributed, versions
+# --------------------------------------------------------------------------------------------
+
+
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of an initialised torch.distributed group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available. Under data-parallel training each rank takes the GPU of
+    its ``LOCAL_RANK`` when that GPU is visible, else the current device (Ray Train makes one
+    GPU visible per worker)."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device", name, "no CUDA device is available here; use auto or cpu")
+    local = int(os.environ.get("LOCAL_RANK", "-1"))
+    index = local if 0 <= local < torch.cuda.device_count() else torch.cuda.current_device()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def versions() -> dict[str, str]:
+    """Package versions stored with every run."""
+    import torchvision
+
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "hardmix": str(hardmix.__version__), "python": platform.python_version(),
+            "numpy": str(np.__version__)}
+
+
+def git_commit() -> str:
+    """``git rev-parse HEAD`` of the hardmix source tree, or ``unknown``."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Checks that need the environment (a GPU, the data on disk), before any work."""
+    validate(cfg)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", cfg.device, "no CUDA device is available here; use auto or cpu")
+    name = cfg.output.name
+    if name is not None and (not name or "/" in name or "\\" in name or name.startswith(".")):
+        raise ConfigError("output.name", name, "must be a plain folder name")
+    data_preflight(cfg.data)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimisation
+# --------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, steps_per_epoch: int, o: OptimConfig) -> float:
+    """Multiplier of ``optim.lr`` at training step ``step`` (0-based): linear warm-up over
+    ``warmup_epochs``, then multistep (``gamma`` at each milestone epoch), cosine to 0, or
+    constant. Steps are per batch, so warm-up and cosine are smooth."""
+    t = step / steps_per_epoch  # epochs elapsed
+    warm = o.warmup_epochs
+    if warm and t < warm:
+        return (step + 1) / (warm * steps_per_epoch)
+    return _SCHEDULES[o.schedule](t, o)
+
+
+_SCHEDULES = {
+    "multistep": lambda t, o: o.gamma ** bisect.bisect_right(o.milestones, t),
+    "cosine": lambda t, o: 0.5 * (1 + math.cos(math.pi * min(1.0, (t - o.warmup_epochs)
+                                                         / max(1e-9, o.epochs - o.warmup_epochs)))),
+    "constant": lambda t, o: 1.0,
+}
+
+
+def training_step(model: nn.Module, raw_model: nn.Module, mix, optimizer, x: torch.Tensor,
+                  y: torch.Tensor, idx: torch.Tensor, *, label_smoothing: float = 0.0,
+                  grad_clip: Optional[float] = None, autocast=contextlib.nullcontext,
+                  scheduler=None):
+    """One step of the loop (also what ``benchmarks/bench_step.py`` times).
+
+    ``raw_model`` (the module inside DDP) serves the extra clean forward of ``signal=forward``,
+    so that forward runs no DDP collective. Clean logits feed the ``cached`` memory: all rows of
+    an unmixed step, and the rows a mixed step left unchanged. Returns ``(loss, out)`` with the
+    loss detached (no host sync)."""
+    forward_signal = mix.uses_hardness and mix.cfg.signal == "forward"
+    with autocast():
+        out = mix(x, y, model=raw_model, index=idx) if forward_signal else mix(x, y, index=idx)
+        logits = model(out.x)
+        loss = out.loss(logits.float(), label_smoothing=label_smoothing)
+    if mix.uses_hardness and not forward_signal:
+        mix.observe(logits.detach().float(), y, idx, mask=None if not out.mixed else out.unmixed)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach(), out
+
+
+def build_optimizer(model: nn.Module, o: OptimConfig, steps_per_epoch: int):
+    """SGD (Nesterov when asked) + a per-step LambdaLR of :func:`lr_factor`."""
+    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
+                          nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, o))
+    return opt, sched
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def _all_reduce(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, num_classes: int, autocast, world_size: int = 1,
+             channels_last: bool = False) -> tuple[float, float, float]:
+    """``(loss, top1_err, top5_err)`` over a loader (errors in %); sums over ranks."""
+    model.eval()
+    dev = next(model.parameters()).device
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, top1 ok, top5 ok, n
+    k = min(5, num_classes)
+    for x, y, _ in loader:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(x).float()
+        top = logits.topk(k, dim=1).indices
+        hit = top == y[:, None]
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                             hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                             torch.tensor(float(len(y)), dtype=torch.float64, device=dev)])
+    loss, ok1, ok5, n = _all_reduce(sums, world_size).tolist()
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    return loss / n, 100.0 * (1 - ok1 / n), 100.0 * (1 - ok5 / n)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+class _Run:
+    """State of one run; :func:`train` drives it."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, callbacks: Sequence[Callback]):
+        from hardmix import HardMix  # the core library (issue 3)
+
+        self.cfg, self.run_dir, self.callbacks = cfg, run_dir, list(callbacks)
+        self.rank, self.world_size = dist_info()
+        preflight(cfg)
+        self.device = resolve_device(cfg.device)
+        cuda = self.device.type == "cuda"
+        self.amp = cuda and cfg.optim.amp
+        self.channels_last = cuda and cfg.optim.channels_last
+        self.autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.amp
+                         else contextlib.nullcontext)
+        torch.manual_seed(cfg.seed)  # model init: identical on every rank
+        np.random.seed(cfg.seed % 2 ** 32)
+        import random
+        random.seed(cfg.seed)
+        self.data: Data = build_data(cfg.data, cfg.seed, self.device, self.rank, self.world_size)
+        self.num_classes = self.data.num_classes
+        model = build_model(cfg.model, self.num_classes, self.data.in_channels,
+                            self.data.image_size).to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.raw_model = model
+        self.model = model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(model, device_ids=[self.device.index] if cuda else None)
+        self.steps_per_epoch = len(self.data.train)
+        if self.steps_per_epoch == 0:
+            raise ConfigError("data.subset", cfg.data.subset, "leaves no training batch")
+        self.optimizer, self.scheduler = build_optimizer(model, cfg.optim, self.steps_per_epoch)
+        with warnings.catch_warnings():
+            # The loop feeds the cached memory from clean rows of mixed steps too (observe with
+            # mask=out.unmixed), which is what the prob=1 warning asks for.
+            warnings.filterwarnings("ignore", message=r"signal='cached'")
+            self.mix = HardMix.from_config(cfg.augment, num_classes=self.num_classes,
+                                           dataset_size=self.data.sizes["train"], seed=cfg.seed,
+                                           inplace=True)
+        # Dropout draws from the global generator: give the ranks different streams.
+        torch.manual_seed(epoch_seed(cfg.seed + 7 * self.rank, 0))
+        self.start_epoch = 0
+        self.history: list[dict] = []
+        self.wall_before = 0.0
+        self.preview_pending = cfg.output.image_grid and self.rank == 0
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def state(self, epoch: int, wall: float) -> dict:
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "mix": self.mix.state_dict(),
+                "rng": rng_state(), "epoch": epoch, "history": self.history,
+                "wall_seconds": wall, "config": to_dict(self.cfg), "versions": versions(),
+                "data": {"mean": list(self.data.mean), "std": list(self.data.std),
+                         "classes": list(self.data.classes), "in_channels": self.data.in_channels,
+                         "image_size": self.data.image_size, "num_classes": self.num_classes}}
+
+    def restore(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.mix.load_state_dict(state["mix"])
+        set_rng_state(state["rng"])
+        if self.rank:
+            torch.manual_seed(epoch_seed(self.cfg.seed + 7 * self.rank, state["epoch"]))
+        self.start_epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.wall_before = float(state["wall_seconds"])
+        self.preview_pending = False
+
+    def info(self) -> dict:
+        return {"run_dir": str(self.run_dir), "device": str(self.device), "versions": versions(),
+                "git_commit": git_commit(), "num_classes": self.num_classes,
+                "classes": list(self.data.classes), "sizes": dict(self.data.sizes),
+                "steps_per_epoch": self.steps_per_epoch, "start_epoch": self.start_epoch,
+                "rank": self.rank, "world_size": self.world_size}
+
+    def write_metadata(self, info: dict) -> None:
+        """config.yaml and run.json: the config, versions and git commit, with the run."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.run_dir / "config.yaml", to_yaml(self.cfg).encode())
+        meta = {k: info[k] for k in ("device", "versions", "git_commit", "num_classes",
+                                     "sizes", "steps_per_epoch", "world_size")}
+        meta.update(started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    resumed_from_epoch=self.start_epoch, command=" ".join(sys.argv))
+        atomic_write_bytes(self.run_dir / "run.json", json.dumps(meta, indent=2).encode())
+
+    # ---- one epoch ---------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int, bar) -> dict:
+        cfg, dev, c = self.cfg, self.device, self.num_classes
+        self.model.train()
+        self.data.train.set_epoch(epoch)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        mix_sums = torch.zeros(3, dtype=torch.float64, device=dev)  # hard share, fallback, sources
+        class_counts = torch.zeros(c, dtype=torch.float64, device=dev)
+        seen = steps = mixed = 0
+        for x, y, idx in self.data.train:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            # The mixer writes into x (inplace): keep the clean batch while a preview is due.
+            clean = x.clone() if self.preview_pending else None
+            loss, out = self.step(x, y, idx)
+            if out.mixed:
+                st = out.stats
+                mix_sums += torch.stack([st["hard_share"], st["fallback"],
+                                         st["distinct_sources"]]).double()
+                class_counts += out.source_counts_by_class(c).double()
+                mixed += 1
+                if clean is not None:
+                    self.preview(clean, y, out)
+            loss_sum += loss.double() * len(y)
+            seen += len(y)
+            steps += 1
+            bar.update(1)
+        # The lr of this epoch's last step (multistep decays show from the milestone's next epoch).
+        lr = cfg.optim.lr * lr_factor(epoch * self.steps_per_epoch - 1, self.steps_per_epoch,
+                                      cfg.optim)
+        counts = torch.tensor([seen, steps, mixed], dtype=torch.float64, device=dev)
+        packed = _all_reduce(torch.cat([loss_sum[None], counts, mix_sums, class_counts]),
+                             self.world_size).tolist()
+        loss_total, seen, steps, mixed = packed[:4]
+        hard, fb, distinct = packed[4:7]
+        per_mixed = (lambda v: v / mixed) if mixed else (lambda v: math.nan)
+        return {"train_loss": loss_total / max(1.0, seen), "lr": lr, "seen": seen,
+                "hard_share": per_mixed(hard), "fallback_rate": per_mixed(fb),
+                "mixed_rate": mixed / max(1.0, steps), "distinct_sources": per_mixed(distinct),
+                "source_class_counts": [int(round(v)) for v in packed[7:]]}
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+        """One training step: mix, forward, mixed loss, backward, optimiser and lr step.
+        Returns the detached loss (a device tensor) and the mix output."""
+        return training_step(self.model, self.raw_model, self.mix, self.optimizer, x, y, idx,
+                             label_smoothing=self.cfg.optim.label_smoothing,
+                             grad_clip=self.cfg.optim.grad_clip, autocast=self.autocast,
+                             scheduler=self.scheduler)
+
+    def preview(self, x: torch.Tensor, y: torch.Tensor, out) -> None:
+        """Hand the first mixed batch (a few images) to ``on_mixed_preview``."""
+        self.preview_pending = False
+        n = min(PREVIEW_IMAGES, len(y))
+        src = out.source_index[:n]
+        to_img = lambda t: self.data.denormalize(t.detach()[:n].float()).cpu()
+        images = {"images": to_img(x), "sources": to_img(x[src]), "mixed": to_img(out.x),
+                  "lam": out.lam[:n].detach().float().cpu(), "labels": y[:n].cpu(),
+                  "source_labels": out.y_b[:n].detach().cpu()}
+        for cb in self.callbacks:
+            cb.on_mixed_preview(images)
+
+    def fit(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        show = cfg.output.progress and self.rank == 0
+        t_start = time.perf_counter()
+        for epoch in range(self.start_epoch + 1, cfg.optim.epochs + 1):
+            t0 = time.perf_counter()
+            with tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{cfg.optim.epochs}",
+                      disable=not show, leave=False, dynamic_ncols=True, mininterval=0.5,
+                      unit="batch") as bar:
+                tr = self.train_epoch(epoch, bar)
+            t_train = time.perf_counter() - t0
+            if not math.isfinite(tr["train_loss"]):
+                raise FloatingPointError(
+                    f"training loss is {tr['train_loss']} at epoch {epoch} (lr {tr['lr']:.4g}): "
+                    "the run diverged; lower optim.lr or set optim.grad_clip")
+            nan3 = (math.nan, math.nan, math.nan)
+            ev = dict(world_size=self.world_size, channels_last=self.channels_last)
+            val = (evaluate(self.model, self.data.val, self.num_classes, self.autocast, **ev)
+                   if self.data.val is not None else nan3)
+            test = evaluate(self.model, self.data.test, self.num_classes, self.autocast, **ev)
+            t_epoch = time.perf_counter() - t0
+            if self.world_size > 1:  # the slowest rank sets the pace
+                import torch.distributed as dist
+
+                times = torch.tensor([t_train, t_epoch], dtype=torch.float64, device=self.device)
+                dist.all_reduce(times, op=dist.ReduceOp.MAX)
+                t_train, t_epoch = times.tolist()
+            metrics = {"epoch": epoch, "train_loss": tr["train_loss"], "val_loss": val[0],
+                       "val_top1_err": val[1], "val_top5_err": val[2], "test_loss": test[0],
+                       "test_top1_err": test[1], "test_top5_err": test[2], "lr": tr["lr"],
+                       "images_per_s": tr["seen"] / max(t_train, 1e-9),
+                       "epoch_seconds": t_epoch}
+            metrics.update({k: tr[k] for k in ("hard_share", "fallback_rate", "mixed_rate",
+                                               "distinct_sources", "source_class_counts")})
+            self.history.append(metrics)
+            wall = self.wall_before + time.perf_counter() - t_start
+            ckpt = None
+            every = cfg.output.checkpoint_every
+            if epoch == cfg.optim.epochs or (every and epoch % every == 0):
+                if self.rank == 0:
+                    ckpt = str(save_checkpoint(checkpoint_path(self.run_dir),
+                                               self.state(epoch, wall)))
+            self.epochs_done, self.wall_now = epoch, wall
+            stop = 0.0
+            for cb in self.callbacks:
+                try:
+                    cb.on_epoch_end(dict(metrics), ckpt)
+                except StopRun:
+                    stop = 1.0
+            # Every rank must stop at the same epoch, whichever rank's callback asked.
+            if self.world_size > 1:
+                flag = torch.tensor([stop], device=self.device)
+                stop = _all_reduce(flag, self.world_size).item()
+            if stop:
+                raise StopRun(f"stopped by a callback after epoch {epoch}")
+
+    def summary(self, status: str, error: str, wall: float) -> dict:
+        h = self.history
+        col = lambda key: [m[key] for m in h if not math.isnan(m[key])]
+        best = lambda key: min(col(key)) if col(key) else math.nan
+        last = h[-1] if h else {}
+        return {"status": status, "error": error, "epochs_run": int(last.get("epoch", 0)),
+                "wall_seconds": wall, "device": str(self.device),
+                "final_top1_err": last.get("test_top1_err", math.nan),
+                "final_top5_err": last.get("test_top5_err", math.nan),
+                "best_top1_err": best("test_top1_err"), "best_top5_err": best("test_top5_err"),
+                "final_val_top1_err": last.get("val_top1_err", math.nan),
+                "best_val_top1_err": best("val_top1_err")}
+
+
+def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), run_dir: str | Path = "runs/run",
+          resume: bool = False) -> dict:
+    """Train one run and return its summary (:data:`SUMMARY_KEYS`).
+
+    ``run_dir`` receives ``config.yaml``, ``run.json`` and ``checkpoints/last.pt``; callbacks
+    receive everything else. ``resume=True`` continues from ``run_dir``'s checkpoint when there
+    is one (else starts fresh), reproducing the uninterrupted run on the deterministic CPU path.
+    See the module docstring for pruning (:class:`StopRun`) and failure semantics.
+    """
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    run: Optional[_Run] = None
+    status, error, failure = "completed", "", None
+    try:
+        run = _Run(cfg, run_dir, callbacks)
+        if resume and checkpoint_path(run_dir).is_file():
+            run.restore(checkpoint_path(run_dir))
+        info = run.info()
+        if run.rank == 0:
+            run.write_metadata(info)
+        for cb in callbacks:
+            cb.on_run_start(cfg, dict(info))
+        run.fit()
+    except StopRun:
+        status = "pruned"
+    except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
+        status, failure = "failed", exc
+        error = f"{type(exc).__name__}: {exc}"
+    elapsed = time.perf_counter() - t0
+    if run is not None:
+        summary = run.summary(status, error, run.wall_before + elapsed)
+    else:
+        summary = {k: math.nan for k in SUMMARY_KEYS}
+        summary.update(status=status, error=error, epochs_run=0, wall_seconds=elapsed,
+                       device=str(cfg.device))
+    callback_error = None
+    for cb in callbacks:
+        try:
+            cb.on_run_end(dict(summary))
+        except Exception as exc:  # noqa: BLE001 - every callback gets the summary first
+            callback_error = callback_error or exc
+    if failure is not None:
+        raise failure
+    if callback_error is not None:
+        raise callback_error
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Console and CLI
+# --------------------------------------------------------------------------------------------
+
+
+class ConsoleCallback(Callback):
+    """One line per epoch on rank 0 (through tqdm, so it does not break progress bars)."""
+
+    def __init__(self, stream=None):
+        self.stream, self.active, self.epochs = stream, True, 0
+
+    def on_run_start(self, cfg: RunConfig, info: dict) -> None:
+        self.active = info.get("rank", 0) == 0
+        self.epochs = cfg.optim.epochs
+        if self.active:
+            s = info["sizes"]
+            self._write(f"hardmix train: {cfg.augment.method} {cfg.model.name} on {cfg.data.name} "
+                        f"({s['train']} train / {s['val']} val / {s['test']} test, "
+                        f"{info['num_classes']} classes) on {info['device']} -> {info['run_dir']}"
+                        + (f" (resumed after epoch {info['start_epoch']})"
+                           if info["start_epoch"] else ""))
+
+    def on_epoch_end(self, metrics: dict, checkpoint: Optional[str]) -> None:
+        if not self.active:
+            return
+        m = metrics
+        val = "" if math.isnan(m["val_top1_err"]) else f"val err {m['val_top1_err']:5.2f}%  "
+        self._write(f"epoch {m['epoch']:>3}/{self.epochs}  loss {m['train_loss']:.4f}  {val}"
+                    f"test err {m['test_top1_err']:5.2f}% (top-5 {m['test_top5_err']:5.2f}%)  "
+                    f"lr {m['lr']:.4g}  {m['images_per_s']:,.0f} img/s  {m['epoch_seconds']:.1f} s")
+
+    def _write(self, text: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text, file=self.stream or sys.stdout)
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    return f"{cfg.augment.method}-{cfg.model.name}-s{cfg.seed}"
+
+
+def run_folder(cfg: RunConfig, resume: bool) -> tuple[Path, str]:
+    """``(run_dir, name)`` of a CLI run. A fresh run never reuses a folder: with the default
+    name it gets a numbered suffix, with an explicit ``output.name`` it is an error."""
+    base = Path(os.path.expanduser(cfg.output.dir)) if "://" not in cfg.output.dir else Path("runs")
+    name = cfg.output.name or default_run_name(cfg)
+    run_dir = base / name
+    if resume:
+        if not checkpoint_path(run_dir).is_file():
+            raise ConfigError("--resume", str(run_dir), "has no checkpoint to resume from "
+                                                        "(checkpoints/last.pt)")
+        return run_dir, name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if cfg.output.name:
+            raise ConfigError("output.name", name, f"run folder {run_dir} exists: pass --resume "
+                                                   "to continue it or choose another name")
+        i = 2
+        while (base / f"{name}-{i}").exists():
+            i += 1
+        name = f"{name}-{i}"
+    return base / name, name
+
+
+def train_from_cli(cfg: RunConfig, resume: bool = False) -> int:
+    """``hardmix train``: validate, then train with the Parquet store, TensorBoard and console
+    callbacks. Returns 0 when the run completes, 1 when it fails (the failure is recorded in the
+    store); config errors raise ConfigError (the CLI prints one line and exits 2)."""
+    from ablations.store import ResultStore, StoreCallback
+    from hardmix.tensorboard import TensorBoardCallback
+
+    preflight(cfg)
+    run_dir, name = run_folder(cfg, resume)
+    results = (f"{cfg.output.dir.rstrip('/')}/{name}" if "://" in cfg.output.dir else str(run_dir))
+    callbacks: list[Callback] = [StoreCallback(ResultStore(results), trial_id=name, cfg=cfg,
+                                               extra={})]
+    if cfg.output.tensorboard:
+        callbacks.append(TensorBoardCallback())
+    callbacks.append(ConsoleCallback())
+    try:
+        s = train(cfg, callbacks, run_dir, resume=resume)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - recorded as failed by the store already
+        print(f"hardmix: error: run failed: {type(exc).__name__}: {exc} (recorded in {run_dir})",
+              file=sys.stderr)
+        return 1
+    val = "" if math.isnan(s["final_val_top1_err"]) else f", val {s['final_val_top1_err']:.2f}%"
+    print(f"{s['status']}: test error {s['final_top1_err']:.2f}% (best {s['best_top1_err']:.2f}%"
+          f"{val}) after {s['epochs_run']} epochs, {s['wall_seconds']:.0f} s -> {run_dir}")
+    return 0 if s["status"] == "completed" else 1
+
+
+def evaluate_checkpoint_cli(path: str, overrides: list[str]) -> int:
+    """``hardmix eval CHECKPOINT``: test error of a saved model on its run's test set
+    (``--set`` may change stored config fields, e.g. ``data.path``)."""
+    state = load_checkpoint(path)
+    raw = deep_merge(state["config"], parse_overrides(overrides or []))
+    cfg = from_dict(RunConfig, raw)
+    validate(cfg)
+    data_preflight(cfg.data)
+    device = resolve_device(cfg.device)
+    d = state["data"]
+    data = build_data(cfg.data, cfg.seed, device, test_only=True,
+                      stats=(tuple(d["mean"]), tuple(d["std"])))
+    if data.num_classes != d["num_classes"] or data.in_channels != d["in_channels"]:
+        raise ConfigError("data", cfg.data.name, f"does not match the checkpoint's data "
+                                                 f"({d['num_classes']} classes, "
+                                                 f"{d['in_channels']} channels)")
+    model = build_model(cfg.model, d["num_classes"], d["in_channels"], d["image_size"])
+    model.load_state_dict(state["model"])
+    model.to(device)
+    amp = device.type == "cuda" and cfg.optim.amp
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp
+                else contextlib.nullcontext)
+    loss, top1, top5 = evaluate(model, data.test, data.num_classes, autocast)
+    print(f"test_top1_err={top1:.2f} test_top5_err={top5:.2f} test_loss={loss:.4f} "
+          f"images={data.sizes['test']} epoch={state['epoch']} checkpoint={path}")
+    return 0
