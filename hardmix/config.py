@@ -418,6 +418,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(path, value, "must be a number")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -565,6 +570,9 @@ def _check_run(cfg: RunConfig, prefix: str = "") -> None:
     if sorted(o.milestones) != o.milestones or any(m <= 0 for m in o.milestones):
         raise ConfigError(f"{prefix}optim.milestones", o.milestones,
                           "must be increasing positive epochs")
+    if o.nesterov and o.momentum == 0:
+        raise ConfigError(f"{prefix}optim.nesterov", o.nesterov,
+                          "needs optim.momentum > 0 (or set optim.nesterov=false)")
     if o.warmup_epochs >= o.epochs and o.warmup_epochs > 0:
         raise ConfigError(f"{prefix}optim.warmup_epochs", o.warmup_epochs,
                           f"must be < optim.epochs ({o.epochs})")
