@@ -8,9 +8,13 @@ the hard source batch, the fallback), the paste or blend, λ and the source labe
 ``torchvision.transforms.v2.CutMix`` (one λ and box per batch, soft labels) and ``x.clone()``.
 
 Methods are timed in interleaved rounds (each round times every method once, ``--calls`` calls
-each) so that load from other processes hits all of them alike; the table shows the median and the
-minimum over rounds, and the last line the speedups of HardMix (batch box / per-sample boxes) over
-torchvision's CutMix from the medians.
+each) so that load from other processes hits all of them alike. The clock is the thread's CPU time
+(``--clock cpu``, the default with one thread): on a machine shared with other jobs it leaves out
+the time the process waits for a core, which wall-clock figures are dominated by; ``--clock wall``
+uses ``time.perf_counter``. The table shows the median and minimum over rounds of the chosen clock
+(and the median wall time). The last two lines give the speedups of HardMix (batch box / per-sample
+boxes) over torchvision's CutMix from the medians: first when HardMix returns a new batch (the
+default), last when it mixes into the input batch (``inplace=True``, what ``hardmix train`` uses).
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hardmix import HardMix  # noqa: E402
 
 
-def time_call(fn: Callable[[], object], calls: int) -> float:
-    """Mean microseconds per call over ``calls`` calls."""
-    start = time.perf_counter()
+def time_call(fn: Callable[[], object], calls: int, clock: Callable[[], float]) -> tuple[float, float]:
+    """Mean microseconds per call over ``calls`` calls: (by ``clock``, by wall clock)."""
+    start, wall = clock(), time.perf_counter()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - start) / calls * 1e6
+    return ((clock() - start) / calls * 1e6, (time.perf_counter() - wall) / calls * 1e6)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=100, help="calls per method per round")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: stable figures on a shared machine)")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default=None,
+                    help="cpu: the thread's CPU time (default with one thread); wall: perf_counter")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    clock_name = args.clock or ("cpu" if args.threads == 1 else "wall")
+    clock = time.thread_time if clock_name == "cpu" else time.perf_counter
     from torchvision.transforms import v2
 
     g = torch.Generator().manual_seed(0)
@@ -78,21 +86,27 @@ def main(argv: list[str] | None = None) -> int:
         "saliencymix (batch box)": (lambda m: lambda: m(x, y))(mk("saliencymix")),
     }
     for fn in cases.values():  # warm-up: allocator, lazy generators, first-call paths
-        time_call(fn, 20)
+        time_call(fn, 20, clock)
     samples: dict[str, list[float]] = {name: [] for name in cases}
+    walls: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.rounds):
         for name, fn in cases.items():
-            samples[name].append(time_call(fn, args.calls))
+            t, w = time_call(fn, args.calls, clock)
+            samples[name].append(t)
+            walls[name].append(w)
 
     med = {name: statistics.median(v) for name, v in samples.items()}
     ref = med["torchvision v2.CutMix"]
     print(f"batch {b} x 3x{s}x{s}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"{args.rounds} rounds x {args.calls} calls")
-    print(f"{'method':32s} {'median us':>10s} {'min us':>8s} {'vs torchvision':>15s}")
+          f"{args.rounds} rounds x {args.calls} calls, clock={clock_name}")
+    print(f"{'method':32s} {'median us':>10s} {'min us':>8s} {'wall us':>8s} {'vs torchvision':>15s}")
     for name, v in samples.items():
-        print(f"{name:32s} {med[name]:10.1f} {min(v):8.1f} {ref / med[name]:14.2f}x")
-    speed_batch = ref / med["hardmix (batch box)"]
-    speed_sample = ref / med["hardmix (per-sample boxes)"]
+        print(f"{name:32s} {med[name]:10.1f} {min(v):8.1f} {statistics.median(walls[name]):8.1f} "
+              f"{ref / med[name]:14.2f}x")
+    print(f"copy: hardmix_speedup_vs_torchvision_cutmix={ref / med['hardmix (batch box)']:.2f} "
+          f"per_sample_speedup_vs_torchvision_cutmix={ref / med['hardmix (per-sample boxes)']:.2f}")
+    speed_batch = ref / med["hardmix (batch box, inplace)"]
+    speed_sample = ref / med["hardmix (per-sample, inplace)"]
     print(f"hardmix_speedup_vs_torchvision_cutmix={speed_batch:.2f} "
           f"per_sample_speedup_vs_torchvision_cutmix={speed_sample:.2f}")
     return 0

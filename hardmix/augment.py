@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from hardmix.config import AugmentConfig, ConfigError, _check_fields
 from hardmix.hardness import SIGNALS
 from hardmix.loss import mixed_cross_entropy, mixed_target
-from hardmix.mix import MIXERS, Draws, MixerOptions, beta_host
+from hardmix.mix import MIXERS, Draws, MixerOptions, Workspace, beta_host
 from hardmix.sources import SOURCES, HardSource
 
 __all__ = ["HardMix", "MixOutput", "METHODS"]
@@ -191,7 +191,7 @@ class HardMix:
         mixer_name, source_name = METHODS[method]
         self._mixer = MIXERS[mixer_name]
         self._options = MixerOptions(alpha=float(alpha), box=box, cutout_size=float(cutout_size),
-                                     inplace=inplace)
+                                     inplace=inplace, workspace=Workspace())
         if source_name == "hard":
             self._source = HardSource(criterion, k, fallback, min_hard)
             self._signal = SIGNALS[signal](bn_mode=bn_mode, dataset_size=dataset_size)

@@ -61,7 +61,7 @@ class LogitScores(Scores):
     """Scores computed from clean logits (each view computed once, on first use)."""
 
     def __init__(self, logits: Tensor, y: Tensor):
-        self.logits, self.y = logits.detach(), y
+        self.logits, self.y = (logits.detach() if logits.requires_grad else logits), y
         self._cache: dict[str, Tensor] = {}
 
     def wrong(self) -> Tensor:

@@ -83,29 +83,30 @@ CRITERIA: dict[str, Criterion] = {
 
 
 # --------------------------------------------------------------------------------------------
-# Fallbacks: (hard, fired, scores, k) -> (hard set to use, its size if known); `skip` is handled
-# by the caller
+# Fallbacks: the hard set to draw from when too few samples are hard; `skip` is handled by the caller
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Fallback:
-    """A fallback policy: the hard set to use when it fires, and whether it skips mixing."""
+    """A fallback policy: ``replace(hard, n_hard, fired, scores, k) -> (hard set, its size)`` used
+    instead of the criterion's (both device tensors; sizes >= 1), or ``skip`` mixing."""
 
     name: str
-    replace: Optional[Callable[[Tensor, Tensor, Scores, float], tuple[Tensor, Optional[Tensor]]]]
+    replace: Optional[Callable[[Tensor, Tensor, Tensor, Scores, float], tuple[Tensor, Tensor]]]
     skip: bool = False
 
 
-def _fallback_random(hard: Tensor, fired: Tensor, scores: Scores,
-                     k: float) -> tuple[Tensor, Optional[Tensor]]:
-    # Every sample hard => the source batch is a random permutation: plain CutMix.
-    return hard | fired, None
+def _fallback_random(hard: Tensor, n_hard: Tensor, fired: Tensor, scores: Scores,
+                     k: float) -> tuple[Tensor, Tensor]:
+    # Drawing from all B samples makes the source batch a random permutation: plain CutMix.
+    return hard, torch.where(fired, hard.shape[0], n_hard)
 
 
-def _fallback_topk(hard: Tensor, fired: Tensor, scores: Scores,
-                   k: float) -> tuple[Tensor, Optional[Tensor]]:
-    return torch.where(fired, topk_loss(scores, k), hard), None
+def _fallback_topk(hard: Tensor, n_hard: Tensor, fired: Tensor, scores: Scores,
+                   k: float) -> tuple[Tensor, Tensor]:
+    count = check_k(k, hard.shape[0])
+    return torch.where(fired, topk_loss(scores, k), hard), torch.where(fired, count, n_hard)
 
 
 #: Fallback policies by name (``augment.fallback``).
@@ -122,20 +123,23 @@ FALLBACKS: dict[str, Fallback] = {
 
 
 def hard_source_index(hard: Tensor, generator: Optional[torch.Generator] = None,
-                      n_hard: Optional[Tensor] = None) -> Tensor:
+                      n_hard: Optional[Tensor] = None, at_least_one: bool = False) -> Tensor:
     """The source of every target: each hard sample once, ``B - n_hard`` random hard repeats, shuffled.
 
-    ``hard`` is a bool ``(B,)`` mask (``n_hard`` its sum, if already known). No host read of
-    ``n_hard``: a stable sort puts the hard samples first, a random permutation gives every target
-    a slot, slot ``s < n_hard`` takes the s-th hard sample and a later slot a uniformly drawn one
-    (a random integer modulo ``n_hard``; its bias is below B / 2**31). With no hard sample at all
-    the result is meaningless: callers apply a fallback first.
+    ``hard`` is a bool ``(B,)`` mask; ``n_hard`` the number of samples to draw from (default: its
+    sum); ``at_least_one`` promises ``n_hard >= 1`` and saves a clamp. No host read of ``n_hard``:
+    a stable sort puts the hard samples first, a random permutation gives every target a slot,
+    slot ``s < n_hard`` takes the s-th of them and a later slot a uniformly drawn one (a random
+    integer modulo ``n_hard``; its bias is below B / 2**31). With ``n_hard = B`` the result is a
+    uniformly random permutation of the batch whatever ``hard`` is. With no hard sample at all the
+    result is meaningless: callers apply a fallback first.
     """
     b, dev = hard.shape[0], hard.device
     n = hard.sum() if n_hard is None else n_hard
     order = hard.argsort(descending=True, stable=True)
     slot = torch.randperm(b, generator=generator, device=dev)
-    rep = torch.randint(0, 2**31 - 1, (b,), generator=generator, device=dev) % n.clamp_min(1)
+    rep = torch.randint(0, 2**31 - 1, (b,), generator=generator, device=dev)
+    rep = rep % (n if at_least_one else n.clamp_min(1))
     return order.index_select(0, torch.where(slot < n, slot, rep))
 
 
@@ -179,7 +183,8 @@ class HardSource:
             raise ConfigError("augment.fallback", fallback, f"must be one of {', '.join(FALLBACKS)}")
         if int(min_hard) != min_hard or min_hard < 1:
             raise ConfigError("augment.min_hard", min_hard, "must be an integer >= 1")
-        if k <= 0 or (k >= 1 and not float(k).is_integer()):
+        uses_k = criterion in ("topk_loss", "low_margin") or fallback == "topk_loss"
+        if uses_k and (k <= 0 or (k >= 1 and not float(k).is_integer())):
             raise ConfigError("augment.k", k, "must be a fraction < 1 or a whole count >= 1")
         self.criterion, self.k = CRITERIA[criterion], float(k)
         self.fallback, self.min_hard = FALLBACKS[fallback], int(min_hard)
@@ -191,10 +196,11 @@ class HardSource:
         hard = self.criterion(scores, self.k)
         n_hard = hard.sum()
         fired = n_hard < self.min_hard
-        n_used: Optional[Tensor] = n_hard
         if self.fallback.replace is not None:
-            hard, n_used = self.fallback.replace(hard, fired, scores, self.k)
-        index = hard_source_index(hard, generator, n_used)
+            hard, n_used = self.fallback.replace(hard, n_hard, fired, scores, self.k)
+            index = hard_source_index(hard, generator, n_used, at_least_one=True)
+        else:
+            index = hard_source_index(hard, generator, n_hard)
         skipped = None
         if self.fallback.skip:
             index = torch.where(fired, torch.arange(batch, device=device), index)

@@ -12,7 +12,7 @@ from scipy import stats
 from hardmix import HardMix
 from hardmix.mix import (
     Draws, MixerOptions, beta_device, beta_host, box_lam, box_masks, boxes_at, mix_cutmix,
-    mix_saliencymix, paste_box, paste_masks, rand_box, rand_boxes, salient_points,
+    mix_saliencymix, paste_box, paste_masks, rand_box, rand_boxes, salient_points, sample_box_rows,
     spectral_residual_saliency,
 )
 
@@ -126,11 +126,16 @@ def test_mean_lam_matches_beta_expectation_adjusted_for_clipping(alpha):
     size = 32
     expected = clipped_lam_expectation(alpha, size)
     assert expected - 0.5 > 0.03  # clipping matters: the test can tell it apart from E[Beta] = 0.5
-    # per-sample boxes: one big batch
+    # per-sample boxes: one big batch, both the reference path and the table-driven fast path
     lam = box_lam(rand_boxes(beta_device(alpha, 40000, torch.Generator().manual_seed(0),
                                          torch.device("cpu")), size, size,
                              torch.Generator().manual_seed(1)), size, size)
     assert abs(lam.mean().item() - expected) < 0.006
+    rows, cols, fast = sample_box_rows(40000, alpha, size, size, torch.Generator().manual_seed(2),
+                                       torch.device("cpu"))
+    assert abs(fast.mean().item() - expected) < 0.006
+    assert abs(fast.std().item() - lam.std().item()) < 0.006
+    torch.testing.assert_close(fast, 1 - rows.sum(1) * cols.sum(1) / size**2)
     # batch boxes through HardMix: many calls, one λ each
     mix = HardMix(method="cutmix", alpha=alpha, seed=7)
     x, y = torch.zeros(2, 1, size, size), torch.zeros(2, dtype=torch.long)
@@ -228,6 +233,26 @@ def test_saliencymix_box_is_centred_on_the_source_salient_point(box):
             assert abs(mid_y - cy) <= 1.5 + 3 and abs(mid_x - cx) <= 1.5 + 3
         # λ from the exact area (the pasted region differs from the target everywhere here)
         assert abs(lam[i].item() - (1 - changed.float().mean().item())) < 1e-6
+
+
+def test_fast_per_sample_boxes_follow_the_box_rule():
+    # every row/column mask is one interval whose length and position match CutMix's rule for
+    # some side in the law's support and some centre; non-square images use two tables
+    for h, w in ((16, 16), (12, 20)):
+        rows, cols, lam = sample_box_rows(3000, 1.0, h, w, torch.Generator().manual_seed(0),
+                                          torch.device("cpu"))
+        for masks, size in ((rows, h), (cols, w)):
+            assert masks.shape == (3000, size)
+            assert set(masks.unique().tolist()) <= {0.0, 1.0}
+            steps = (masks[:, 1:] != masks[:, :-1]).sum(1)
+            assert steps.max() <= 2  # a single run of ones
+            assert masks.sum(1).max() >= size - 1 and masks.sum(1).min() == 0
+        torch.testing.assert_close(lam, 1 - rows.sum(1) * cols.sum(1) / (h * w))
+        # the height and width of a box come from the same λ: their side ratios agree
+        # wherever neither side is clipped
+        full = (rows[:, 0] == 0) & (rows[:, -1] == 0) & (cols[:, 0] == 0) & (cols[:, -1] == 0)
+        rh, rw = rows.sum(1)[full] / h, cols.sum(1)[full] / w
+        assert (rh - rw).abs().max() <= 1.0 / min(h, w) + 1e-6
 
 
 def test_cutmix_mixer_handles_integer_images():
