@@ -60,7 +60,7 @@ def test_smallnet_width_and_learning():
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="smallnet", width=8), 4, 3, 16)
     x, y = torch.randn(32, 3, 16, 16), torch.arange(32) % 4
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     losses = []
     for _ in range(15):
         loss = nn.functional.cross_entropy(model(x), y)
@@ -68,7 +68,7 @@ def test_smallnet_width_and_learning():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.1 * losses[0]          # it fits a small batch
 
 
 def test_unknown_model_is_a_config_error():

@@ -112,8 +112,10 @@ def test_real_cifar10_subset_beats_chance(cifar10_npz, tmp_path):
     rec = Recorder()
     summary = train(cfg, [rec], tmp_path / "real")
     assert summary["status"] == "completed"
-    assert summary["final_top1_err"] < 65.0          # chance is 90 %
-    assert summary["final_val_top1_err"] < 70.0
+    # Chance is 90 %; 10,000 test images make a 15-point margin many standard errors wide.
+    assert summary["final_top1_err"] < 75.0
+    assert summary["final_val_top1_err"] < 78.0
+    assert rec.metrics[-1]["test_top1_err"] < rec.metrics[0]["test_top1_err"]
     assert rec.info["sizes"] == {"train": 4500, "val": 500, "test": 10000}
 
 
