@@ -244,7 +244,8 @@ def forward_flops(cfg: SweepConfig, facts: dict) -> float | None:
 
 
 def _fmt_flops(f: float) -> str:
-    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9),
+                        ("MFLOP", 1e6)):
         if f >= scale:
             return f"{f / scale:.3g} {unit}"
     return f"{f:.3g} FLOP"
@@ -291,8 +292,9 @@ def plan_text(cfg: SweepConfig) -> str:
                            "logical CPUs)"
     lines.append(f"ray: {where}")
     run = cfg.run
+    method = "" if "augment.method" in cfg.space else f", augment {run.augment.method}"
     lines.append(f"run: {run.model.name} on {describe_data(cfg)}, {run.optim.epochs} epochs, "
-                 f"batch {run.data.batch_size}, augment {run.augment.method}")
+                 f"batch {run.data.batch_size}{method}")
     facts = data_facts(cfg)
     if facts:
         epochs = run.optim.epochs
@@ -352,28 +354,6 @@ def _start_ray(cfg: SweepConfig) -> bool:
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
         ray.init(num_cpus=cfg.local_cpus or local_cpu_count(), **common)
     return True
-
-
-def _check_resources(cfg: SweepConfig) -> None:
-    """A trial that can never be placed would wait forever: say so before starting."""
-    import ray
-
-    total = ray.cluster_resources()
-    r = cfg.resources
-    need_cpu = r.cpus * r.workers
-    need_gpu = r.gpus * r.workers
-    problems = []
-    if need_cpu > total.get("CPU", 0):
-        problems.append(("resources.cpus", r.cpus, f"{need_cpu:g} CPUs per trial, the Ray "
-                         f"cluster has {total.get('CPU', 0):g}"))
-    if need_gpu > total.get("GPU", 0):
-        problems.append(("resources.gpus", r.gpus, f"{need_gpu:g} GPUs per trial, the Ray "
-                         f"cluster has {total.get('GPU', 0):g}"))
-    if problems and not cfg.address:
-        raise ConfigError(*problems[0])
-    for name, value, text in problems:  # an autoscaling cluster may still grow
-        print(f"hardmix: warning: {name} = {value}: {text} now (waiting for the autoscaler)",
-              file=sys.stderr)
 
 
 def _make_context(cfg: SweepConfig, sweep_dir: str, prefix: str, seeds: list[int],
@@ -468,6 +448,9 @@ def _tuner(cfg: SweepConfig, ctx, phase: str, restore: bool, label: str):
     tune_config = tune.TuneConfig(
         search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
         max_concurrent_trials=cfg.max_concurrent_trials or None,
+        # A finished trial's worker process takes the next trial (same resources): no new
+        # process, no second import of torch, per trial.
+        reuse_actors=ctx.resources.workers == 1,
         trial_name_creator=namer, trial_dirname_creator=namer)
     run_config = tune.RunConfig(
         name=phase, storage_path=ctx.sweep_dir,
@@ -546,23 +529,20 @@ def _print_paths(cfg: SweepConfig, outcome: SweepOutcome, out: TextIO) -> None:
 
 
 def _build_report(sweep_dir: str, out: TextIO) -> str | None:
+    """``hardmix report`` on the finished sweep: prints its main table, returns report.md."""
     try:
         from ablations.report import build_report
-    except ImportError as exc:
+    except ImportError as exc:  # the analysis layer is optional at run time
         print(f"hardmix: report skipped: ablations.report is not available ({exc}); run "
               f"`hardmix report {sweep_dir}` once it is", file=sys.stderr)
         return None
     try:
-        written = build_report(sweep_dir)
+        report = build_report(sweep_dir)
     except ConfigError as exc:
         print(f"hardmix: report skipped: {exc}", file=sys.stderr)
         return None
-    if isinstance(written, (str, os.PathLike)):
-        return str(written)
-    for attr in ("markdown", "path", "report", "out"):
-        if getattr(written, attr, None):
-            return str(getattr(written, attr))
-    return join(sweep_dir, "report")
+    print("\n" + report.terminal, file=out)
+    return report.path
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = False, dry_run: bool = False,
@@ -594,7 +574,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, dry_run: bool = False,
         _write_text(join(sweep_dir, SWEEP_FILE), to_yaml(cfg))
     started = _start_ray(cfg)
     try:
-        _check_resources(cfg)
+        from tune.cluster import check_cluster_resources
+        check_cluster_resources(cfg)  # a trial no node can ever hold would wait forever
         print(f"hardmix sweep {cfg.name}: {describe_data(cfg)}; results in {sweep_dir}"
               + (" (resuming)" if resume else ""), file=out)
         points = grid_points(cfg) if cfg.mode == "grid" else None

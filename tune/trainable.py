@@ -34,7 +34,8 @@ from typing import Any, Mapping, Optional
 from ray.tune import Callback as TuneCallback
 
 from hardmix.config import ResourcesConfig, RunConfig
-from hardmix.train import Callback, train
+import hardmix.train
+from hardmix.train import Callback
 from tune.space import ConditionalSpace, trial_config
 
 #: Key the search adds to a trial's config: which of the configuration's seeds it runs
@@ -314,7 +315,7 @@ def _set_threads(cpus: float) -> None:
 def _run(cfg: RunConfig, callbacks: list, run_dir: Path, resume: bool) -> dict:
     """``train()``; it records a failure through the callbacks and re-raises it, so Tune
     retries the trial."""
-    summary = train(cfg, callbacks=callbacks, run_dir=run_dir, resume=resume)
+    summary = hardmix.train.train(cfg, callbacks=callbacks, run_dir=run_dir, resume=resume)
     if summary.get("status") == "failed":  # train() raises on failure; be strict anyway
         raise TrialFailed(summary.get("error") or "the run failed")
     return summary

@@ -1,0 +1,126 @@
+"""What running trials through ``hardmix sweep`` costs over calling the training function.
+
+The same N real single-worker training trials (the small network, about ``--trial-seconds``
+each; different seeds of one configuration) run twice in this one run, one trial at a time:
+
+* ``loop``: a fresh Python process calls :func:`hardmix.train.train` N times, with the callbacks
+  a run has anyway (Parquet store, TensorBoard);
+* ``sweep``: ``hardmix sweep`` (a grid over the N seeds, ``max_concurrent_trials=1``, no report),
+  which starts a local Ray instance, runs each trial as a Ray Tune trial with per-epoch reports
+  and Ray checkpoints, writes the same Parquet rows and TensorBoard logs, and shuts Ray down.
+
+Both are timed as whole commands (interpreter start, imports, everything). The epochs per
+trial come from a short calibration run first (not timed). The last line is
+``sweep_overhead_fraction=<(sweep - loop) / loop>``; target <= 0.10.
+
+    python benchmarks/bench_sweep.py                      # 4 trials of ~60 s on digits
+    python benchmarks/bench_sweep.py --trials 3 --trial-seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_overrides(args: argparse.Namespace, epochs: int) -> list[str]:
+    """The trial's run config (one configuration; the seed varies)."""
+    return [f"data.name={args.data}", "model.name=smallnet", f"model.width={args.width}",
+            f"optim.epochs={epochs}", "optim.schedule=cosine", "optim.lr=0.05",
+            "data.batch_size=64", "device=cpu", "augment.method=hardmix",
+            "output.progress=false", f"output.checkpoint_every={args.checkpoint_every}"]
+
+
+def calibrate(args: argparse.Namespace) -> tuple[int, float]:
+    """Epochs that make one trial last about ``args.trial_seconds`` on this machine."""
+    import torch
+
+    from hardmix.config import RunConfig, load_config
+    from hardmix.train import train
+
+    torch.set_num_threads(args.threads)
+    probe = 3
+    cfg = load_config(RunConfig, None, None, run_overrides(args, probe))
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        train(cfg, [], Path(d) / "probe")
+        per_epoch = (time.perf_counter() - t0) / probe
+    return max(2, round(args.trial_seconds / per_epoch)), per_epoch
+
+
+def loop_main(args: argparse.Namespace) -> None:
+    """The reference: N trials by a plain loop over ``train()`` (run in its own process)."""
+    import torch
+
+    from ablations.store import ResultStore, StoreCallback
+    from hardmix.config import RunConfig, load_config
+    from hardmix.tensorboard import TensorBoardCallback
+    from hardmix.train import train
+
+    torch.set_num_threads(args.threads)
+    store = ResultStore(str(Path(args.out) / "loop"))
+    for seed in range(args.trials):
+        cfg = load_config(RunConfig, None, None, run_overrides(args, args.epochs) + [f"seed={seed}"])
+        trial_id = f"c000-s{seed}"
+        run_dir = Path(args.out) / "loop" / "runs" / trial_id
+        train(cfg, [StoreCallback(store, trial_id, cfg, extra={}), TensorBoardCallback()], run_dir)
+
+
+def timed(cmd: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=4, help="trials per method (default 4)")
+    p.add_argument("--trial-seconds", type=float, default=60.0, help="target length of a trial")
+    p.add_argument("--data", default="digits", help="data.name (default: digits, offline)")
+    p.add_argument("--width", type=int, default=16, help="smallnet width")
+    p.add_argument("--threads", type=int, default=1, help="torch threads = the trial's CPUs")
+    p.add_argument("--checkpoint-every", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=0, help="skip calibration and use these epochs")
+    p.add_argument("--loop-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.loop_only:
+        loop_main(args)
+        return
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), RAY_AUTH_MODE="disabled")
+    if not args.epochs:
+        args.epochs, per_epoch = calibrate(args)
+        print(f"calibration: {per_epoch:.2f} s/epoch -> {args.epochs} epochs per trial")
+    out = tempfile.mkdtemp(prefix="bench-sweep-")
+    try:
+        common = ["--trials", str(args.trials), "--data", args.data, "--width", str(args.width),
+                  "--threads", str(args.threads), "--epochs", str(args.epochs),
+                  "--checkpoint-every", str(args.checkpoint_every), "--out", out]
+        loop_s = timed([sys.executable, __file__, "--loop-only", *common], env)
+        print(f"loop:  {args.trials} trials in {loop_s:.1f} s ({loop_s / args.trials:.1f} s/trial)")
+        sweep_cmd = [sys.executable, "-m", "hardmix.cli", "sweep", "--set", "name=bench",
+                     "--set", f"storage={out}", "--set", "mode=grid",
+                     "--set", f"seeds={json.dumps(list(range(args.trials)))}",
+                     "--set", "max_concurrent_trials=1", "--set", "report=false",
+                     "--set", f"resources.cpus={args.threads}"]
+        for o in run_overrides(args, args.epochs):
+            sweep_cmd += ["--set", f"run.{o}"]
+        sweep_s = timed(sweep_cmd, env)
+        print(f"sweep: {args.trials} trials in {sweep_s:.1f} s ({sweep_s / args.trials:.1f} s/trial)")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"sweep_overhead_fraction={(sweep_s - loop_s) / loop_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()

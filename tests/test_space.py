@@ -1,0 +1,146 @@
+"""The sweep's search space: conditional parameters, the grid, seeds, and config checks.
+
+No Ray cluster is started here: Optuna and Ray Tune's searcher objects run in-process.
+"""
+
+from __future__ import annotations
+
+import random
+
+import optuna
+import pytest
+
+from hardmix.config import ConfigError, ParamSpec, RunConfig, SweepConfig, load_config
+from tune.space import (ConditionalSpace, check_space, default_space, grid_points, param_order,
+                        trial_config, with_default_space)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+QUICK_SPACE = (
+    "space={augment.method: {type: choice, values: [cutmix, hardmix]},"
+    " augment.criterion: {type: choice, values: [misclassified, topk_loss],"
+    "   when: {augment.method: [hardmix]}},"
+    " augment.fallback: {type: choice, values: [random, skip, topk_loss],"
+    "   when: {augment.criterion: [misclassified]}},"
+    " augment.k: {type: choice, values: [0.25, 0.5], when: {augment.criterion: [topk_loss]}}}")
+
+
+def sweep(*overrides: str) -> SweepConfig:
+    return load_config(SweepConfig, None, None, ["storage=/tmp", *overrides])
+
+
+def check_conditions(params: dict) -> None:
+    """k exists exactly for topk_loss, the fallback exactly for misclassified."""
+    crit = params["augment.criterion"]
+    assert ("augment.k" in params) == (crit == "topk_loss"), params
+    assert ("augment.fallback" in params) == (crit == "misclassified"), params
+
+
+@pytest.mark.parametrize("sampler", [
+    lambda: optuna.samplers.TPESampler(multivariate=True, group=True, seed=0,
+                                       n_startup_trials=5),
+    lambda: optuna.samplers.RandomSampler(seed=0),
+])
+def test_define_by_run_space_samples_conditionals_only_where_they_exist(sampler):
+    space = ConditionalSpace(default_space(), RunConfig())
+    study = optuna.create_study(direction="minimize", sampler=sampler())
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        space(trial)
+        check_conditions(trial.params)
+        seen.add(trial.params["augment.criterion"])
+        if "augment.fallback" in trial.params:
+            seen.add(trial.params["augment.fallback"])
+        assert 0.1 <= trial.params["augment.alpha"] <= 2.0
+        study.tell(trial, rng.uniform(5, 50))
+    assert {"misclassified", "topk_loss"} <= seen
+    assert len(seen & {"random", "skip", "topk_loss"}) >= 2
+
+
+def test_ray_searcher_repeats_each_configuration_once_per_seed():
+    from ray.tune.search.repeater import TRIAL_INDEX
+
+    from tune.sweep import make_searcher
+
+    cfg = with_default_space(sweep("seeds=[3, 7]", "num_samples=12"))
+    searcher = make_searcher(cfg)
+    configs = []
+    for i in range(24):
+        config = searcher.suggest(f"trial{i}")
+        configs.append(config)
+        params = {k: v for k, v in config.items() if k != TRIAL_INDEX}
+        check_conditions(params)
+        searcher.on_trial_complete(f"trial{i}", result={cfg.metric: float(i % 5)})
+    for a, b in zip(configs[0::2], configs[1::2]):  # the two seeds of one configuration
+        assert (a[TRIAL_INDEX], b[TRIAL_INDEX]) == (0, 1)
+        assert {k: v for k, v in a.items() if k != TRIAL_INDEX} == \
+               {k: v for k, v in b.items() if k != TRIAL_INDEX}
+
+
+def test_grid_has_every_valid_combination_and_no_meaningless_one():
+    cfg = sweep("mode=grid", QUICK_SPACE)
+    points = grid_points(cfg)
+    assert len(points) == 1 + 3 + 2  # cutmix; misclassified x 3 fallbacks; topk_loss x 2 k
+    assert len({tuple(sorted(p.items())) for p in points}) == len(points)
+    for p in points:
+        if p["augment.method"] == "cutmix":
+            assert set(p) == {"augment.method"}
+        else:
+            check_conditions(p)
+    fallbacks = {p.get("augment.fallback") for p in points} - {None}
+    assert fallbacks == {"random", "skip", "topk_loss"}
+
+
+def test_grid_without_space_is_the_base_run_and_search_gets_the_default_space():
+    assert grid_points(with_default_space(sweep("mode=grid"))) == [{}]
+    cfg = with_default_space(sweep())
+    assert set(cfg.space) == {"augment.alpha", "augment.criterion", "augment.k",
+                              "augment.fallback"}
+
+
+def test_conditions_are_decided_before_the_parameter_they_guard():
+    space = {"b": ParamSpec(values=[1], when={"a": ["x"]}), "a": ParamSpec(values=["x"])}
+    assert param_order(space) == ["a", "b"]
+
+
+def test_a_cycle_of_conditions_is_a_config_error():
+    cfg = sweep("space={augment.criterion: {values: [misclassified], when: {augment.fallback: "
+                "[random]}}, augment.fallback: {values: [random], when: {augment.criterion: "
+                "[misclassified]}}}")
+    with pytest.raises(ConfigError, match="cycle"):
+        check_space(cfg)
+
+
+def test_a_condition_that_can_never_hold_is_a_config_error():
+    never = sweep("space={augment.k: {type: float, low: 0.1, high: 0.5, when: "
+                  "{augment.criterion: [topk_loss]}}}")  # criterion is fixed at misclassified
+    with pytest.raises(ConfigError, match="would never exist"):
+        check_space(never)
+    typo = sweep("space={augment.criterion: {values: [misclassified, topk_loss]}, augment.k: "
+                 "{values: [4], when: {augment.criterion: [topk_los]}}}")
+    with pytest.raises(ConfigError, match="none of these"):
+        check_space(typo)
+
+
+def test_every_grid_combination_must_give_a_valid_run():
+    # Each value is valid on its own (k=40 with the default batch of 128, a batch of 32 with
+    # the default k=0.25); k=40 with a batch of 32 is not.
+    cfg = sweep("mode=grid", "space={augment.k: {values: [40]}, data.batch_size: "
+                "{values: [32, 64]}}", "run.augment.criterion=topk_loss")
+    with pytest.raises(ConfigError, match="augment.k"):
+        check_space(cfg)
+
+
+def test_trial_config_applies_parameters_and_seed_and_json_choices_round_trip():
+    cfg = sweep("space={optim.milestones: {values: [[2, 4], [3]]}}")
+    space = ConditionalSpace(cfg.space, cfg.run)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    trial = study.ask()
+    space(trial)
+    params = ConditionalSpace.params(trial.params)
+    assert params["optim.milestones"] in ([2, 4], [3])
+    run = trial_config(cfg.run, params, seed=5)
+    assert run.seed == 5 and run.optim.milestones == params["optim.milestones"]
+    assert cfg.run.seed == 0  # the sweep's base run is untouched

@@ -1,0 +1,306 @@
+"""``hardmix sweep`` on a local Ray instance: search, grid, failures, resume, Ray Train, CLI.
+
+Trials are tiny (smallnet of width 8 on the synthetic set, a few epochs); every Ray test shares
+the session's Ray instance (``ray_local``), and the interrupted sweep is a second driver that
+joins it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from hardmix.config import ResourcesConfig, RunConfig, SweepConfig, flatten, load_config
+from hardmix.train import METRIC_KEYS
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["run.data.name=synthetic", "run.model.name=smallnet", "run.model.width=8",
+        "run.optim.epochs=2", "run.data.batch_size=64", "run.device=cpu",
+        "run.output.checkpoint_every=1", "run.output.image_grid=false", "report=false",
+        "max_failures=0", "max_concurrent_trials=2"]
+SCALAR_METRICS = [k for k in METRIC_KEYS if k != "source_class_counts"]
+
+
+def tiny(tmp_path: Path, name: str, *overrides: str) -> SweepConfig:
+    return load_config(SweepConfig, None, None,
+                       [f"storage={tmp_path}", f"name={name}", *TINY, *overrides])
+
+
+def results(sweep_dir: str | Path):
+    from ablations.store import read_results
+    return read_results(str(sweep_dir)).to_pandas()
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``hardmix ARGS`` in a fresh interpreter."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
+    return subprocess.run([sys.executable, "-m", "hardmix.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+# --------------------------------------------------------------------------------------------
+# Before Ray: validation, dry run, presets
+# --------------------------------------------------------------------------------------------
+
+
+BAD = [("run.augment.alpha=-1", "run.augment.alpha"),
+       ("space={augment.k: {type: float, low: 0.1, high: 0.5, when: {augment.criterion: "
+        "[topk_loss]}}}", "space.augment.k.when"),
+       ("resources.workers=0", "resources.workers")]
+
+#: Runs ``hardmix`` several times in one fresh interpreter (imports cost seconds here) and
+#: reports each exit code, stdout and stderr, and whether Ray was ever imported.
+_CLI_RUNS = """
+import contextlib, io, json, sys
+from hardmix.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    o, e = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        rc = main(argv)
+    out.append({"rc": rc, "out": o.getvalue(), "err": e.getvalue()})
+print(json.dumps({"runs": out, "ray_imported": "ray" in sys.modules}))
+"""
+
+
+def test_bad_configs_fail_before_ray_and_dry_run_plans_without_it(tmp_path):
+    runs = [["sweep", "--set", f"storage={tmp_path}", "--set", bad] for bad, _ in BAD]
+    runs.append(["sweep", "--preset", "quickstart", "--set", f"storage={tmp_path}", "--dry-run"])
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
+    proc = subprocess.run([sys.executable, "-c", _CLI_RUNS, json.dumps(runs)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["ray_imported"] is False  # neither a bad config nor a dry run starts Ray
+
+    for (bad, field), run in zip(BAD, report["runs"]):
+        assert run["rc"] == 2, run
+        lines = run["err"].strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"hardmix: error: {field}"), run["err"]
+
+    dry = report["runs"][-1]
+    assert dry["rc"] == 0, dry["err"]
+    assert "6 configurations x 3 seeds [0, 1, 2] = 18" in dry["out"]
+    for needle in ("c005", "criterion=topk_loss", "fallback=skip",
+                   "resources per trial: 1 x (1 CPU)", "compute: 18 trials x 10 epochs", "FLOP"):
+        assert needle in dry["out"], needle
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_quickstart_covers_both_criteria_and_all_fallbacks_on_real_data():
+    from tune.space import grid_points
+
+    cfg = load_config(SweepConfig, "quickstart")
+    points = grid_points(cfg)
+    assert len(points) * len(cfg.seeds) >= 6
+    assert {p.get("augment.criterion") for p in points} >= {"misclassified", "topk_loss"}
+    assert {p.get("augment.fallback") for p in points} >= {"random", "skip", "topk_loss"}
+    assert "cutmix" in {p["augment.method"] for p in points}  # the report's baseline
+    assert cfg.run.data.name == "digits" and cfg.mode == "grid" and cfg.report
+
+
+@pytest.mark.parametrize("name", ["quickstart", "ablation-baselines", "ablation-signal",
+                                  "ablation-box", "ablation-prob", "search-hardmix"])
+def test_sweep_presets_are_valid_and_plannable(name):
+    from tune.sweep import plan_text, prepare
+
+    text = plan_text(prepare(load_config(SweepConfig, name)))
+    assert f"sweep {name!r}" in text and "trials:" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Driver-side rows (no Ray cluster needed)
+# --------------------------------------------------------------------------------------------
+
+
+class FakeTrial(SimpleNamespace):
+    def __str__(self) -> str:
+        return self.name
+
+    def get_error(self) -> str:
+        return self.error
+
+
+def test_driver_records_pruned_and_failed_trials_with_their_last_report(tmp_path):
+    from tune.trainable import StoreStatusCallback, SweepContext
+
+    run = load_config(RunConfig, None, None, ["optim.epochs=6", "output.dir=" + str(tmp_path)])
+    ctx = SweepContext(sweep_dir=str(tmp_path / "s"), run=run, seeds=[0, 1], metric="val_top1_err",
+                       resources=ResourcesConfig())
+    cb = StoreStatusCallback(ctx)
+    last = {"epoch": 2, "epochs_planned": 6, "val_top1_err": 40.0, "test_top1_err": 41.0,
+            "best_top1_err": 39.0, "best_val_top1_err": 38.0, "attempt": 1, "device": "cpu",
+            "git_commit": "abc", "versions_json": json.dumps({"torch": "x"}),
+            "time_total_s": 12.5}
+    pruned = FakeTrial(name="c000-s1", trial_id="t1", num_failures=0, error=None,
+                       config={"augment.alpha": 0.5, "__trial_index__": 1}, last_result=last)
+    cb.on_trial_complete(0, [], pruned)
+    failed = FakeTrial(name="c001-s0", trial_id="t2", num_failures=2,
+                       error="Failure # 2\nTraceback (most recent call last):\n  File \"x\"\n"
+                             "ValueError: boom\n", config={"augment.alpha": 2.0,
+                                                          "__trial_index__": 0},
+                       last_result={**last, "epoch": 4})
+    cb.on_trial_error(0, [], failed)
+    full = FakeTrial(name="c002-s0", trial_id="t3", num_failures=0, error=None,
+                     config={"augment.alpha": 1.0, "__trial_index__": 0},
+                     last_result={**last, "epoch": 6})
+    cb.on_trial_complete(0, [], full)
+
+    trials, _ = results(tmp_path / "s")
+    rows = {r["trial_id"]: r for r in trials.to_dict("records")}
+    p, f, c = rows["c000-s1"], rows["c001-s0"], rows["c002-s0"]
+    assert (p["status"], p["epochs_run"], p["seed"], p["augment.alpha"]) == ("pruned", 2, 1, 0.5)
+    assert (p["best_val_top1_err"], p["final_top1_err"], p["wall_seconds"]) == (38.0, 41.0, 12.5)
+    assert (f["status"], f["error"], f["attempt"], f["epochs_run"], f["seed"]) == \
+        ("failed", "ValueError: boom", 2, 4, 0)
+    assert c["status"] == "completed"
+    assert p["device"] == "cpu" and p["git_commit"] == "abc"
+    assert json.loads(p["versions"])["torch"] == "x" and "ray" in json.loads(p["versions"])
+    assert p["tune_trial_id"] == "t1"
+
+
+# --------------------------------------------------------------------------------------------
+# On Ray
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_optuna_search_end_to_end_writes_every_trial_and_epoch(tmp_path, ray_local, capsys):
+    from tune.sweep import run_sweep
+
+    cfg = tiny(tmp_path, "search", "mode=search", "num_samples=2", "seeds=[0, 1]")
+    outcome = run_sweep(cfg)
+    assert outcome.counts == {"completed": 4} and not outcome.interrupted
+    out = capsys.readouterr().out
+    assert "4 completed, 0 pruned, 0 failed" in out and "tensorboard --logdir" in out
+
+    trials, epochs = results(outcome.sweep_dir)
+    assert sorted(trials.trial_id) == ["c000-s0", "c000-s1", "c001-s0", "c001-s1"]
+    assert set(trials.status) == {"completed"}
+    assert (trials.attempt == 1).all() and trials.tune_trial_id.str.len().gt(0).all()
+    for config, group in trials.groupby(trials.trial_id.str[:4]):
+        assert sorted(group.seed) == [0, 1]                      # seeds are a factor
+        assert group["augment.alpha"].nunique() == 1             # same configuration
+        assert group["augment.criterion"].iloc[0] in ("misclassified", "topk_loss")
+    assert set(flatten(RunConfig())) <= set(trials.columns)  # every config column
+    assert (trials.epochs_run == 2).all() and trials.final_val_top1_err.notna().all()
+
+    assert len(epochs) == 8 and set(epochs.epoch) == {1, 2}
+    assert epochs[SCALAR_METRICS].notna().all().all()
+    # TensorBoard: one run folder per trial, written by the run; none from Tune itself.
+    sweep = Path(outcome.sweep_dir)
+    for trial in trials.trial_id:
+        assert glob.glob(str(sweep / "runs" / trial / "events.out.tfevents.*"))
+    assert not glob.glob(str(sweep / "tune" / "**" / "events.out.tfevents.*"), recursive=True)
+    assert not glob.glob(str(sweep / "tune" / "*" / "progress.csv"))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_failing_trial_is_retried_then_recorded_as_failed_while_others_complete(tmp_path,
+                                                                               ray_local):
+    from tune.sweep import run_sweep
+
+    cfg = tiny(tmp_path, "fail", "mode=grid", "max_failures=1", "seeds=[0]",
+               "space={optim.lr: {values: [0.05, 1.0e+12]}}")  # 1e12 diverges: NaN loss
+    outcome = run_sweep(cfg)
+    assert outcome.counts == {"completed": 1, "failed": 1}
+
+    trials, epochs = results(outcome.sweep_dir)
+    rows = {r["trial_id"]: r for r in trials.to_dict("records")}
+    ok, bad = rows["c000-s0"], rows["c001-s0"]
+    assert ok["status"] == "completed" and ok["optim.lr"] == 0.05
+    assert bad["status"] == "failed" and bad["optim.lr"] == 1e12
+    assert "FloatingPointError" in bad["error"] and "diverged" in bad["error"]
+    assert bad["attempt"] == 2  # one retry, then recorded
+    assert set(epochs.trial_id) == {"c000-s0"}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_interrupted_sweep_resumes_mid_trial_without_rerunning_or_duplicating(tmp_path,
+                                                                              ray_local):
+    address = ray_local.get_runtime_context().gcs_address
+    sweep = tmp_path / "resume"
+    args = ["sweep", "--set", f"storage={tmp_path}", "--set", "name=resume", "--set",
+            f"address={address}", "--set", "mode=grid", "--set", "max_concurrent_trials=1",
+            "--set", "space={optim.epochs: {values: [2, 40]}}", "--set", "seeds=[0]"]
+    args += [a for o in TINY if not o.startswith("max_concurrent")
+             for a in ("--set", o)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
+    first = subprocess.Popen([sys.executable, "-m", "hardmix.cli", *args], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Interrupt once the long trial has a Ray checkpoint of a later epoch than its first.
+    deadline = time.time() + 200
+    while time.time() < deadline and first.poll() is None:
+        if len(glob.glob(str(sweep / "tune" / "c001-s0" / "checkpoint_*"))) and \
+                _epochs_done(sweep, "c001-s0") >= 3:
+            break
+        time.sleep(0.3)
+    assert first.poll() is None, "the sweep ended before it could be interrupted"
+    first.send_signal(signal.SIGINT)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 130, out
+    assert "hardmix sweep --resume" in out
+
+    trials, _ = results(sweep)
+    status = dict(zip(trials.trial_id, trials.status))
+    assert status == {"c000-s0": "completed", "c001-s0": "running"}
+    short_files = sorted(glob.glob(str(sweep / "*" / "sweep=resume" / "c000-s0-*.parquet")))
+    stopped_at = _epochs_done(sweep, "c001-s0")
+    assert 3 <= stopped_at < 40
+
+    resumed = cli("sweep", "--resume", str(sweep), "--set", f"address={address}", timeout=240)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    trials, epochs = results(sweep)
+    assert len(trials) == 2 and set(trials.status) == {"completed"}
+    # The finished trial was not run again: not one new file of it.
+    assert sorted(glob.glob(str(sweep / "*" / "sweep=resume" / "c000-s0-*.parquet"))) == short_files
+    long = trials.set_index("trial_id").loc["c001-s0"]
+    assert long.epochs_run == 40 and long.attempt == 2
+    assert sorted(epochs[epochs.trial_id == "c001-s0"].epoch) == list(range(1, 41))
+    # ... and the interrupted one continued from its checkpoint, not from scratch.
+    run_json = json.loads((sweep / "runs" / "c001-s0" / "run.json").read_text())
+    assert 1 <= run_json["resumed_from_epoch"] <= stopped_at
+
+
+def _epochs_done(sweep: Path, trial: str) -> int:
+    try:
+        _, epochs = results(sweep)
+    except Exception:  # nothing written yet
+        return 0
+    done = epochs[epochs.trial_id == trial].epoch
+    return int(done.max()) if len(done) else 0
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_trial_with_two_ray_train_workers_gives_the_same_rows(tmp_path, ray_local):
+    from tune.sweep import run_sweep
+
+    cfg = tiny(tmp_path, "ddp", "mode=grid", "seeds=[0]", "resources.workers=2",
+               "resources.cpus=1")
+    outcome = run_sweep(cfg)
+    assert outcome.counts == {"completed": 1}
+
+    trials, epochs = results(outcome.sweep_dir)
+    row = trials.iloc[0]
+    assert (row.trial_id, row.status, row.epochs_run, row.seed) == ("c000-s0", "completed", 2, 0)
+    assert not math.isnan(row.final_top1_err)
+    assert sorted(epochs.epoch) == [1, 2]
+    assert epochs[SCALAR_METRICS].notna().all().all()
+    assert all(len(c) == 10 for c in epochs.source_class_counts)
+    meta = json.loads((Path(outcome.sweep_dir) / "runs" / "c000-s0" / "run.json").read_text())
+    assert meta["world_size"] == 2  # really data-parallel
+    assert glob.glob(str(Path(outcome.sweep_dir) / "train" / "c000-s0" / "checkpoint_*"))
