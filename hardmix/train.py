@@ -278,6 +278,8 @@ class _Run:
         cuda = self.device.type == "cuda"
         self.amp = cuda and cfg.optim.amp
         self.channels_last = cuda and cfg.optim.channels_last
+        if cuda:
+            torch.backends.cudnn.benchmark = True  # fixed shapes; bitwise CUDA repeats not promised
         self.autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.amp
                          else contextlib.nullcontext)
         torch.manual_seed(cfg.seed)  # model init: identical on every rank
@@ -437,9 +439,11 @@ class _Run:
                     "the run diverged; lower optim.lr or set optim.grad_clip")
             nan3 = (math.nan, math.nan, math.nan)
             ev = dict(world_size=self.world_size, channels_last=self.channels_last)
-            val = (evaluate(self.model, self.data.val, self.num_classes, self.autocast, **ev)
+            # The module inside DDP: ranks may run different numbers of eval batches, and a DDP
+            # forward would start a buffer broadcast on each (BN buffers are rank 0's anyway).
+            val = (evaluate(self.raw_model, self.data.val, self.num_classes, self.autocast, **ev)
                    if self.data.val is not None else nan3)
-            test = evaluate(self.model, self.data.test, self.num_classes, self.autocast, **ev)
+            test = evaluate(self.raw_model, self.data.test, self.num_classes, self.autocast, **ev)
             t_epoch = time.perf_counter() - t0
             if self.world_size > 1:  # the slowest rank sets the pace
                 import torch.distributed as dist

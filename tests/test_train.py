@@ -285,8 +285,10 @@ def _ddp_worker(rank: int, world: int, init: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
+        # eval batch 25: the val shards (26 and 25 images) take 2 and 1 batches on the two ranks.
         cfg = load_config(RunConfig, None, None, TINY + ["optim.epochs=2", f"output.dir={out_dir}",
-                                                         "output.checkpoint_every=1"])
+                                                         "output.checkpoint_every=1",
+                                                         "data.eval_batch_size=25"])
         rec = Recorder(stop_at=2 if rank == 1 else None)  # only rank 1 asks to stop
         summary = train(cfg, [rec], Path(out_dir) / "ddp")
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
