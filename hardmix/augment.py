@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from hardmix.config import AugmentConfig, ConfigError, _check_fields
+from hardmix.config import AugmentConfig, _check_fields
 from hardmix.hardness import SIGNALS
 from hardmix.loss import mixed_cross_entropy, mixed_target
 from hardmix.mix import MIXERS, Draws, MixerOptions, Workspace, beta_host

@@ -9,9 +9,10 @@ Two box modes:
 * **batch** -- one λ ~ Beta(α, α) and one box for the whole batch (CutMix, the paper). λ and the box
   corners are drawn on the host from a seeded generator, so the box is a pair of Python slices: the
   paste is one ``index_select`` of the patch, written straight into the output.
-* **sample** -- every sample draws its own λ and box on the device. The box becomes a 0/1 mask built
-  from two broadcast comparisons of ``arange`` (rows and columns separately, then an outer product,
-  as airbench does) and the paste is one ``lerp``; no Python loop over samples.
+* **sample** -- every sample draws its own λ and box on the device. The box becomes a 0/1 mask:
+  row and column masks (from broadcast comparisons of ``arange`` as airbench does, or looked up
+  in a small precomputed table of clipped intervals) joined by one outer product, and the paste
+  is one ``lerp``; no Python loop over samples.
 
 Either way λ is recomputed from the exact pasted area: ``λ = 1 - box_area / (H*W)`` (CutMix's
 ``correct_lam``), per sample in sample mode.
