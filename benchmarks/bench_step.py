@@ -10,7 +10,12 @@ them alike; medians are reported.
 * ``hardmix_forward``: hard sources from an extra no-grad eval-mode forward of the clean batch;
 * ``hardmix_cached``: hard sources from the per-sample memory (fed from the clean rows).
 
-    python benchmarks/bench_step.py [--width 32] [--rounds 25] [--batch 128]
+The clock is the thread's CPU time (``--clock cpu``, the default with ``--threads 1``): on a
+machine shared with other jobs it leaves out the time the process waits for a core, which
+dominates wall-clock figures there; ``--clock wall`` uses ``time.perf_counter`` (and is what
+``--threads`` > 1 and CUDA use).
+
+    python benchmarks/bench_step.py [--width 32] [--rounds 25] [--batch 128] [--threads 1]
 
 Last line: ``cached_over_cutmix=<x> forward_over_cutmix=<y>`` (targets: <= 1.03 and <= 1.40).
 """
@@ -42,9 +47,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default=None,
+                    help="cpu: thread CPU time (default with one CPU thread); wall: perf_counter")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    clock_name = args.clock or ("cpu" if args.threads == 1 and dev.type == "cpu" else "wall")
+    clock = time.thread_time if clock_name == "cpu" else time.perf_counter
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     torch.manual_seed(0)
@@ -70,18 +81,19 @@ def main() -> None:
     batches = [tuple(t.to(dev) for t in b) for b in batches]
     times: dict[str, list[float]] = {name: [] for name in runs}
     print(f"smallnet width {args.width}, batch {args.batch}, device {dev}, "
-          f"torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds")
+          f"torch threads {torch.get_num_threads()}, {clock_name} clock, "
+          f"{args.rounds} interleaved rounds")
     for r in range(args.warmup + args.rounds):
         for name, (model, opt, mix) in runs.items():
             x, y, idx = batches[r % len(batches)]
             x = x.clone()  # the mixer works in place, as in the training loop
             model.train()
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             training_step(model, model, mix, opt, x, y, idx)
             sync()
             if r >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     for name, m in med.items():
         print(f"{name:16s} median {1000 * m:8.2f} ms/step  {args.batch / m:8.0f} img/s  "
