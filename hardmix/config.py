@@ -53,6 +53,9 @@ class ConfigError(ValueError):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"{field} = {value!r}: {allowed}")
 
+    def __reduce__(self):  # crosses process boundaries (Ray) with its fields intact
+        return (ConfigError, (self.field, self.value, self.allowed))
+
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
         gt: float | None = None, ge: float | None = None, le: float | None = None,
@@ -605,11 +608,12 @@ def _check_sweep(cfg: SweepConfig) -> None:
         raise ConfigError("seeds", cfg.seeds, "must list at least one seed")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError("seeds", cfg.seeds, "must not repeat a seed")
+    _check_run(cfg.run, prefix="run.")  # the base run first: its errors are the clearest
     for name, spec in cfg.space.items():
         path = f"space.{name}"
         if name == "seed":
             raise ConfigError(path, name, "seeds are a factor of their own: use `seeds`")
-        tp = field_type(RunConfig, name)
+        field_type(RunConfig, name)  # raises for a name that is not a run field
         if spec.type == "choice":
             if not spec.values:
                 raise ConfigError(f"{path}.values", spec.values, "a choice needs values")
@@ -621,8 +625,6 @@ def _check_sweep(cfg: SweepConfig) -> None:
                 raise ConfigError(f"{path}.low", spec.low, "must be > 0 on a log scale")
         if cfg.mode == "grid" and spec.values is None:
             raise ConfigError(f"{path}.values", None, "grid mode needs explicit values")
-        if tp is float and spec.type == "int":
-            pass
         for other, allowed in spec.when.items():
             if other not in cfg.space:
                 field_type(RunConfig, other)  # a fixed run field is fine; an unknown name is not
@@ -633,7 +635,6 @@ def _check_sweep(cfg: SweepConfig) -> None:
                 with_overrides(cfg.run, {name: value})
             except ConfigError as exc:
                 raise ConfigError(path, value, f"gives an invalid run: {exc}") from None
-    _check_run(cfg.run, prefix="run.")
     _check_writable("storage", cfg.storage)
     if cfg.address and not (cfg.address == "auto" or cfg.address.startswith("ray://")
                             or ":" in cfg.address):
