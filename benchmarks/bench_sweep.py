@@ -1,7 +1,7 @@
 """What running trials through ``hardmix sweep`` costs over calling the training function.
 
 The same N real single-worker training trials (the small network, about ``--trial-seconds``
-each; different seeds of one configuration) run twice in this one run, one trial at a time:
+each; different seeds of one configuration) run in this one run, one trial at a time:
 
 * ``loop``: a fresh Python process calls :func:`hardmix.train.train` N times, with the callbacks
   a run has anyway (Parquet store, TensorBoard);
@@ -9,9 +9,11 @@ each; different seeds of one configuration) run twice in this one run, one trial
   which starts a local Ray instance, runs each trial as a Ray Tune trial with per-epoch reports
   and Ray checkpoints, writes the same Parquet rows and TensorBoard logs, and shuts Ray down.
 
-Both are timed as whole commands (interpreter start, imports, everything). The epochs per
-trial come from a short calibration run first (not timed). The last line is
-``sweep_overhead_fraction=<(sweep - loop) / loop>``; target <= 0.10.
+Both are timed as whole commands (interpreter start, imports, everything). The loop runs before
+and after the sweep and counts as the mean of the two, so a machine that gets busier or quieter
+during the run biases neither side. The epochs per trial come from a short calibration run
+first (not timed). The last line is ``sweep_overhead_fraction=<(sweep - loop) / loop>``;
+target <= 0.10.
 
     python benchmarks/bench_sweep.py                      # 4 trials of ~60 s on digits
     python benchmarks/bench_sweep.py --trials 3 --trial-seconds 30
@@ -41,20 +43,30 @@ def run_overrides(args: argparse.Namespace, epochs: int) -> list[str]:
 
 
 def calibrate(args: argparse.Namespace) -> tuple[int, float]:
-    """Epochs that make one trial last about ``args.trial_seconds`` on this machine."""
+    """Epochs that make one trial last about ``args.trial_seconds`` on this machine: a short
+    probe run gives the seconds per epoch (from its metrics) and the fixed set-up time."""
     import torch
 
     from hardmix.config import RunConfig, load_config
-    from hardmix.train import train
+    from hardmix.train import Callback, train
+
+    class Epochs(Callback):
+        seconds: list[float] = []
+
+        def on_epoch_end(self, metrics: dict, checkpoint=None) -> None:
+            self.seconds.append(metrics["epoch_seconds"])
 
     torch.set_num_threads(args.threads)
-    probe = 3
+    probe = 4
     cfg = load_config(RunConfig, None, None, run_overrides(args, probe))
+    epochs = Epochs()
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        train(cfg, [], Path(d) / "probe")
-        per_epoch = (time.perf_counter() - t0) / probe
-    return max(2, round(args.trial_seconds / per_epoch)), per_epoch
+        train(cfg, [epochs], Path(d) / "probe")
+        total = time.perf_counter() - t0
+    per_epoch = sum(epochs.seconds[1:]) / (probe - 1)  # the first epoch warms caches up
+    setup = max(0.0, total - sum(epochs.seconds))
+    return max(2, round((args.trial_seconds - setup) / per_epoch)), per_epoch
 
 
 def loop_main(args: argparse.Namespace) -> None:
@@ -67,12 +79,21 @@ def loop_main(args: argparse.Namespace) -> None:
     from hardmix.train import train
 
     torch.set_num_threads(args.threads)
-    store = ResultStore(str(Path(args.out) / "loop"))
+    store = ResultStore(str(Path(args.out) / args.name))
     for seed in range(args.trials):
-        cfg = load_config(RunConfig, None, None, run_overrides(args, args.epochs) + [f"seed={seed}"])
+        overrides = run_overrides(args, args.epochs) + [f"seed={seed}"]
+        cfg = load_config(RunConfig, None, None, overrides)
         trial_id = f"c000-s{seed}"
-        run_dir = Path(args.out) / "loop" / "runs" / trial_id
+        run_dir = Path(args.out) / args.name / "runs" / trial_id
         train(cfg, [StoreCallback(store, trial_id, cfg, extra={}), TensorBoardCallback()], run_dir)
+
+
+def epoch_seconds(sweep_dir: str) -> float:
+    """Seconds spent inside the training epochs of a sweep folder (from its Parquet rows)."""
+    from ablations.store import read_results
+
+    _, epochs = read_results(sweep_dir).to_pandas()
+    return float(epochs.epoch_seconds.sum())
 
 
 def timed(cmd: list[str], env: dict) -> float:
@@ -82,7 +103,8 @@ def timed(cmd: list[str], env: dict) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=4, help="trials per method (default 4)")
     p.add_argument("--trial-seconds", type=float, default=60.0, help="target length of a trial")
     p.add_argument("--data", default="digits", help="data.name (default: digits, offline)")
@@ -92,6 +114,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=0, help="skip calibration and use these epochs")
     p.add_argument("--loop-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    p.add_argument("--name", default="loop", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.loop_only:
         loop_main(args)
@@ -106,8 +129,9 @@ def main() -> None:
         common = ["--trials", str(args.trials), "--data", args.data, "--width", str(args.width),
                   "--threads", str(args.threads), "--epochs", str(args.epochs),
                   "--checkpoint-every", str(args.checkpoint_every), "--out", out]
-        loop_s = timed([sys.executable, __file__, "--loop-only", *common], env)
-        print(f"loop:  {args.trials} trials in {loop_s:.1f} s ({loop_s / args.trials:.1f} s/trial)")
+        loop_cmd = [sys.executable, __file__, "--loop-only", *common]
+        loop_a = timed(loop_cmd + ["--name", "loop-a"], env)
+        print(f"loop:  {args.trials} trials in {loop_a:.1f} s (before the sweep)")
         sweep_cmd = [sys.executable, "-m", "hardmix.cli", "sweep", "--set", "name=bench",
                      "--set", f"storage={out}", "--set", "mode=grid",
                      "--set", f"seeds={json.dumps(list(range(args.trials)))}",
@@ -116,7 +140,13 @@ def main() -> None:
         for o in run_overrides(args, args.epochs):
             sweep_cmd += ["--set", f"run.{o}"]
         sweep_s = timed(sweep_cmd, env)
-        print(f"sweep: {args.trials} trials in {sweep_s:.1f} s ({sweep_s / args.trials:.1f} s/trial)")
+        print(f"sweep: {args.trials} trials in {sweep_s:.1f} s")
+        loop_b = timed(loop_cmd + ["--name", "loop-b"], env)
+        print(f"loop:  {args.trials} trials in {loop_b:.1f} s (after the sweep)")
+        loop_s = (loop_a + loop_b) / 2
+        # Time inside the training epochs of each (a machine busy with other work shows here).
+        inside = {n: epoch_seconds(os.path.join(out, n)) for n in ("loop-a", "bench", "loop-b")}
+        print("inside the epochs: " + ", ".join(f"{n} {v:.1f} s" for n, v in inside.items()))
     finally:
         shutil.rmtree(out, ignore_errors=True)
     print(f"sweep_overhead_fraction={(sweep_s - loop_s) / loop_s:.3f}")

@@ -15,6 +15,8 @@ from tune.space import (ConditionalSpace, check_space, default_space, grid_point
                         trial_config, with_default_space)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+# TPE's `group` option (how it models conditional spaces) is flagged experimental by Optuna.
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
 QUICK_SPACE = (
     "space={augment.method: {type: choice, values: [cutmix, hardmix]},"

@@ -169,6 +169,38 @@ def test_driver_records_pruned_and_failed_trials_with_their_last_report(tmp_path
     assert p["tune_trial_id"] == "t1"
 
 
+def test_progress_prints_each_ending_once_with_counts_and_best(tmp_path):
+    import io
+
+    from tune.progress import SweepProgress
+
+    out = io.StringIO()
+    reporter = SweepProgress("val_top1_err", epochs=4, total=5, label="demo", out=out)
+    res = lambda epoch, v: {"epoch": epoch, "epochs_planned": 4, "val_top1_err": v}
+    trials = [FakeTrial(name="c000-s0", trial_id="a", status="RUNNING", last_result=res(2, 30.0),
+                        error=None),
+              FakeTrial(name="c001-s0", trial_id="b", status="TERMINATED",
+                        last_result=res(4, 12.5), error=None),
+              FakeTrial(name="c002-s0", trial_id="c", status="TERMINATED",
+                        last_result=res(1, 80.0), error=None),
+              FakeTrial(name="c003-s0", trial_id="d", status="ERROR", last_result={},
+                        error="Traceback (most recent call last):\n  File \"x\"\n"
+                              "FloatingPointError: training loss is nan\n"),
+              FakeTrial(name="c004-s0", trial_id="e", status="PENDING", last_result={},
+                        error=None)]
+    reporter.report(trials[:1], done=False)   # first report: nothing has ended yet
+    assert reporter.should_report(trials)     # three trials ended since
+    reporter.report(trials, done=False)
+    reporter.report(trials, done=True)        # the same state again: nothing new
+    lines = out.getvalue().splitlines()
+    assert [ln.split()[0] for ln in lines if ln.startswith("  ")] == ["done", "pruned", "FAILED"]
+    assert "FloatingPointError: training loss is nan" in lines[-2]
+    status = lines[-1]
+    assert status.startswith("[demo] 1 running, 1 done, 1 pruned, 1 failed of 5")
+    assert "best val_top1_err 12.50 (c001-s0)" in status
+    assert len(lines) == 5  # status, three endings, status; the final call adds nothing
+
+
 # --------------------------------------------------------------------------------------------
 # On Ray
 # --------------------------------------------------------------------------------------------
@@ -177,45 +209,67 @@ def test_driver_records_pruned_and_failed_trials_with_their_last_report(tmp_path
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_optuna_search_end_to_end_writes_every_trial_and_epoch(tmp_path, ray_local, capsys):
+    """Search (default space) x 2 seeds with ASHA, then the best configuration with a new seed."""
     from tune.sweep import run_sweep
 
-    cfg = tiny(tmp_path, "search", "mode=search", "num_samples=2", "seeds=[0, 1]")
+    cfg = tiny(tmp_path, "search", "mode=search", "num_samples=2", "seeds=[0, 1]",
+               "run.optim.epochs=3", "scheduler.type=asha", "scheduler.grace_period=1",
+               "scheduler.reduction_factor=2", "followup.top=1", "followup.seeds=[5]")
     outcome = run_sweep(cfg)
-    assert outcome.counts == {"completed": 4} and not outcome.interrupted
+    assert not outcome.interrupted and sum(outcome.counts.values()) == 5
+    assert set(outcome.counts) <= {"completed", "pruned"} and outcome.counts["completed"] >= 2
     out = capsys.readouterr().out
-    assert "4 completed, 0 pruned, 0 failed" in out and "tensorboard --logdir" in out
+    assert "follow-up: best 1 configurations" in out and "tensorboard --logdir" in out
 
     trials, epochs = results(outcome.sweep_dir)
-    assert sorted(trials.trial_id) == ["c000-s0", "c000-s1", "c001-s0", "c001-s1"]
-    assert set(trials.status) == {"completed"}
+    main = trials[trials.trial_id.str.startswith("c")]
+    assert sorted(main.trial_id) == ["c000-s0", "c000-s1", "c001-s0", "c001-s1"]
+    assert set(trials.status) <= {"completed", "pruned"}
     assert (trials.attempt == 1).all() and trials.tune_trial_id.str.len().gt(0).all()
-    for config, group in trials.groupby(trials.trial_id.str[:4]):
+    for _, group in main.groupby(main.trial_id.str[:4]):
         assert sorted(group.seed) == [0, 1]                      # seeds are a factor
-        assert group["augment.alpha"].nunique() == 1             # same configuration
-        assert group["augment.criterion"].iloc[0] in ("misclassified", "topk_loss")
-    assert set(flatten(RunConfig())) <= set(trials.columns)  # every config column
-    assert (trials.epochs_run == 2).all() and trials.final_val_top1_err.notna().all()
-
-    assert len(epochs) == 8 and set(epochs.epoch) == {1, 2}
+        assert group["augment.alpha"].nunique() == 1             # of one configuration
+        criterion = group["augment.criterion"].iloc[0]
+        assert criterion in ("misclassified", "topk_loss")
+    assert set(flatten(RunConfig())) <= set(trials.columns)     # every config column
+    # Each trial's epochs are all there; pruned trials stopped early, completed ones did not.
+    per_trial = epochs.groupby("trial_id").epoch.agg(["max", "count"])
+    for row in trials.itertuples():
+        assert per_trial.loc[row.trial_id, "max"] == per_trial.loc[row.trial_id, "count"] \
+            == row.epochs_run
+        assert (row.epochs_run == 3) == (row.status == "completed")
     assert epochs[SCALAR_METRICS].notna().all().all()
+
+    # Follow-up: the configuration with the best mean validation error over its full-length
+    # trials, again with seed 5.
+    done = main[main.status == "completed"]
+    means = done.groupby(done.trial_id.str[:4]).final_val_top1_err.mean()
+    follow = trials[trials.trial_id.str.startswith("f")]
+    assert list(follow.trial_id) == ["f000-s5"] and follow.seed.iloc[0] == 5
+    alpha = follow["augment.alpha"].iloc[0]
+    chosen = main[main["augment.alpha"] == alpha].trial_id.str[:4].iloc[0]
+    assert means[chosen] == means.min()
+
     # TensorBoard: one run folder per trial, written by the run; none from Tune itself.
     sweep = Path(outcome.sweep_dir)
     for trial in trials.trial_id:
         assert glob.glob(str(sweep / "runs" / trial / "events.out.tfevents.*"))
-    assert not glob.glob(str(sweep / "tune" / "**" / "events.out.tfevents.*"), recursive=True)
-    assert not glob.glob(str(sweep / "tune" / "*" / "progress.csv"))
+    assert not glob.glob(str(sweep / "tune*" / "**" / "events.out.tfevents.*"), recursive=True)
+    assert not glob.glob(str(sweep / "tune*" / "*" / "progress.csv"))
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_failing_trial_is_retried_then_recorded_as_failed_while_others_complete(tmp_path,
                                                                                ray_local):
+    """Also the storage-as-URI path (file:// here, s3:// or gs:// on a cluster)."""
     from tune.sweep import run_sweep
 
-    cfg = tiny(tmp_path, "fail", "mode=grid", "max_failures=1", "seeds=[0]",
-               "space={optim.lr: {values: [0.05, 1.0e+12]}}")  # 1e12 diverges: NaN loss
+    cfg = tiny(tmp_path, "fail", f"storage=file://{tmp_path}", "mode=grid", "max_failures=1",
+               "seeds=[0]", "space={optim.lr: {values: [0.05, 1.0e+12]}}")  # 1e12: NaN loss
     outcome = run_sweep(cfg)
     assert outcome.counts == {"completed": 1, "failed": 1}
+    assert outcome.sweep_dir == f"file://{tmp_path}/fail"
 
     trials, epochs = results(outcome.sweep_dir)
     rows = {r["trial_id"]: r for r in trials.to_dict("records")}
@@ -225,6 +279,8 @@ def test_failing_trial_is_retried_then_recorded_as_failed_while_others_complete(
     assert "FloatingPointError" in bad["error"] and "diverged" in bad["error"]
     assert bad["attempt"] == 2  # one retry, then recorded
     assert set(epochs.trial_id) == {"c000-s0"}
+    # With a URI storage the run folder (TensorBoard logs) is synced into the Tune trial folder.
+    assert glob.glob(str(tmp_path / "fail" / "tune" / "c000-s0" / "run" / "events.out.tfevents.*"))
 
 
 @pytest.mark.ray

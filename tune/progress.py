@@ -190,9 +190,14 @@ class SweepProgress(ProgressReporter):
 
     def report(self, trials: Sequence[Any], done: bool, *sys_info: str) -> None:
         out = self._stream()
+        if not self._last_time:
+            # Trials that ended before a resumed sweep started are counted, not listed again.
+            self._events(trials)
         for line in self._events(trials):
             print(line, file=out)
         line = self._status_line(trials)
+        if done and line == self._last_line:
+            return  # the final call repeats the last status
         elapsed = _fmt_seconds(time.time() - self.start)
         print(f"{line} | {elapsed}", file=out)
         self._last_line = line

@@ -22,7 +22,6 @@ stops there, after printing the trials, resources and a compute estimate.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -30,12 +29,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, TextIO
+from typing import Optional, TextIO
 
-from hardmix.config import (ConfigError, SweepConfig, flatten, load_config, to_yaml,
-                            validate)
-from tune.space import (check_space, describe_param, grid_points, num_configs, trial_config,
-                        with_default_space)
+from hardmix.config import (ConfigError, SweepConfig, deep_merge, from_dict, load_config,
+                            parse_overrides, to_yaml, validate)
+from tune.space import check_space, describe_param, grid_points, num_configs, with_default_space
 
 MAIN_PHASE = "tune"
 FOLLOWUP_PHASE = "tune-followup"
@@ -151,9 +149,7 @@ def resolve_config(preset: str | None, file: str | None, overrides: list[str] | 
     raw = yaml.safe_load(_read_text(saved)) or {}
     storage, name = (folder.rstrip("/").rsplit("/", 1) if is_uri(folder)
                      else os.path.split(folder.rstrip(os.sep)))
-    raw.update(storage=storage, name=name)
-    from hardmix.config import deep_merge, from_dict, parse_overrides
-    raw = deep_merge(raw, parse_overrides(overrides))
+    raw = deep_merge(raw, parse_overrides(overrides, SweepConfig))
     raw.update(storage=storage, name=name)  # the folder being resumed wins
     cfg = from_dict(SweepConfig, raw)
     validate(cfg)
@@ -278,9 +274,9 @@ def plan_text(cfg: SweepConfig) -> str:
                      f"{cfg.followup.seeds} = {extra} more trials")
         n_trials += extra
     sched = cfg.scheduler
-    lines.append(f"early stopping: {sched.type}" + (
-        f" on {cfg.metric} (grace {sched.grace_period} epochs, reduction {sched.reduction_factor:g})"
-        if sched.type == "asha" else "") + f"; search metric {cfg.metric} (validation)")
+    asha = (f" on {cfg.metric} (grace {sched.grace_period} epochs, reduction "
+            f"{sched.reduction_factor:g})") if sched.type == "asha" else ""
+    lines.append(f"early stopping: {sched.type}{asha}; search metric {cfg.metric} (validation)")
     r = cfg.resources
     per = f"{r.cpus:g} CPU" + (f" + {r.gpus:g} GPU" if r.gpus else "")
     lines.append(f"resources per trial: {r.workers} x ({per})"
@@ -343,8 +339,8 @@ def _start_ray(cfg: SweepConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                  ignore_reinit_error=True)
+    # Trial output stays in Ray's logs; the sweep prints its own progress.
+    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if cfg.address:
         env = {k: os.environ[k] for k in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS",
                                           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
@@ -384,17 +380,23 @@ def _trainable(ctx):
 def make_sampler(cfg: SweepConfig):
     """The Optuna sampler named by ``cfg.sampler``; TPE is multivariate and grouped, which is
     how TPE models conditional spaces (parameters that exist only for some trials)."""
+    import warnings
+
     import optuna
 
     seed = cfg.seeds[0]
+    # TPE models the space only after its random start-up trials: a third of a small search.
+    startup = min(10, max(2, cfg.num_samples // 3))
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed,
-                                                  n_startup_trials=min(10, max(2, cfg.num_samples // 3))),
+                                                  n_startup_trials=startup),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
         "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
     }
-    return samplers[cfg.sampler]()
+    with warnings.catch_warnings():  # `group` is marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return samplers[cfg.sampler]()
 
 
 def make_searcher(cfg: SweepConfig):

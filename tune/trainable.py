@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -330,7 +330,7 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     trial_id = tctx.get_trial_name()
     cfg = ctx.run_config(config, trial_id)
     root = ctx.runs_root()
-    run_dir = Path(root, trial_id) if root else Path(tctx.get_trial_dir(), "run")
+    run_dir = Path(root, trial_id) if root else Path(_synced_trial_folder(), "run")
     _set_threads(ctx.resources.cpus)
 
     if ctx.resources.workers > 1:
@@ -345,6 +345,16 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     store_cb = StoreCallback(ResultStore(ctx.sweep_dir), trial_id, cfg,
                              extra=_extra(ctx, attempt, tctx.get_trial_id()))
     _run(cfg, trial_callbacks(cfg, store_cb, run_dir, attempt), run_dir, resume)
+
+
+def _synced_trial_folder() -> str:
+    """The trial's local folder that Ray syncs to ``<storage>/<sweep>/tune/<trial>`` (used when
+    the storage is a URI: the run's TensorBoard logs travel to the bucket that way)."""
+    try:
+        from ray.train._internal.session import get_session
+        return get_session().storage.trial_working_directory
+    except (ImportError, AttributeError):  # private in Ray 2.60: fall back to Tune's chdir
+        return os.getcwd()
 
 
 class _no_dir:
