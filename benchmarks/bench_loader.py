@@ -5,10 +5,11 @@ produce the same thing: batches of 128 normalised float images after a random 32
 4 px of zero padding and a random horizontal flip, plus labels. The reference is the usual
 torchvision pipeline: a Dataset yielding PIL images through ``RandomCrop(32, padding=4)``,
 ``RandomHorizontalFlip``, ``ToTensor`` and ``Normalize``, in a ``DataLoader`` with
-``num_workers=2``. Rounds are interleaved; medians are reported. Worker start-up is excluded
-(timing starts at the first batch).
+``num_workers=2``. Rounds are interleaved; medians of wall-clock throughput are reported (the
+reference runs in other processes, so thread CPU time would not compare). Worker start-up is
+excluded (timing starts at the first batch). The main process uses one torch thread by default.
 
-    python benchmarks/bench_loader.py [--npz PATH] [--images 10240] [--rounds 3]
+    python benchmarks/bench_loader.py [--npz PATH] [--images 10240] [--rounds 3] [--threads 1]
 
 Last line: ``device_loader_speedup=<x>`` (target >= 10).
 """
@@ -79,8 +80,13 @@ def main() -> None:
     ap.add_argument("--npz", help="arrays file (default: ../shared/data/cifar10.npz)")
     ap.add_argument("--images", type=int, default=10240, help="images per timed pass")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the main process (DataLoader workers use one each)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    # One thread: the per-batch ops are small, and on a shared machine OpenMP threads that spin
+    # while waiting for a core cost more than they bring (see README, Benchmarks).
+    torch.set_num_threads(args.threads)
 
     x_hwc, y, source = load(args.npz, args.images)
     x_nchw = torch.from_numpy(x_hwc).permute(0, 3, 1, 2).contiguous()

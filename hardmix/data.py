@@ -10,7 +10,7 @@ Two loader designs:
 * In-memory sets (CIFAR, npz, digits, synthetic) use :class:`DeviceLoader`, after airbench: the
   whole split lives on the device as uint8; an epoch is a device ``randperm``; random crop with
   zero padding and horizontal flip are one ``gather`` per batch (the flip is folded into the
-  column index), normalisation one fused multiply-add. No DataLoader workers, no PIL, no Python
+  column index), normalisation an in-place multiply and add. No DataLoader workers, no PIL, no Python
   loop over samples.
 * ``folder`` data (ImageNet-style ``train/`` and ``val/``) uses torchvision's ``ImageFolder`` and
   a ``DataLoader`` with ``data.workers`` processes.
@@ -402,9 +402,9 @@ class DeviceLoader:
         return math.ceil(self.shard_size / self.batch_size)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 -> float, per-channel normalised: one fused multiply-add."""
-        return torch.addcmul(self.neg_shift, x.to(self.device, non_blocking=True).float(),
-                             self.scale)
+        """uint8 -> float, per-channel normalised: x / (255 std) - mean / std, in place on the
+        new float tensor (3x faster on a CPU than ``addcmul``, which broadcasts two operands)."""
+        return x.to(self.device, non_blocking=True).float().mul_(self.scale).add_(self.neg_shift)
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.x)
@@ -418,10 +418,11 @@ class DeviceLoader:
             bs = self.batch_size
         for i in range(len(self)):
             idx = order[i * bs:(i + 1) * bs]
-            xb = self.x[idx]
+            xb = self.x.index_select(0, idx)  # ~10x faster than x[idx] on a CPU
             if self.train and self.crop_flip:
                 xb = crop_flip(xb, self.pad, self.flip, self.gen)
-            yield (self.normalize(xb), self.y[idx].to(self.device, non_blocking=True),
+            yield (self.normalize(xb),
+                   self.y.index_select(0, idx).to(self.device, non_blocking=True),
                    idx.to(self.device, non_blocking=True))
 
 
