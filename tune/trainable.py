@@ -498,4 +498,15 @@ class StoreStatusCallback(TuneCallback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from tune.progress import last_error_line
 
-        self._write(trial, "failed", last_error_line(trial.get_error()))
+        self._write(trial, "failed", last_error_line(_error_text(trial)))
+
+
+def _error_text(trial: Any) -> str | None:
+    """The trial's error trace. Tune writes it to the trial's local folder before it calls the
+    callbacks and syncs it to the storage later, so with a URI storage only the local copy is
+    there yet: read that first."""
+    local = getattr(trial, "error_file", None)
+    if local and os.path.isfile(local):
+        with open(local, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    return trial.get_error()
