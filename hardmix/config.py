@@ -542,15 +542,28 @@ def topk_count(k: float, batch: int) -> int:
     return max(1, int(round(k * batch))) if k < 1 else int(k)
 
 
+def uses_k(criterion: str, fallback: str) -> bool:
+    """Whether ``augment.k`` sizes a hard set: a top-k criterion or the ``topk_loss`` fallback."""
+    return criterion in ("topk_loss", "low_margin") or fallback == "topk_loss"
+
+
+def check_k(k: float, batch: int | None = None, field: str = "augment.k") -> int | None:
+    """Check ``k`` (a fraction < 1 or a whole count, at most ``batch``); its count for ``batch``."""
+    if k <= 0:
+        raise ConfigError(field, k, "must be > 0: a count (>= 1) or a fraction of the batch")
+    if k >= 1 and not float(k).is_integer():
+        raise ConfigError(field, k, "must be a fraction < 1 or a whole count")
+    if batch is None:
+        return None
+    if k > batch:
+        raise ConfigError(field, k, f"must be <= the batch size ({batch}) or a fraction < 1")
+    return topk_count(k, batch)
+
+
 def _check_run(cfg: RunConfig, prefix: str = "") -> None:
     d, a, o = cfg.data, cfg.augment, cfg.optim
-    uses_k = a.criterion in ("topk_loss", "low_margin") or a.fallback == "topk_loss"
-    if uses_k and a.k >= 1:
-        if not float(a.k).is_integer():
-            raise ConfigError(f"{prefix}augment.k", a.k, "must be a fraction < 1 or a whole count")
-        if a.k > d.batch_size:
-            raise ConfigError(f"{prefix}augment.k", a.k,
-                              f"must be <= data.batch_size ({d.batch_size}) or a fraction < 1")
+    if uses_k(a.criterion, a.fallback):
+        check_k(a.k, d.batch_size, f"{prefix}augment.k")
     if a.min_hard > d.batch_size:
         raise ConfigError(f"{prefix}augment.min_hard", a.min_hard,
                           f"must be <= data.batch_size ({d.batch_size})")

@@ -26,22 +26,11 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from hardmix.config import ConfigError, topk_count
+from hardmix.config import ConfigError, check_k, uses_k
 from hardmix.hardness import Scores
 
 __all__ = ["CRITERIA", "FALLBACKS", "SOURCES", "Selection", "RandomSource", "HardSource",
            "hard_source_index", "topk_mask", "check_k"]
-
-
-def check_k(k: float, batch: int) -> int:
-    """``k`` as a count for a batch of ``batch``; a count larger than the batch is a ConfigError."""
-    if k <= 0:
-        raise ConfigError("augment.k", k, "must be > 0: a count (>= 1) or a fraction of the batch")
-    if k >= 1 and not float(k).is_integer():
-        raise ConfigError("augment.k", k, "must be a fraction < 1 or a whole count")
-    if k >= 1 and k > batch:
-        raise ConfigError("augment.k", k, f"must be <= the batch size ({batch}) or a fraction < 1")
-    return topk_count(k, batch)
 
 
 def topk_mask(values: Tensor, count: int) -> Tensor:
@@ -183,9 +172,8 @@ class HardSource:
             raise ConfigError("augment.fallback", fallback, f"must be one of {', '.join(FALLBACKS)}")
         if int(min_hard) != min_hard or min_hard < 1:
             raise ConfigError("augment.min_hard", min_hard, "must be an integer >= 1")
-        uses_k = criterion in ("topk_loss", "low_margin") or fallback == "topk_loss"
-        if uses_k and (k <= 0 or (k >= 1 and not float(k).is_integer())):
-            raise ConfigError("augment.k", k, "must be a fraction < 1 or a whole count >= 1")
+        if uses_k(criterion, fallback):
+            check_k(k)  # against the batch at call time
         self.criterion, self.k = CRITERIA[criterion], float(k)
         self.fallback, self.min_hard = FALLBACKS[fallback], int(min_hard)
 
