@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from hardmix.config import AugmentConfig, _check_fields
+from hardmix.config import AugmentConfig, check_fields
 from hardmix.hardness import SIGNALS
 from hardmix.loss import mixed_cross_entropy, mixed_target
 from hardmix.mix import MIXERS, Draws, MixerOptions, Workspace, beta_host
@@ -185,7 +185,7 @@ class HardMix:
         cfg = AugmentConfig(method=method, alpha=alpha, prob=prob, criterion=criterion, k=k,
                             fallback=fallback, min_hard=min_hard, signal=signal, bn_mode=bn_mode,
                             box=box, cutout_size=cutout_size)
-        _check_fields(cfg, "augment.")
+        check_fields(cfg, "augment.")
         self.cfg = cfg
         self.num_classes, self.dataset_size, self.inplace = num_classes, dataset_size, inplace
         mixer_name, source_name = METHODS[method]

@@ -508,24 +508,25 @@ def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
 
 def validate(cfg: Any) -> None:
     """Check every field and the rules between fields; raise the first ConfigError."""
-    _check_fields(cfg)
+    check_fields(cfg)
     if isinstance(cfg, RunConfig):
         _check_run(cfg)
     elif isinstance(cfg, SweepConfig):
         _check_sweep(cfg)
 
 
-def _check_fields(cfg: Any, prefix: str = "") -> None:
+def check_fields(cfg: Any, prefix: str = "") -> None:
+    """Check every field of ``cfg`` against its declared choices and bounds (``prefix`` names it)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         path = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
-            _check_fields(value, path + ".")
+            check_fields(value, path + ".")
             continue
         if isinstance(value, dict):
             for k, v in value.items():
                 if dataclasses.is_dataclass(v):
-                    _check_fields(v, f"{path}.{k}.")
+                    check_fields(v, f"{path}.{k}.")
         m = f.metadata
         if m.get("choices") and value not in m["choices"]:
             raise ConfigError(path, value, _one_of(m["choices"], value))
