@@ -217,6 +217,10 @@ class SweepConfig:
                                       factory=dict)
     seeds: list[int] = opt(help="seeds: every sampled configuration runs once per seed",
                            factory=lambda: [0])
+    arms: list[dict[str, Any]] = opt(
+        help="grid mode: a list of configurations run instead of the product of `space`, each "
+             "a mapping of dotted run fields to values with optional `seeds` (default `seeds`)",
+        factory=list)
     num_samples: int = opt(8, "search mode: number of configurations Optuna samples", gt=0)
     sampler: str = opt("tpe", "Optuna sampler", choices=SAMPLERS)
     metric: str = opt("val_top1_err", "validation metric searched and early-stopped on "
@@ -623,6 +627,7 @@ def _check_sweep(cfg: SweepConfig) -> None:
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError("seeds", cfg.seeds, "must not repeat a seed")
     _check_run(cfg.run, prefix="run.")  # the base run first: its errors are the clearest
+    _check_arms(cfg)
     for name, spec in cfg.space.items():
         path = f"space.{name}"
         if name == "seed":
@@ -658,6 +663,46 @@ def _check_sweep(cfg: SweepConfig) -> None:
     if cfg.scheduler.type == "asha" and cfg.scheduler.grace_period > cfg.run.optim.epochs:
         raise ConfigError("scheduler.grace_period", cfg.scheduler.grace_period,
                           f"must be <= run.optim.epochs ({cfg.run.optim.epochs})")
+
+
+def _check_arms(cfg: SweepConfig) -> None:
+    """Arms: grid mode only, instead of a space; run fields with valid values; own seeds."""
+    if not cfg.arms:
+        return
+    if cfg.mode != "grid":
+        raise ConfigError("arms", f"{len(cfg.arms)} arms", "arms need mode=grid (a search "
+                          "explores `space`)")
+    if cfg.space:
+        raise ConfigError("space", list(cfg.space), "a sweep with arms has no space: put each "
+                          "combination in an arm")
+    seen: dict[str, int] = {}
+    for i, arm in enumerate(cfg.arms):
+        path = f"arms[{i}]"
+        if not isinstance(arm, dict) or not arm:
+            raise ConfigError(path, arm, "must be a non-empty mapping of run fields to values")
+        params = {k: v for k, v in arm.items() if k != "seeds"}
+        if "seeds" in arm:
+            seeds = arm["seeds"]
+            if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in seeds)):
+                raise ConfigError(f"{path}.seeds", seeds, "must list distinct integer seeds")
+        for name in params:
+            if name == "seed":
+                raise ConfigError(f"{path}.seed", params[name], "give an arm its seeds with "
+                                  "`seeds: [...]`")
+            try:
+                field_type(RunConfig, name)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}.{name}", params[name], exc.allowed) from None
+        try:
+            with_overrides(cfg.run, params)
+        except ConfigError as exc:  # named by the arm's field, not the run's
+            raise ConfigError(f"{path}.{exc.field}", exc.value, exc.allowed) from None
+        key = repr(sorted(params.items()))
+        if key in seen:
+            raise ConfigError(path, params, f"repeats arms[{seen[key]}] (give it more seeds "
+                              "instead)")
+        seen[key] = i
 
 
 def _spec_extremes(spec: ParamSpec) -> list[Any]:

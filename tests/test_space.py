@@ -146,3 +146,52 @@ def test_trial_config_applies_parameters_and_seed_and_json_choices_round_trip():
     run = trial_config(cfg.run, params, seed=5)
     assert run.seed == 5 and run.optim.milestones == params["optim.milestones"]
     assert cfg.run.seed == 0  # the sweep's base run is untouched
+
+
+# --------------------------------------------------------------------------------------------
+# Arms: a grid given as a list of configurations, each with its own seeds
+# --------------------------------------------------------------------------------------------
+
+ARMS = ("arms=[{augment.method: cutmix, seeds: [0, 1, 2, 3, 4]},"
+        " {augment.method: hardmix, augment.criterion: topk_loss},"
+        " {augment.method: hardmix, augment.fallback: skip, augment.min_hard: 40}]")
+
+
+def test_arms_are_the_grid_with_their_own_seeds_run_seed_major():
+    from tune.space import grid_trials, num_trials, point_seeds
+
+    cfg = sweep("mode=grid", "seeds=[7, 8]", ARMS)
+    check_space(cfg)
+    points = grid_points(cfg)
+    assert points == [{"augment.method": "cutmix"},
+                      {"augment.method": "hardmix", "augment.criterion": "topk_loss"},
+                      {"augment.method": "hardmix", "augment.fallback": "skip",
+                       "augment.min_hard": 40}]
+    assert point_seeds(cfg) == [[0, 1, 2, 3, 4], [7, 8], [7, 8]]  # default: the sweep's seeds
+    trials = grid_trials(cfg)
+    assert num_trials(cfg) == len(trials) == 5 + 2 + 2
+    assert sorted((points.index(p), s) for p, s in trials) == sorted(
+        [(0, s) for s in range(5)] + [(1, 7), (1, 8), (2, 7), (2, 8)])
+    # Seed-major: every arm's first seed runs before any arm's second.
+    assert [s for _, s in trials[:3]] == [0, 7, 7] and [s for _, s in trials[3:6]] == [1, 8, 8]
+    run = trial_config(cfg.run, trials[-1][0], trials[-1][1])
+    assert run.augment.method == "cutmix" and run.seed == 4
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (("mode=search", ARMS), "arms"),
+    (("mode=grid", ARMS, "space={optim.lr: {values: [0.1]}}"), "space"),
+    (("mode=grid", "arms=[{augment.methd: cutmix}]"), "arms[0].augment.methd"),
+    (("mode=grid", "arms=[{augment.method: cutmixx}]"), "arms[0].augment.method"),
+    (("mode=grid", "arms=[{augment.method: cutmix}, {augment.alpha: -1}]"), "arms[1].augment.alpha"),
+    (("mode=grid", "arms=[{augment.method: cutmix, seed: 3}]"), "arms[0].seed"),
+    (("mode=grid", "arms=[{augment.method: cutmix, seeds: [1, 1]}]"), "arms[0].seeds"),
+    (("mode=grid", "arms=[{augment.method: cutmix, seeds: []}]"), "arms[0].seeds"),
+    (("mode=grid", "arms=[{augment.method: cutmix}, {augment.method: cutmix, seeds: [4]}]"),
+     "arms[1]"),
+    (("mode=grid", "arms=[{}]"), "arms[0]"),
+])
+def test_a_bad_arm_is_one_config_error_naming_its_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        sweep(*overrides)
+    assert err.value.field == field, err.value

@@ -118,6 +118,41 @@ def test_sweep_presets_are_valid_and_plannable(name):
     assert f"sweep {name!r}" in text and "trials:" in text
 
 
+def test_cifar10_study_compares_five_seeds_and_ablates_every_axis_with_three(tmp_path):
+    """The study preset (issue: none/CutMix/HardMix x >= 5 seeds; criterion, fallbacks with a
+    min_hard that can fire, and signal x >= 3 seeds) plans against a CIFAR-shaped .npz."""
+    import numpy as np
+
+    from tune.space import grid_trials, trial_config
+    from tune.sweep import plan_text, prepare
+
+    path = tmp_path / "c10.npz"
+    rng = np.random.RandomState(0)
+    np.savez(path, x_train=rng.randint(0, 256, (200, 32, 32, 3), dtype=np.uint8),
+             y_train=np.arange(200) % 10, x_test=np.zeros((20, 32, 32, 3), np.uint8),
+             y_test=np.arange(20) % 10)
+    cfg = prepare(load_config(SweepConfig, "cifar10-cpu-study",
+                              overrides=[f"run.data.path={path}", "run.data.subset=100"]))
+    assert "33 trials" in plan_text(cfg)
+    runs: dict[tuple, set] = {}
+    for point, seed in grid_trials(cfg):
+        run = trial_config(cfg.run, point, seed)
+        a = run.augment
+        key = (a.method, a.criterion, a.fallback, a.min_hard, a.signal, a.prob)
+        runs.setdefault(key if a.method == "hardmix" else (a.method,), set()).add(seed)
+    main = ("hardmix", "misclassified", "random", 1, "forward", 1.0)
+    for key in [("none",), ("cutmix",), main]:
+        assert len(runs[key]) >= 5, key
+    fires = 40  # min_hard of the fallback arms: a third of the batch of 128
+    ablations = [("hardmix", "topk_loss", "random", 1, "forward", 1.0)]
+    ablations += [("hardmix", "misclassified", f, fires, "forward", 1.0)
+                  for f in ("random", "skip", "topk_loss")]
+    ablations += [("hardmix", "misclassified", "random", 1, s, 0.5) for s in ("forward", "cached")]
+    for key in ablations:
+        assert len(runs[key]) >= 3, key
+    assert 1 < fires < cfg.run.data.batch_size
+
+
 # --------------------------------------------------------------------------------------------
 # Driver-side rows (no Ray cluster needed)
 # --------------------------------------------------------------------------------------------
@@ -265,20 +300,23 @@ def test_failing_trial_is_retried_then_recorded_as_failed_while_others_complete(
     """Also the storage-as-URI path (file:// here, s3:// or gs:// on a cluster)."""
     from tune.sweep import run_sweep
 
+    # Also a grid given as arms, each with its own seeds. lr 1e12: NaN loss.
     cfg = tiny(tmp_path, "fail", f"storage=file://{tmp_path}", "mode=grid", "max_failures=1",
-               "seeds=[0]", "space={optim.lr: {values: [0.05, 1.0e+12]}}")  # 1e12: NaN loss
+               "seeds=[0]", "arms=[{optim.lr: 0.05, seeds: [0, 3]}, {optim.lr: 1.0e+12}]")
     outcome = run_sweep(cfg)
-    assert outcome.counts == {"completed": 1, "failed": 1}
+    assert outcome.counts == {"completed": 2, "failed": 1}
     assert outcome.sweep_dir == f"file://{tmp_path}/fail"
 
     trials, epochs = results(outcome.sweep_dir)
     rows = {r["trial_id"]: r for r in trials.to_dict("records")}
+    assert set(rows) == {"c000-s0", "c000-s3", "c001-s0"}
     ok, bad = rows["c000-s0"], rows["c001-s0"]
     assert ok["status"] == "completed" and ok["optim.lr"] == 0.05
+    assert rows["c000-s3"]["status"] == "completed" and rows["c000-s3"]["seed"] == 3
     assert bad["status"] == "failed" and bad["optim.lr"] == 1e12
     assert "FloatingPointError" in bad["error"] and "diverged" in bad["error"]
     assert bad["attempt"] == 2  # one retry, then recorded
-    assert set(epochs.trial_id) == {"c000-s0"}
+    assert set(epochs.trial_id) == {"c000-s0", "c000-s3"}
     # With a URI storage the run folder (TensorBoard logs) is synced into the Tune trial folder.
     assert glob.glob(str(tmp_path / "fail" / "tune" / "c000-s0" / "run" / "events.out.tfevents.*"))
 

@@ -8,7 +8,9 @@ and the trial's run config keeps the field's fixed value. This is what keeps the
 analysis honest: a parameter that cannot act is never recorded as if it had.
 
 Seeds are not part of the space: every configuration runs once per seed (``cfg.seeds``), in both
-modes, so seed-to-seed noise can be measured instead of being searched over.
+modes, so seed-to-seed noise can be measured instead of being searched over. A grid may instead
+list its configurations as ``arms``, each with its own seeds (5 seeds for the main comparison,
+3 for each ablation, say).
 
 Nothing here imports Ray; the functions are pure and unit-tested on their own.
 """
@@ -107,9 +109,8 @@ def check_space(cfg: SweepConfig) -> None:
                                   f"{name} would never exist; add {other} to the space or "
                                   "drop the condition")
     if cfg.mode == "grid":
-        for params in grid_points(cfg):
-            for seed in cfg.seeds:
-                trial_config(cfg.run, params, seed)
+        for params, seed in grid_trials(cfg):
+            trial_config(cfg.run, params, seed)
 
 
 def _active(spec: ParamSpec, values: Mapping[str, Any], fixed: Mapping[str, Any],
@@ -171,7 +172,10 @@ class ConditionalSpace:
 
 def grid_points(cfg: SweepConfig) -> list[dict[str, Any]]:
     """Every valid combination of the space (without seeds), conditional parameters included
-    only where their conditions hold, in a stable order (declaration order, values in order)."""
+    only where their conditions hold, in a stable order (declaration order, values in order).
+    With ``arms``, the arms themselves (their ``seeds`` left out), in the config's order."""
+    if cfg.arms:
+        return [{k: v for k, v in arm.items() if k != "seeds"} for arm in cfg.arms]
     order = param_order(cfg.space)
     fixed = flatten(cfg.run)
     points: list[dict[str, Any]] = []
@@ -194,6 +198,35 @@ def grid_points(cfg: SweepConfig) -> list[dict[str, Any]]:
     # Report in declaration order of the config (readable dry-run tables).
     names = list(cfg.space)
     return [{n: p[n] for n in names if n in p} for p in points]
+
+
+def point_seeds(cfg: SweepConfig) -> list[list[int]]:
+    """The seeds of every grid point: an arm's own ``seeds``, else the sweep's."""
+    if cfg.arms:
+        return [list(arm.get("seeds") or cfg.seeds) for arm in cfg.arms]
+    return [list(cfg.seeds) for _ in grid_points(cfg)]
+
+
+def seed_major(points: list[dict[str, Any]], seeds: list[list[int]]
+               ) -> list[tuple[dict[str, Any], int]]:
+    """``(point, seed)`` of every trial, seed-major: every configuration's first seed, then
+    every configuration's second, ... so that a sweep stopped half-way has balanced
+    comparisons (n seeds of everything) rather than some configurations finished and others
+    not started."""
+    out = []
+    for rank in range(max((len(s) for s in seeds), default=0)):
+        out += [(p, s[rank]) for p, s in zip(points, seeds) if rank < len(s)]
+    return out
+
+
+def grid_trials(cfg: SweepConfig) -> list[tuple[dict[str, Any], int]]:
+    """Every trial of a grid sweep as ``(point, seed)``, in the order they are run."""
+    return seed_major(grid_points(cfg), point_seeds(cfg))
+
+
+def num_trials(cfg: SweepConfig) -> int:
+    """Trials of the sweep's main phase (configurations x their seeds)."""
+    return len(grid_trials(cfg)) if cfg.mode == "grid" else cfg.num_samples * len(cfg.seeds)
 
 
 def _grid_values(spec: ParamSpec) -> list[Any]:

@@ -33,7 +33,8 @@ from typing import Optional, TextIO
 
 from hardmix.config import (ConfigError, SweepConfig, deep_merge, from_dict, load_config,
                             parse_overrides, to_yaml, validate)
-from tune.space import check_space, describe_param, grid_points, num_configs, with_default_space
+from tune.space import (check_space, describe_param, grid_points, num_trials,
+                        point_seeds, with_default_space)
 
 MAIN_PHASE = "tune"
 FOLLOWUP_PHASE = "tune-followup"
@@ -189,7 +190,10 @@ def _npz_shapes(path: str) -> dict[str, tuple]:
         for name in z.namelist():
             with z.open(name) as f:
                 version = np.lib.format.read_magic(f)
-                shape = np.lib.format._read_array_header(f, version)[0]
+                # Public readers of the two header layouts (the private one left numpy 2.4).
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape = read(f)[0]
             shapes[name[:-4] if name.endswith(".npy") else name] = shape
     return shapes
 
@@ -255,11 +259,15 @@ def plan_text(cfg: SweepConfig) -> str:
                                     if cfg.mode == "search" else "")]
     if cfg.mode == "grid":
         points = grid_points(cfg)
-        lines.append(f"trials: {len(points)} configurations x {len(seeds)} seeds "
-                     f"{seeds} = {len(points) * len(seeds)}")
-        for i, p in enumerate(points[:40]):
+        if cfg.arms:
+            lines.append(f"trials: {len(points)} arms, {num_trials(cfg)} trials "
+                         "(each arm x its seeds)")
+        else:
+            lines.append(f"trials: {len(points)} configurations x {len(seeds)} seeds "
+                         f"{seeds} = {len(points) * len(seeds)}")
+        for i, (p, s) in enumerate(zip(points[:40], point_seeds(cfg))):
             text = ", ".join(f"{k}={v}" for k, v in p.items()) or "(the base run)"
-            lines.append(f"  c{i:03d}  {text}")
+            lines.append(f"  c{i:03d}  {text}" + (f"  seeds {s}" if cfg.arms else ""))
         if len(points) > 40:
             lines.append(f"  ... and {len(points) - 40} more")
     else:
@@ -267,7 +275,7 @@ def plan_text(cfg: SweepConfig) -> str:
                      f"{cfg.num_samples * len(seeds)}")
         lines.append("space:")
         lines += [f"  {describe_param(n, s)}" for n, s in cfg.space.items()]
-    n_trials = num_configs(cfg) * len(seeds)
+    n_trials = num_trials(cfg)
     if cfg.followup.top:
         extra = cfg.followup.top * len(cfg.followup.seeds)
         lines.append(f"follow-up: best {cfg.followup.top} configurations x seeds "
@@ -288,7 +296,8 @@ def plan_text(cfg: SweepConfig) -> str:
                            "logical CPUs)"
     lines.append(f"ray: {where}")
     run = cfg.run
-    method = "" if "augment.method" in cfg.space else f", augment {run.augment.method}"
+    varied = "augment.method" in cfg.space or any("augment.method" in a for a in cfg.arms)
+    method = "" if varied else f", augment {run.augment.method}"
     lines.append(f"run: {run.model.name} on {describe_data(cfg)}, {run.optim.epochs} epochs, "
                  f"batch {run.data.batch_size}{method}")
     facts = data_facts(cfg)
@@ -353,13 +362,14 @@ def _start_ray(cfg: SweepConfig) -> bool:
 
 
 def _make_context(cfg: SweepConfig, sweep_dir: str, prefix: str, seeds: list[int],
-                  points: list[dict] | None):
+                  points: list[dict] | None, point_seeds: list[list[int]] | None = None):
     import ray
 
     from tune.trainable import SweepContext
 
     return SweepContext(sweep_dir=sweep_dir, run=cfg.run, seeds=list(seeds), metric=cfg.metric,
                         resources=cfg.resources, prefix=prefix, points=points,
+                        point_seeds=point_seeds,
                         ray_version=ray.__version__, local_runs=not is_uri(sweep_dir))
 
 
@@ -439,9 +449,10 @@ def _tuner(cfg: SweepConfig, ctx, phase: str, restore: bool, label: str):
     if restore:
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     if ctx.points is not None:
-        param_space = {"seed": tune.grid_search(ctx.seeds), "point": tune.grid_search(ctx.points)}
+        cells = ctx.cells()
+        param_space = {"cell": tune.grid_search(cells)}
         search_alg, scheduler, num_samples = None, None, 1
-        total = len(ctx.points) * len(ctx.seeds)
+        total = len(cells)
     else:
         param_space = {}
         search_alg, scheduler = make_searcher(cfg), make_scheduler(cfg)
@@ -581,12 +592,13 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, dry_run: bool = False,
         print(f"hardmix sweep {cfg.name}: {describe_data(cfg)}; results in {sweep_dir}"
               + (" (resuming)" if resume else ""), file=out)
         points = grid_points(cfg) if cfg.mode == "grid" else None
-        ctx = _make_context(cfg, sweep_dir, "c", cfg.seeds, points)
+        ctx = _make_context(cfg, sweep_dir, "c", cfg.seeds, points,
+                            point_seeds(cfg) if points is not None else None)
         tuner = _tuner(cfg, ctx, MAIN_PHASE, restore=resume and _can_restore(main_path),
                        label=cfg.name)
         tuner.fit()
         outcomes, interrupted = _outcomes(main_path, ctx, cfg.run.optim.epochs,
-                                          num_configs(cfg) * len(cfg.seeds))
+                                          num_trials(cfg))
 
         if cfg.followup.top and not interrupted:
             follow_path = join(sweep_dir, FOLLOWUP_PHASE)

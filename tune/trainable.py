@@ -36,7 +36,7 @@ from ray.tune import Callback as TuneCallback
 from hardmix.config import ResourcesConfig, RunConfig
 import hardmix.train
 from hardmix.train import Callback
-from tune.space import ConditionalSpace, trial_config
+from tune.space import ConditionalSpace, seed_major, trial_config
 
 #: Key the search adds to a trial's config: which of the configuration's seeds it runs
 #: (``ray.tune.search.repeater.TRIAL_INDEX``).
@@ -59,8 +59,10 @@ class SweepContext:
     """What every trial of one sweep phase needs to know (picklable; shipped to Ray once).
 
     ``points`` are the phase's configurations when they are fixed in advance (grid mode and
-    follow-up runs); ``None`` in search mode, where Optuna suggests them. ``prefix`` starts the
-    trial ids of the phase: ``c`` for the main phase, ``f`` for follow-up runs.
+    follow-up runs); ``None`` in search mode, where Optuna suggests them. ``point_seeds`` gives
+    each point its own seeds (a grid's arms); by default every point runs every seed of
+    ``seeds``. ``prefix`` starts the trial ids of the phase: ``c`` for the main phase, ``f``
+    for follow-up runs.
     """
 
     sweep_dir: str
@@ -70,23 +72,29 @@ class SweepContext:
     resources: ResourcesConfig
     prefix: str = "c"
     points: Optional[list[dict]] = None
+    point_seeds: Optional[list[list[int]]] = None
     ray_version: str = ""
     local_runs: bool = True  # run folders under <sweep>/runs (local or network disk)
 
     # ---- trial identity ---------------------------------------------------------------------
 
+    def cells(self) -> list[dict[str, Any]]:
+        """The fixed trials of the phase, ``{"point": ..., "seed": ...}``, seed-major."""
+        seeds = self.point_seeds or [self.seeds] * len(self.points or [])
+        return [{"point": p, "seed": s} for p, s in seed_major(self.points or [], seeds)]
+
     def params_and_seed(self, config: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
         """The run-config overrides and the seed of a trial, from its Tune config."""
-        if "point" in config:
-            return dict(config["point"]), int(config["seed"])
+        if "cell" in config:
+            return dict(config["cell"]["point"]), int(config["cell"]["seed"])
         params = {k: v for k, v in config.items() if k != TRIAL_INDEX}
         return ConditionalSpace.params(params), int(self.seeds[int(config.get(TRIAL_INDEX, 0))])
 
     def config_index(self, trial: Any) -> int:
         """Which configuration of the phase a Tune trial runs (0-based)."""
         config = trial.config
-        if "point" in config and self.points is not None:
-            return self.points.index(config["point"])
+        if "cell" in config and self.points is not None:
+            return self.points.index(config["cell"]["point"])
         # The searcher numbers its trials 1, 2, ... in the experiment tag; Repeater hands out
         # len(seeds) consecutive trials per configuration.
         number = int(str(trial.experiment_tag).split("_", 1)[0])
