@@ -5,7 +5,10 @@
 Batch of ``B`` images 3×32×32 (float32) with labels and clean logits (10 classes), ``prob=1``.
 Every method is timed as a full call: source selection (HardMix: hard samples from the logits,
 the hard source batch, the fallback), the paste or blend, λ and the source labels. References:
-``torchvision.transforms.v2.CutMix`` (one λ and box per batch, soft labels) and ``x.clone()``.
+``torchvision.transforms.v2.CutMix`` (one λ and box per batch, soft labels) and ``x.clone()``,
+and the *paste floor*: the memory movement alone of a batch-box paste (a copy of the batch and a
+strided ``index_select`` of the patch, or in place the patch gathered and written back), which
+bounds what any batch-box CutMix can reach in eager PyTorch on the machine.
 
 Methods are timed in interleaved rounds (each round times every method once, ``--calls`` calls
 each) so that load from other processes hits all of them alike. The clock is the thread's CPU time
@@ -69,12 +72,45 @@ def main(argv: list[str] | None = None) -> int:
     def mk(method: str, **kw: object) -> HardMix:
         return HardMix(method=method, prob=1.0, seed=0, num_classes=c, **kw)
 
+    # The floor of any batch-box paste in eager PyTorch: only the memory movement, with boxes
+    # of CutMix's law (λ ~ U(0, 1), centre uniform, clipped), cycled. A new batch: one copy plus
+    # one strided index_select of the patch into it; in place: the patch gathered, then written
+    # back. No source selection, λ or labels: the ratio of this row to torchvision's is the
+    # most any batch-box CutMix can reach here.
+    from hardmix.mix import rand_box
+
+    boxes = [rand_box(float(u[0]), s, s, float(u[1]), float(u[2]))
+             for u in torch.rand(64, 3, generator=g, dtype=torch.float64)]
+    perm = torch.randperm(b, generator=g)
+    patch_buf = torch.empty_like(x)
+    floor_work = x.clone()
+    state = {"i": 0}
+
+    def next_box() -> tuple[int, int, int, int]:
+        state["i"] = (state["i"] + 1) % len(boxes)
+        return boxes[state["i"]]
+
+    def floor_copy() -> torch.Tensor:
+        y0, y1, x0, x1 = next_box()
+        out = x.clone()
+        torch.index_select(x[:, :, y0:y1, x0:x1], 0, perm, out=out[:, :, y0:y1, x0:x1])
+        return out
+
+    def floor_inplace() -> torch.Tensor:
+        y0, y1, x0, x1 = next_box()
+        patch = floor_work[:, :, y0:y1, x0:x1]
+        buf = patch_buf[:, :, : y1 - y0, : x1 - x0]
+        torch.index_select(patch, 0, perm, out=buf)
+        return patch.copy_(buf)
+
     tv = v2.CutMix(num_classes=c)
     hm_batch, hm_sample = mk("hardmix"), mk("hardmix", box="sample")
     hm_batch_ip, hm_sample_ip = mk("hardmix", inplace=True), mk("hardmix", box="sample", inplace=True)
     cases: dict[str, Callable[[], object]] = {
         "x.clone()": lambda: x.clone(),
         "torchvision v2.CutMix": lambda: tv(x, y),
+        "paste floor (new batch)": floor_copy,
+        "paste floor (inplace)": floor_inplace,
         "none": (lambda m: lambda: m(x, y))(mk("none")),
         "cutmix (batch box)": (lambda m: lambda: m(x, y))(mk("cutmix")),
         "hardmix (batch box)": lambda: hm_batch(x, y, logits=logits),
@@ -105,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{ref / med[name]:14.2f}x")
     print(f"copy: hardmix_speedup_vs_torchvision_cutmix={ref / med['hardmix (batch box)']:.2f} "
           f"per_sample_speedup_vs_torchvision_cutmix={ref / med['hardmix (per-sample boxes)']:.2f}")
+    print(f"floor: paste_floor_speedup_vs_torchvision_cutmix={ref / med['paste floor (new batch)']:.2f} "
+          f"inplace_paste_floor_speedup_vs_torchvision_cutmix="
+          f"{ref / med['paste floor (inplace)']:.2f}")
     speed_batch = ref / med["hardmix (batch box, inplace)"]
     speed_sample = ref / med["hardmix (per-sample, inplace)"]
     print(f"hardmix_speedup_vs_torchvision_cutmix={speed_batch:.2f} "
