@@ -10,6 +10,8 @@ within the sweep, seed excluded; see :mod:`ablations.factors`) and writes into
   top-1 / top-5 error over seeds, n, and how often the fallback fired / how hard the batches were;
 * ``differences.csv`` — each variant minus the baseline method (default ``cutmix``), paired by
   seed where seeds match, 95% CI Holm-corrected over the comparisons (:mod:`ablations.stats`);
+* ``contrasts.csv`` — every pair of variants that differ in exactly one factor (the method
+  included): the effect of that one change, paired by seed, Holm-corrected over the family;
 * ``factor_<name>.csv`` per varying factor, ``criterion_x_fallback.csv``, ``alpha_by_criterion.csv``;
 * ``importance.csv`` — Optuna factor importance over full-length trials (:mod:`ablations.importance`);
 * ``left_out.csv`` — every trial not in the tables and why (running, failed, pruned, ...), and
@@ -41,7 +43,7 @@ from ablations.importance import factor_importance
 from ablations.stats import (Difference, as_record, difference, holm, mean_std_text, summarize,
                              verdict)
 from ablations.store import _resolve, read_results
-from hardmix.config import METHODS, ConfigError
+from hardmix.config import METHODS, ConfigError, RunConfig, flatten
 
 #: Why a trial is not in the tables, by status.
 LEFT_OUT_REASONS = {"running": "still running", "failed": "failed", "pruned": "pruned (stopped early)"}
@@ -217,6 +219,97 @@ def compare_to_baseline(used: pd.DataFrame, factors: list[str], baseline: str
     return holm(diffs), notes
 
 
+@dataclass
+class Contrast:
+    """One-factor contrast: ``variant − reference`` where the two differ in ``factor`` only."""
+
+    factor: str
+    reference_value: Any
+    value: Any
+    difference: Difference
+
+
+#: The paper's HardMix as the library's defaults: the setting an ablation departs from.
+_DEFAULTS = {k: hashable(v) for k, v in flatten(RunConfig()).items()}
+
+
+def _reference_first(factor: str, a: Any, b: Any, counts: dict[Any, int]) -> bool:
+    """Whether ``a`` is the reference side of a contrast over ``factor``: for the method, the
+    one earlier in :data:`METHODS` (none < CutMix < HardMix); otherwise the library's default
+    (the paper's setting: fallback random, min_hard 1, signal forward, ...), else the factor's
+    most common value in the sweep."""
+    if factor == "augment.method":
+        return method_order(a) <= method_order(b)
+    default = _DEFAULTS.get(factor)
+    if default in (a, b) and a != b:
+        return a == default
+    return (-counts.get(a, 0), str(a)) <= (-counts.get(b, 0), str(b))
+
+
+def one_factor_contrasts(used: pd.DataFrame, factors: list[str]) -> list[Contrast]:
+    """Every pair of variants whose configurations differ in exactly one factor (the method
+    counts as one), as ``variant − reference``, Holm-corrected over the whole family.
+
+    This is what an ablation asks: the effect of changing one thing with the rest held fixed
+    (HardMix − CutMix, skip − random at the same min_hard, cached − forward at the same prob),
+    instead of marginal means that average over the other factors. A factor that acts on both
+    sides must have the same value; one that acts on neither is ignored; one that acts on one
+    side only (the fallback of HardMix against CutMix) counts as held fixed only where that
+    side keeps the library's default (the paper's setting), so a pair never hides a second
+    change.
+    """
+    cols = ["augment.method"] + [f for f in factors if f != "augment.method"]
+    if used.empty:
+        return []
+    groups = dict(tuple(used.groupby("variant", sort=False)))
+    reps = {v: {c: _mode(g[c]) for c in cols} for v, g in groups.items()}
+    acts = {v: {c: is_relevant(c, g.iloc[0]) for c in cols} for v, g in groups.items()}
+    counts = {c: used.loc[relevance(used, c), c].map(hashable).value_counts().to_dict()
+              for c in cols}
+    usual = {c: _DEFAULTS[c] if c in _DEFAULTS else
+             max(n, key=lambda v: (n[v], str(v))) if n else None for c, n in counts.items()}
+
+    def changed(a: str, b: str, c: str) -> bool:
+        if acts[a][c] and acts[b][c]:
+            return reps[a][c] != reps[b][c]
+        if acts[a][c] or acts[b][c]:
+            side = a if acts[a][c] else b
+            return reps[side][c] != usual[c]
+        return False
+
+    names = sorted(groups, key=lambda v: (method_order(reps[v]["augment.method"]), v))
+    found: list[tuple[str, Any, Any, str, str]] = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            diff = [c for c in cols if changed(a, b, c)]
+            if len(diff) != 1 or not (acts[a][diff[0]] and acts[b][diff[0]]):
+                continue
+            c = diff[0]
+            ref, var = (a, b) if _reference_first(c, reps[a][c], reps[b][c], counts[c]) else (b, a)
+            found.append((c, reps[ref][c], reps[var][c], ref, var))
+    diffs = []
+    for _, _, _, ref, var in found:
+        g, bg = groups[var], groups[ref]
+        diffs.append(difference(var, g["final_top1_err"].tolist(), g["seed"].tolist(),
+                                ref, bg["final_top1_err"].tolist(), bg["seed"].tolist()))
+    diffs = holm(diffs)
+    return [Contrast(c, rv, v, d) for (c, rv, v, _, _), d in zip(found, diffs)]
+
+
+def contrast_table(contrasts: list[Contrast]) -> pd.DataFrame:
+    names = short_names(sorted({c.factor for c in contrasts}))
+    rows = []
+    for c in contrasts:
+        d = c.difference
+        rows.append({"factor": names.get(c.factor, c.factor),
+                     "change": f"{fmt_value(c.reference_value)} → {fmt_value(c.value)}",
+                     "reference": d.baseline, "n": d.n, "delta_top1": d.diff,
+                     "ci_low": d.ci_low, "ci_high": d.ci_high, "p_holm": d.p_holm,
+                     "distinguishable": d.distinguishable, "test": d.kind})
+    return pd.DataFrame(rows, columns=["factor", "change", "reference", "n", "delta_top1",
+                                       "ci_low", "ci_high", "p_holm", "distinguishable", "test"])
+
+
 # --------------------------------------------------------------------------------------------
 # Text
 # --------------------------------------------------------------------------------------------
@@ -338,6 +431,8 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix") ->
     tables["differences"] = pd.DataFrame([as_record(d) for d in diffs],
                                          columns=list(as_record(Difference("", "", "too_small", 0,
                                                                            0, np.nan)).keys()))
+    contrasts = one_factor_contrasts(used, factors)
+    tables["contrasts"] = contrast_table(contrasts)
     tables.update(factor_tables(used, factors) if not used.empty else {})
     imp_factors = factors + (["augment.method"] if used["augment.method"].nunique() > 1 else [])
     importance, importance_note = factor_importance(trials, imp_factors)
@@ -383,7 +478,7 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix") ->
         f"report: {out.rstrip('/')}/report.md"])
 
     md = _markdown(path, sweeps, trials, used, left, skipped, factors, table, shown, diffs,
-                   diff_notes, tables, importance_note, made, baseline)
+                   diff_notes, tables, importance_note, made, baseline, contrasts)
     _atomic_write(out_dir / "report.md", lambda p: p.write_text(md))
     if remote:
         _publish(out_dir, out)
@@ -394,8 +489,33 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix") ->
                   n_trials=len(trials), n_used=len(used), terminal=terminal)
 
 
+def _contrast_lines(contrasts: list[Contrast], limit: int = 60) -> list[str]:
+    lines = ["## One-factor contrasts", ""]
+    if not contrasts:
+        return lines + ["_No two variants differ in exactly one factor._", ""]
+    table = contrast_table(contrasts)
+    shown = pd.DataFrame({
+        "factor": table["factor"], "change": table["change"], "with the rest as in": table["reference"],
+        "n": table["n"], "Δ top-1 (points)": table["delta_top1"],
+        "95% CI (Holm)": [("—" if not c.difference.tested else
+                           f"[{c.difference.ci_low:+.2f}, {c.difference.ci_high:+.2f}]")
+                          for c in contrasts],
+        "distinguishable": [("n too small" if not c.difference.tested else
+                             "yes" if c.difference.distinguishable else "no")
+                            for c in contrasts]})
+    lines += ["Pairs of variants that differ in exactly one factor: the effect of that change "
+              "with everything else held fixed. Δ = after − before (negative: the change lowers "
+              "the error); the reference side is the earlier method (none < CutMix < HardMix) or "
+              "the library's default (the paper's setting). Paired by seed, Holm-corrected over "
+              f"all {len(contrasts)} contrasts.", ""]
+    lines += [md_table(shown.head(limit), 3), ""]
+    if len(contrasts) > limit:
+        lines += [f"... {len(contrasts) - limit} more in `contrasts.csv`.", ""]
+    return lines
+
+
 def _markdown(path, sweeps, trials, used, left, skipped, factors, table, shown, diffs,
-              diff_notes, tables, importance_note, made, baseline) -> str:
+              diff_notes, tables, importance_note, made, baseline, contrasts=()) -> str:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     names = short_names(factors)
     lines = [f"# HardMix report: {sweeps}", "",
@@ -434,6 +554,8 @@ def _markdown(path, sweeps, trials, used, left, skipped, factors, table, shown, 
     if not diffs and not diff_notes:
         lines += ["_Nothing to compare._"]
     lines += [""]
+
+    lines += _contrast_lines(list(contrasts))
 
     factor_names = [n for n in tables if n.startswith("factor_") or n in
                     ("criterion_x_fallback", "alpha_by_criterion")]

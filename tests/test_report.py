@@ -296,3 +296,51 @@ def test_report_to_an_object_store_uri(tmp_path, monkeypatch):
     assert {"report.md", "main_table.csv", "learning_curves.png"} <= names
     assert rep.path == "s3://bucket/reports/sw/report.md"
     assert mem.cat("/bucket/reports/sw/report.md").decode() == rep.text
+
+
+def test_one_factor_contrasts_change_one_thing_and_hide_no_second_change(tmp_path):
+    """An arms-style study: the contrasts are exactly the pairs that differ in one factor,
+    oriented from the reference (earlier method, the paper's default), paired by seed, with
+    one Holm family. min_hard 40 is the majority here, yet CutMix -> HardMix compares with the
+    paper's HardMix (min_hard 1), not with a variant whose fallback can fire."""
+    seeds = [0, 1, 2]
+    arms = {  # name: (config changes, errors per seed)
+        "none": (dict(augment__method="none"), [30.0, 31.0, 29.5]),
+        "cutmix": (dict(augment__method="cutmix"), [28.0, 28.4, 27.9]),
+        "hardmix": (dict(augment__method="hardmix"), [27.0, 27.9, 27.5]),
+        "random40": (dict(augment__method="hardmix", augment__min_hard=40), [27.2, 28.0, 27.1]),
+        "skip40": (dict(augment__method="hardmix", augment__min_hard=40,
+                        augment__fallback="skip"), [29.0, 29.3, 28.8]),
+        "skip40b": (dict(augment__method="hardmix", augment__min_hard=40,
+                         augment__fallback="skip", augment__alpha=0.5), [29.5, 29.1, 29.0]),
+        "topk": (dict(augment__method="hardmix", augment__criterion="topk_loss"),
+                 [26.5, 27.0, 26.9]),
+    }
+    st = ResultStore(str(tmp_path / "study"))
+    for name, (changes, errs) in arms.items():
+        for seed, err in zip(seeds, errs):
+            write_run(st, f"{name}-s{seed}", config(seed=seed, optim__epochs=EPOCHS, **changes),
+                      top1=err)
+    rep = build_report(str(tmp_path / "study"))
+    table = rep.tables["contrasts"]
+    got = {(r.factor, r.change): r for r in table.itertuples()}
+    expected = {("method", "none → cutmix"): ("cutmix", "none"),
+                ("method", "none → hardmix"): ("hardmix", "none"),
+                ("method", "cutmix → hardmix"): ("hardmix", "cutmix"),
+                ("min_hard", "1 → 40"): ("random40", "hardmix"),
+                ("fallback", "random → skip"): ("skip40", "random40"),
+                ("alpha", "1 → 0.5"): ("skip40b", "skip40"),
+                ("criterion", "misclassified → topk_loss"): ("topk", "hardmix")}
+    assert set(got) == set(expected), table[["factor", "change", "reference"]]
+    m = len(expected)
+    raw_p = []
+    for key, (after, before) in expected.items():
+        d = np.array(arms[after][1]) - np.array(arms[before][1])
+        r = got[key]
+        assert r.n == 3 and r.test == "paired"
+        assert r.delta_top1 == pytest.approx(d.mean())
+        raw_p.append(sps.ttest_1samp(d, 0.0).pvalue)
+    # Holm over the whole family: the smallest p is multiplied by m.
+    assert min(table["p_holm"]) == pytest.approx(min(1.0, m * min(raw_p)))
+    assert "## One-factor contrasts" in rep.text and "cutmix → hardmix" in rep.text
+    assert (tmp_path / "study" / "report" / "contrasts.csv").exists()
