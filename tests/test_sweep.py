@@ -118,7 +118,8 @@ def test_sweep_presets_are_valid_and_plannable(name):
     assert f"sweep {name!r}" in text and "trials:" in text
 
 
-def test_cifar10_study_compares_five_seeds_and_ablates_every_axis_with_three(tmp_path):
+@pytest.mark.parametrize("preset", ["cifar10-cpu-study", "cifar10-gpu-study"])
+def test_cifar10_study_compares_five_seeds_and_ablates_every_axis_with_three(tmp_path, preset):
     """The study preset (issue: none/CutMix/HardMix x >= 5 seeds; criterion, fallbacks with a
     min_hard that can fire, and signal x >= 3 seeds) plans against a CIFAR-shaped .npz."""
     import numpy as np
@@ -131,7 +132,7 @@ def test_cifar10_study_compares_five_seeds_and_ablates_every_axis_with_three(tmp
     np.savez(path, x_train=rng.randint(0, 256, (200, 32, 32, 3), dtype=np.uint8),
              y_train=np.arange(200) % 10, x_test=np.zeros((20, 32, 32, 3), np.uint8),
              y_test=np.arange(20) % 10)
-    cfg = prepare(load_config(SweepConfig, "cifar10-cpu-study",
+    cfg = prepare(load_config(SweepConfig, preset,
                               overrides=[f"run.data.path={path}", "run.data.subset=100"]))
     assert "33 trials" in plan_text(cfg)
     runs: dict[tuple, set] = {}
