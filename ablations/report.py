@@ -266,15 +266,13 @@ def one_factor_contrasts(used: pd.DataFrame, factors: list[str]) -> list[Contras
     acts = {v: {c: is_relevant(c, g.iloc[0]) for c in cols} for v, g in groups.items()}
     counts = {c: used.loc[relevance(used, c), c].map(hashable).value_counts().to_dict()
               for c in cols}
-    usual = {c: _DEFAULTS[c] if c in _DEFAULTS else
-             max(n, key=lambda v: (n[v], str(v))) if n else None for c, n in counts.items()}
 
     def changed(a: str, b: str, c: str) -> bool:
         if acts[a][c] and acts[b][c]:
             return reps[a][c] != reps[b][c]
-        if acts[a][c] or acts[b][c]:
+        if acts[a][c] or acts[b][c]:  # factors are config columns, so each has a default
             side = a if acts[a][c] else b
-            return reps[side][c] != usual[c]
+            return reps[side][c] != _DEFAULTS[c]
         return False
 
     names = sorted(groups, key=lambda v: (method_order(reps[v]["augment.method"]), v))
@@ -489,11 +487,13 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix") ->
                   n_trials=len(trials), n_used=len(used), terminal=terminal)
 
 
-def _contrast_lines(contrasts: list[Contrast], limit: int = 60) -> list[str]:
+def _contrast_lines(contrasts: list[Contrast], table: pd.DataFrame,
+                    limit: int = 60) -> list[str]:
+    """The Markdown section of :func:`one_factor_contrasts` (``table``: its
+    :func:`contrast_table`)."""
     lines = ["## One-factor contrasts", ""]
     if not contrasts:
         return lines + ["_No two variants differ in exactly one factor._", ""]
-    table = contrast_table(contrasts)
     shown = pd.DataFrame({
         "factor": table["factor"], "change": table["change"], "with the rest as in": table["reference"],
         "n": table["n"], "Δ top-1 (points)": table["delta_top1"],
@@ -555,7 +555,7 @@ def _markdown(path, sweeps, trials, used, left, skipped, factors, table, shown, 
         lines += ["_Nothing to compare._"]
     lines += [""]
 
-    lines += _contrast_lines(list(contrasts))
+    lines += _contrast_lines(list(contrasts), tables["contrasts"])
 
     factor_names = [n for n in tables if n.startswith("factor_") or n in
                     ("criterion_x_fallback", "alpha_by_criterion")]

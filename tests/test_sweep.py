@@ -399,3 +399,22 @@ def test_trial_with_two_ray_train_workers_gives_the_same_rows(tmp_path, ray_loca
     meta = json.loads((Path(outcome.sweep_dir) / "runs" / "c000-s0" / "run.json").read_text())
     assert meta["world_size"] == 2  # really data-parallel
     assert glob.glob(str(Path(outcome.sweep_dir) / "train" / "c000-s0" / "checkpoint_*"))
+
+
+def test_grid_trials_are_cells_and_grids_started_before_arms_still_resume():
+    from tune.trainable import SweepContext
+
+    ctx = SweepContext(sweep_dir="/tmp/s", run=RunConfig(), seeds=[0, 1], metric="val_top1_err",
+                       resources=ResourcesConfig(),
+                       points=[{"optim.lr": 0.1}, {"optim.lr": 0.2}],
+                       point_seeds=[[0, 1, 2], [5]])
+    cells = ctx.cells()
+    assert [(c["point"]["optim.lr"], c["seed"]) for c in cells] == [
+        (0.1, 0), (0.2, 5), (0.1, 1), (0.1, 2)]
+    trial = SimpleNamespace(config={"cell": cells[1]}, experiment_tag="2")
+    assert ctx.params_and_seed(trial.config) == ({"optim.lr": 0.2}, 5)
+    assert ctx.trial_id(trial) == "c001-s5"
+    # The Tune config of a grid trial before arms: {"point": ..., "seed": ...}.
+    legacy = SimpleNamespace(config={"point": {"optim.lr": 0.1}, "seed": 1}, experiment_tag="3")
+    assert ctx.params_and_seed(legacy.config) == ({"optim.lr": 0.1}, 1)
+    assert ctx.trial_id(legacy) == "c000-s1"

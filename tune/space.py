@@ -235,11 +235,6 @@ def _grid_values(spec: ParamSpec) -> list[Any]:
     return list(spec.values)
 
 
-def num_configs(cfg: SweepConfig) -> int:
-    """Configurations of the sweep's main phase (before seeds)."""
-    return len(grid_points(cfg)) if cfg.mode == "grid" else cfg.num_samples
-
-
 def trial_config(run: RunConfig, params: Mapping[str, Any], seed: int) -> RunConfig:
     """The run config of one trial: the sweep's run with the trial's parameters and seed."""
     return with_overrides(run, {**params, "seed": int(seed)})

@@ -87,14 +87,17 @@ class SweepContext:
         """The run-config overrides and the seed of a trial, from its Tune config."""
         if "cell" in config:
             return dict(config["cell"]["point"]), int(config["cell"]["seed"])
+        if "point" in config:  # a grid started before arms existed, being resumed
+            return dict(config["point"]), int(config["seed"])
         params = {k: v for k, v in config.items() if k != TRIAL_INDEX}
         return ConditionalSpace.params(params), int(self.seeds[int(config.get(TRIAL_INDEX, 0))])
 
     def config_index(self, trial: Any) -> int:
         """Which configuration of the phase a Tune trial runs (0-based)."""
         config = trial.config
-        if "cell" in config and self.points is not None:
-            return self.points.index(config["cell"]["point"])
+        if self.points is not None and ("cell" in config or "point" in config):
+            point = config["cell"]["point"] if "cell" in config else config["point"]
+            return self.points.index(point)
         # The searcher numbers its trials 1, 2, ... in the experiment tag; Repeater hands out
         # len(seeds) consecutive trials per configuration.
         number = int(str(trial.experiment_tag).split("_", 1)[0])
