@@ -119,4 +119,7 @@ def factor_importance(trials: pd.DataFrame, factors: list[str], target: str = TA
     except (ValueError, RuntimeError, ZeroDivisionError) as exc:
         return empty, note + f"; Optuna could not compute it ({exc})"
     table = pd.DataFrame({"factor": list(result), "importance": list(result.values())})
-    return table.sort_values("importance", ascending=False, ignore_index=True), note
+    # Ties (often several zeros) by name, so that a re-run writes the same report.
+    table = table.sort_values("factor").sort_values("importance", ascending=False, kind="stable",
+                                                     ignore_index=True)
+    return table, note
