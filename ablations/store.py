@@ -362,7 +362,8 @@ class StoreCallback(Callback):
         if isinstance(extra.get("versions"), Mapping):
             versions.update(extra.pop("versions"))
         row.update(device=self.info.get("device") or row.get("device"),
-                   git_commit=self.info.get("git_commit"), versions=versions or None, attempt=1)
+                   git_commit=self.info.get("git_commit"), versions=versions or None, attempt=1,
+                   threads=self.info.get("threads"), precision=self.info.get("precision"))
         row.update(extra)
         row["trial_id"] = self.trial_id
         return row

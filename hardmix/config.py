@@ -117,9 +117,19 @@ class OptimConfig:
     gamma: float = opt(0.2, "multistep decay factor", gt=0, le=1)
     warmup_epochs: int = opt(0, "linear warm-up epochs", ge=0)
     label_smoothing: float = opt(0.0, "label smoothing of the (mixed) cross entropy", ge=0, lt=1)
-    amp: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
-    channels_last: bool = opt(True, "channels_last memory format on CUDA (ignored on CPU)")
+    amp: bool = opt(True, "bf16 autocast where the device computes bf16 natively (CUDA; CPUs "
+                    "with AVX512-BF16 or AMX); off elsewhere, with the reason in the run log")
+    channels_last: bool = opt(True, "channels_last memory format for the model and the batches "
+                              "(CUDA and CPU)")
     grad_clip: Optional[float] = opt(None, "clip the gradient norm to this value", gt=0)
+
+
+@dataclass
+class EvalConfig:
+    every: int = opt(1, "validation error every N epochs (always at the last epoch and at the "
+                     "epochs an ASHA scheduler decides on)", gt=0)
+    test_every: int = opt(1, "test error every N epochs (always at the last epoch; tables use "
+                          "the last)", gt=0)
 
 
 @dataclass
@@ -163,6 +173,7 @@ class RunConfig:
     data: DataConfig = opt(factory=DataConfig)
     model: ModelConfig = opt(factory=ModelConfig)
     optim: OptimConfig = opt(factory=OptimConfig)
+    eval: EvalConfig = opt(factory=EvalConfig)
     augment: AugmentConfig = opt(factory=AugmentConfig)
     output: OutputConfig = opt(factory=OutputConfig)
 

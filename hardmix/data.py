@@ -375,7 +375,8 @@ class DeviceLoader:
                  mean: tuple[float, ...], std: tuple[float, ...], *, train: bool,
                  crop_flip: bool = True, pad: int = 4, flip: bool = True, seed: int = 0,
                  device: torch.device | str = "cpu", storage: torch.device | str | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         self.device = torch.device(device)
         self.storage = torch.device(storage) if storage is not None else self.device
         self.x = x.to(self.storage)
@@ -384,6 +385,7 @@ class DeviceLoader:
         self.crop_flip, self.pad, self.flip = crop_flip, pad, flip
         self.seed, self.epoch = seed, 0
         self.rank, self.world_size = rank, world_size
+        self.memory_format = memory_format
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.scale = 1.0 / (255.0 * std_t)
@@ -402,9 +404,12 @@ class DeviceLoader:
         return math.ceil(self.shard_size / self.batch_size)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 -> float, per-channel normalised: x / (255 std) - mean / std, in place on the
-        new float tensor (3x faster on a CPU than ``addcmul``, which broadcasts two operands)."""
-        return x.to(self.device, non_blocking=True).float().mul_(self.scale).add_(self.neg_shift)
+        """uint8 -> float in the model's memory format, per-channel normalised: x / (255 std) -
+        mean / std, in place on the new float tensor (3x faster on a CPU than ``addcmul``,
+        which broadcasts two operands)."""
+        x = x.to(self.device, non_blocking=True)
+        return x.to(torch.float32, memory_format=self.memory_format).mul_(self.scale) \
+            .add_(self.neg_shift)
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.x)
@@ -538,7 +543,8 @@ def train_size(cfg: DataConfig) -> Optional[int]:
 
 def build_data(cfg: DataConfig, seed: int = 0, device: torch.device | str = "cpu",
                rank: int = 0, world_size: int = 1, *, test_only: bool = False,
-               stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Data:
+               stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+               memory_format: torch.memory_format = torch.contiguous_format) -> Data:
     """Load ``cfg.name`` and build its loaders for ``device`` (rank ``rank`` of ``world_size``).
 
     ``stats`` (mean, std) replaces the per-channel statistics computed from the training split
@@ -554,7 +560,7 @@ def build_data(cfg: DataConfig, seed: int = 0, device: torch.device | str = "cpu
     mean, std = stats or channel_stats(x_tr)
     storage = None if cfg.device_loader else "cpu"
     common = dict(mean=mean, std=std, device=device, storage=storage, rank=rank,
-                  world_size=world_size)
+                  world_size=world_size, memory_format=memory_format)
     evaluate = lambda x, y: DeviceLoader(x, y, cfg.eval_batch_size, train=False, **common)
     train = None if test_only else DeviceLoader(
         x_tr, y_tr, cfg.batch_size, train=True, crop_flip=cfg.crop_flip, pad=cfg.pad,

@@ -46,6 +46,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
@@ -153,6 +154,65 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+def cpu_bf16_native() -> tuple[bool, str]:
+    """Whether this CPU computes bf16 in hardware, and what said so.
+
+    x86: the ``avx512_bf16`` or ``amx_bf16`` flags; Arm: ``bf16`` in /proc/cpuinfo's features.
+    Elsewhere (no /proc/cpuinfo) the answer is no: emulated bf16 is slower than fp32.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    found = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+                    if found:
+                        return True, f"CPU flags {', '.join(found)}"
+                    return False, "this CPU has no native bf16 (no avx512_bf16/amx_bf16/bf16 flag)"
+    except OSError:
+        pass
+    return False, "cannot read /proc/cpuinfo to detect native bf16"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The run's numeric policy: autocast dtype (None = fp32), memory format, and why."""
+
+    device_type: str
+    dtype: Optional[torch.dtype]
+    channels_last: bool
+    note: str
+
+    def autocast(self):
+        """A fresh autocast context (loss, softmax and BatchNorm statistics stay fp32, as
+        autocast arranges; parameters and optimizer state are fp32 throughout)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def precision_policy(o: OptimConfig, device: torch.device) -> Precision:
+    """bf16 autocast where the device computes bf16 natively (``optim.amp``), channels_last
+    where asked (``optim.channels_last``), on CUDA and CPU alike."""
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+        why = "CUDA bf16" if native else "this GPU has no native bf16"
+    elif device.type == "cpu":
+        native, why = cpu_bf16_native()
+    else:
+        native, why = False, f"no bf16 policy for {device.type}"
+    use = o.amp and native
+    dtype = torch.bfloat16 if use else None
+    amp_note = ("bf16 autocast (" + why + ")" if use else
+                "fp32 (optim.amp=false)" if not o.amp else f"fp32 ({why})")
+    layout = "channels_last" if o.channels_last else "contiguous"
+    return Precision(device.type, dtype, o.channels_last, f"{amp_note}, {layout}")
+
+
 def preflight(cfg: RunConfig) -> None:
     """Checks that need the environment (a GPU, the data on disk), before any work."""
     validate(cfg)
@@ -237,17 +297,17 @@ def _all_reduce(t: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, num_classes: int, autocast, world_size: int = 1,
-             channels_last: bool = False) -> tuple[float, float, float]:
-    """``(loss, top1_err, top5_err)`` over a loader (errors in %); sums over ranks."""
+def evaluate(model: nn.Module, loader, num_classes: int, precision: Precision,
+             world_size: int = 1) -> tuple[float, float, float]:
+    """``(loss, top1_err, top5_err)`` over a loader (errors in %); sums over ranks. Runs under
+    the run's precision policy, like training."""
     model.eval()
     dev = next(model.parameters()).device
     sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, top1 ok, top5 ok, n
     k = min(5, num_classes)
     for x, y, _ in loader:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
+        x = x.contiguous(memory_format=precision.memory_format)  # a no-op for device batches
+        with precision.autocast():
             logits = model(x).float()
         top = logits.topk(k, dim=1).indices
         hit = top == y[:, None]
@@ -268,30 +328,29 @@ def evaluate(model: nn.Module, loader, num_classes: int, autocast, world_size: i
 class _Run:
     """State of one run; :func:`train` drives it."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, callbacks: Sequence[Callback]):
+    def __init__(self, cfg: RunConfig, run_dir: Path, callbacks: Sequence[Callback],
+                 eval_epochs: Sequence[int] = ()):
         from hardmix import HardMix  # the core library (issue 3)
 
         self.cfg, self.run_dir, self.callbacks = cfg, run_dir, list(callbacks)
+        self.extra_eval_epochs = frozenset(int(e) for e in eval_epochs)
         self.rank, self.world_size = dist_info()
         preflight(cfg)
         self.device = resolve_device(cfg.device)
         cuda = self.device.type == "cuda"
-        self.amp = cuda and cfg.optim.amp
-        self.channels_last = cuda and cfg.optim.channels_last
+        self.precision = precision_policy(cfg.optim, self.device)
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes; bitwise CUDA repeats not promised
-        self.autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.amp
-                         else contextlib.nullcontext)
         torch.manual_seed(cfg.seed)  # model init: identical on every rank
         np.random.seed(cfg.seed % 2 ** 32)
         import random
         random.seed(cfg.seed)
-        self.data: Data = build_data(cfg.data, cfg.seed, self.device, self.rank, self.world_size)
+        self.data: Data = build_data(cfg.data, cfg.seed, self.device, self.rank, self.world_size,
+                                     memory_format=self.precision.memory_format)
         self.num_classes = self.data.num_classes
         model = build_model(cfg.model, self.num_classes, self.data.in_channels,
                             self.data.image_size).to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=self.precision.memory_format)
         self.raw_model = model
         self.model = model
         if self.world_size > 1:
@@ -346,14 +405,16 @@ class _Run:
                 "git_commit": git_commit(), "num_classes": self.num_classes,
                 "classes": list(self.data.classes), "sizes": dict(self.data.sizes),
                 "steps_per_epoch": self.steps_per_epoch, "start_epoch": self.start_epoch,
-                "rank": self.rank, "world_size": self.world_size}
+                "rank": self.rank, "world_size": self.world_size,
+                "threads": torch.get_num_threads(), "precision": self.precision.note}
 
     def write_metadata(self, info: dict) -> None:
         """config.yaml and run.json: the config, versions and git commit, with the run."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.run_dir / "config.yaml", to_yaml(self.cfg).encode())
         meta = {k: info[k] for k in ("device", "versions", "git_commit", "num_classes",
-                                     "sizes", "steps_per_epoch", "world_size")}
+                                     "sizes", "steps_per_epoch", "world_size", "threads",
+                                     "precision")}
         meta.update(started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     resumed_from_epoch=self.start_epoch, command=" ".join(sys.argv))
         atomic_write_bytes(self.run_dir / "run.json", json.dumps(meta, indent=2).encode())
@@ -369,8 +430,7 @@ class _Run:
         class_counts = torch.zeros(c, dtype=torch.float64, device=dev)
         seen = steps = mixed = 0
         for x, y, idx in self.data.train:
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=self.precision.memory_format)  # folder batches
             # The mixer writes into x (inplace): keep the clean batch while a preview is due.
             clean = x.clone() if self.preview_pending else None
             loss, out = self.step(x, y, idx)
@@ -405,7 +465,7 @@ class _Run:
         Returns the detached loss (a device tensor) and the mix output."""
         return training_step(self.model, self.raw_model, self.mix, self.optimizer, x, y, idx,
                              label_smoothing=self.cfg.optim.label_smoothing,
-                             grad_clip=self.cfg.optim.grad_clip, autocast=self.autocast,
+                             grad_clip=self.cfg.optim.grad_clip, autocast=self.precision.autocast,
                              scheduler=self.scheduler)
 
     def preview(self, x: torch.Tensor, y: torch.Tensor, out) -> None:
@@ -437,13 +497,14 @@ class _Run:
                 raise FloatingPointError(
                     f"training loss is {tr['train_loss']} at epoch {epoch} (lr {tr['lr']:.4g}): "
                     "the run diverged; lower optim.lr or set optim.grad_clip")
-            nan3 = (math.nan, math.nan, math.nan)
-            ev = dict(world_size=self.world_size, channels_last=self.channels_last)
+            none3 = (None, None, None)  # not evaluated this epoch: NULL in the results
             # The module inside DDP: ranks may run different numbers of eval batches, and a DDP
             # forward would start a buffer broadcast on each (BN buffers are rank 0's anyway).
-            val = (evaluate(self.raw_model, self.data.val, self.num_classes, self.autocast, **ev)
-                   if self.data.val is not None else nan3)
-            test = evaluate(self.raw_model, self.data.test, self.num_classes, self.autocast, **ev)
+            ev = lambda loader: evaluate(self.raw_model, loader, self.num_classes, self.precision,
+                                         self.world_size)
+            val = (ev(self.data.val) if self.data.val is not None and self.evaluates(epoch, "val")
+                   else none3)
+            test = ev(self.data.test) if self.evaluates(epoch, "test") else none3
             t_epoch = time.perf_counter() - t0
             if self.world_size > 1:  # the slowest rank sets the pace
                 import torch.distributed as dist
@@ -480,9 +541,19 @@ class _Run:
             if stop:
                 raise StopRun(f"stopped by a callback after epoch {epoch}")
 
+    def evaluates(self, epoch: int, split: str) -> bool:
+        """Whether ``split`` (val or test) is evaluated after ``epoch``: every ``eval.every`` /
+        ``eval.test_every`` epochs, at the last epoch, and (validation) at the extra epochs a
+        scheduler decides on."""
+        if epoch == self.cfg.optim.epochs:
+            return True
+        if split == "val":
+            return epoch % self.cfg.eval.every == 0 or epoch in self.extra_eval_epochs
+        return epoch % self.cfg.eval.test_every == 0
+
     def summary(self, status: str, error: str, wall: float) -> dict:
         h = self.history
-        col = lambda key: [m[key] for m in h if not math.isnan(m[key])]
+        col = lambda key: [m[key] for m in h if m.get(key) is not None and not math.isnan(m[key])]
         best = lambda key: min(col(key)) if col(key) else math.nan
         last = h[-1] if h else {}
         return {"status": status, "error": error, "epochs_run": int(last.get("epoch", 0)),
@@ -495,7 +566,7 @@ class _Run:
 
 
 def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), run_dir: str | Path = "runs/run",
-          resume: bool = False) -> dict:
+          resume: bool = False, eval_epochs: Sequence[int] = ()) -> dict:
     """Train one run and return its summary (:data:`SUMMARY_KEYS`).
 
     ``run_dir`` receives ``config.yaml``, ``run.json`` and ``checkpoints/last.pt``; callbacks
@@ -508,7 +579,7 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), run_dir: str | Pat
     run: Optional[_Run] = None
     status, error, failure = "completed", "", None
     try:
-        run = _Run(cfg, run_dir, callbacks)
+        run = _Run(cfg, run_dir, callbacks, eval_epochs)
         if resume and checkpoint_path(run_dir).is_file():
             run.restore(checkpoint_path(run_dir))
         info = run.info()
@@ -560,7 +631,8 @@ class ConsoleCallback(Callback):
             s = info["sizes"]
             self._write(f"hardmix train: {cfg.augment.method} {cfg.model.name} on {cfg.data.name} "
                         f"({s['train']} train / {s['val']} val / {s['test']} test, "
-                        f"{info['num_classes']} classes) on {info['device']} -> {info['run_dir']}"
+                        f"{info['num_classes']} classes) on {info['device']} "
+                        f"({info['precision']}, {info['threads']} threads) -> {info['run_dir']}"
                         + (f" (resumed after epoch {info['start_epoch']})"
                            if info["start_epoch"] else ""))
 
@@ -568,9 +640,11 @@ class ConsoleCallback(Callback):
         if not self.active:
             return
         m = metrics
-        val = "" if math.isnan(m["val_top1_err"]) else f"val err {m['val_top1_err']:5.2f}%  "
+        val = "" if m["val_top1_err"] is None else f"val err {m['val_top1_err']:5.2f}%  "
+        test = ("" if m["test_top1_err"] is None else
+                f"test err {m['test_top1_err']:5.2f}% (top-5 {m['test_top5_err']:5.2f}%)  ")
         self._write(f"epoch {m['epoch']:>3}/{self.epochs}  loss {m['train_loss']:.4f}  {val}"
-                    f"test err {m['test_top1_err']:5.2f}% (top-5 {m['test_top5_err']:5.2f}%)  "
+                    f"{test}"
                     f"lr {m['lr']:.4g}  {m['images_per_s']:,.0f} img/s  {m['epoch_seconds']:.1f} s")
 
     def _write(self, text: str) -> None:
@@ -652,11 +726,9 @@ def evaluate_checkpoint_cli(path: str, overrides: list[str]) -> int:
                                                  f"{d['in_channels']} channels)")
     model = build_model(cfg.model, d["num_classes"], d["in_channels"], d["image_size"])
     model.load_state_dict(state["model"])
-    model.to(device)
-    amp = device.type == "cuda" and cfg.optim.amp
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp
-                else contextlib.nullcontext)
-    loss, top1, top5 = evaluate(model, data.test, data.num_classes, autocast)
+    precision = precision_policy(cfg.optim, device)
+    model.to(device, memory_format=precision.memory_format)
+    loss, top1, top5 = evaluate(model, data.test, data.num_classes, precision)
     print(f"test_top1_err={top1:.2f} test_top5_err={top5:.2f} test_loss={loss:.4f} "
           f"images={data.sizes['test']} epoch={state['epoch']} checkpoint={path}")
     return 0

@@ -370,7 +370,8 @@ def _make_context(cfg: SweepConfig, sweep_dir: str, prefix: str, seeds: list[int
     return SweepContext(sweep_dir=sweep_dir, run=cfg.run, seeds=list(seeds), metric=cfg.metric,
                         resources=cfg.resources, prefix=prefix, points=points,
                         point_seeds=point_seeds,
-                        ray_version=ray.__version__, local_runs=not is_uri(sweep_dir))
+                        ray_version=ray.__version__, local_runs=not is_uri(sweep_dir),
+                        eval_epochs=tuple(scheduler_epochs(cfg)))
 
 
 def _trainable(ctx):
@@ -422,16 +423,33 @@ def make_searcher(cfg: SweepConfig):
     return Repeater(search, repeat=len(cfg.seeds), set_index=True)
 
 
+def _max_epochs(cfg: SweepConfig) -> int:
+    """The longest trial's epochs (``optim.epochs`` may be searched): ASHA's top rung."""
+    searched = cfg.space.get("optim.epochs")
+    if searched is not None:
+        return int(max(searched.values or [searched.high]))
+    return cfg.run.optim.epochs
+
+
+def scheduler_epochs(cfg: SweepConfig) -> list[int]:
+    """The epochs at which the scheduler compares trials (ASHA's rungs, as Ray computes them:
+    ``grace_period * reduction_factor**k`` below ``max_t``). Trials evaluate validation error
+    there whatever ``eval.every`` says, so every decision sees a fresh value."""
+    if cfg.scheduler.type != "asha":
+        return []
+    s, max_t = cfg.scheduler, _max_epochs(cfg)
+    rungs = int(math.log(max_t / s.grace_period) / math.log(s.reduction_factor) + 1)
+    return sorted({math.ceil(s.grace_period * s.reduction_factor ** k - 1e-9)
+                   for k in range(max(0, rungs))})
+
+
 def make_scheduler(cfg: SweepConfig):
     if cfg.scheduler.type != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
     s = cfg.scheduler
-    max_t = cfg.run.optim.epochs
-    searched = cfg.space.get("optim.epochs")
-    if searched is not None:  # the longest trial sets the top rung
-        max_t = int(max(searched.values or [searched.high]))
+    max_t = _max_epochs(cfg)
     return ASHAScheduler(time_attr="epoch", metric=cfg.metric, mode="min",
                          max_t=max_t, grace_period=s.grace_period,
                          reduction_factor=s.reduction_factor)

@@ -75,6 +75,8 @@ class SweepContext:
     point_seeds: Optional[list[list[int]]] = None
     ray_version: str = ""
     local_runs: bool = True  # run folders under <sweep>/runs (local or network disk)
+    #: Epochs where the scheduler decides (ASHA's rungs): the run evaluates validation there too.
+    eval_epochs: tuple[int, ...] = ()
 
     # ---- trial identity ---------------------------------------------------------------------
 
@@ -323,10 +325,12 @@ def _set_threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-def _run(cfg: RunConfig, callbacks: list, run_dir: Path, resume: bool) -> dict:
+def _run(ctx: SweepContext, cfg: RunConfig, callbacks: list, run_dir: Path,
+         resume: bool) -> dict:
     """``train()``; it records a failure through the callbacks and re-raises it, so Tune
     retries the trial."""
-    summary = hardmix.train.train(cfg, callbacks=callbacks, run_dir=run_dir, resume=resume)
+    summary = hardmix.train.train(cfg, callbacks=callbacks, run_dir=run_dir, resume=resume,
+                                  eval_epochs=ctx.eval_epochs)
     if summary.get("status") == "failed":  # train() raises on failure; be strict anyway
         raise TrialFailed(summary.get("error") or "the run failed")
     return summary
@@ -355,7 +359,7 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
         resume = restore_checkpoint(ckpt_dir, run_dir)
     store_cb = StoreCallback(ResultStore(ctx.sweep_dir), trial_id, cfg,
                              extra=_extra(ctx, attempt, tctx.get_trial_id()))
-    _run(cfg, trial_callbacks(cfg, store_cb, run_dir, attempt), run_dir, resume)
+    _run(ctx, cfg, trial_callbacks(cfg, store_cb, run_dir, attempt), run_dir, resume)
 
 
 def _synced_trial_folder() -> str:
@@ -439,8 +443,8 @@ def _worker_loop(config: dict) -> None:
                 restore_checkpoint(None, run_dir)
     store_cb = StoreCallback(ResultStore(ctx.sweep_dir), config["trial_id"], cfg,
                              extra=_extra(ctx, config["attempt"], config["tune_trial_id"]))
-    _run(cfg, trial_callbacks(cfg, store_cb, run_dir, config["attempt"], train=True), run_dir,
-         resume)
+    _run(ctx, cfg, trial_callbacks(cfg, store_cb, run_dir, config["attempt"], train=True),
+         run_dir, resume)
 
 
 # --------------------------------------------------------------------------------------------
