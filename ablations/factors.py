@@ -3,9 +3,8 @@
 A *variant* is ``augment.method`` plus the config columns that vary within the sweep (seed and
 run bookkeeping excluded). A factor only counts for the trials where it changes what the method
 does: the criterion of a CutMix trial, or ``k`` of a ``misclassified`` HardMix trial without a
-``topk_loss`` fallback, are inert config values. :data:`RELEVANT` holds those rules (one
-predicate per config column); they keep inert values from splitting a variant and give Optuna's
-importance evaluator truly conditional parameters.
+``topk_loss`` fallback, are inert config values. :func:`is_relevant` holds those rules (derived from the method table); they keep inert values from
+splitting a variant and give Optuna's importance evaluator truly conditional parameters.
 """
 
 from __future__ import annotations
@@ -15,44 +14,33 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from hardmix.config import METHODS, RunConfig, flatten
+from hardmix.config import RunConfig, flatten
+from hardmix.errors import ConfigError
+from hardmix.methods import METHODS, active_fields
 
 #: Config columns that describe bookkeeping rather than a design choice, never factors.
 NON_FACTORS = ("seed", "description", "device", "augment.method")
-NON_FACTOR_PREFIXES = ("output.",)
+NON_FACTOR_PREFIXES = ("output.", "eval.")
 
-#: Mixing methods whose sources are the batch's hard samples.
-HARD_SOURCE = tuple(m for m in METHODS if m.startswith("hard"))
-#: Methods that paste a box (so one box per batch vs per sample matters).
-BOX_METHODS = ("cutmix", "saliencymix", "hardmix", "hard_saliencymix")
-TOPK_CRITERIA = ("topk_loss", "low_margin")
+#: Mixing methods whose sources are the batch's hard samples (from the method table).
+HARD_SOURCE = tuple(name for name, spec in METHODS.items() if spec.hard)
 
 
-def _hard(r: Mapping) -> bool:
-    return r.get("augment.method") in HARD_SOURCE
+def _augment_of(row: Mapping) -> dict:
+    return {k[len("augment."):]: v for k, v in row.items() if k.startswith("augment.")}
 
 
-def _uses_fallback(r: Mapping) -> bool:
-    # A top-k hard set is never empty: the fallback (and min_hard) only act for misclassified.
-    return _hard(r) and r.get("augment.criterion") == "misclassified"
+def is_relevant(column: str, row: Mapping) -> bool:
+    """Does this config value change what the run does? An ``augment.*`` field acts where the
+    method table says it is read (:func:`hardmix.methods.active_fields`); other columns always.
+    A row of an unknown method keeps every field."""
+    if not column.startswith("augment."):
+        return True
+    try:
+        return column[len("augment."):] in active_fields(_augment_of(row))
+    except ConfigError:
+        return True
 
-
-#: ``RELEVANT[column](row) -> bool``: does this config value change what the run does?
-#: Columns without a rule are always relevant.
-RELEVANT: dict[str, Callable[[Mapping], bool]] = {
-    "augment.criterion": _hard,
-    "augment.fallback": _uses_fallback,
-    "augment.min_hard": _uses_fallback,
-    "augment.k": lambda r: _hard(r) and (r.get("augment.criterion") in TOPK_CRITERIA
-                                         or (_uses_fallback(r)
-                                             and r.get("augment.fallback") == "topk_loss")),
-    "augment.signal": _hard,
-    "augment.bn_mode": lambda r: _hard(r) and r.get("augment.signal") == "forward",
-    "augment.alpha": lambda r: r.get("augment.method") not in ("none", "cutout"),
-    "augment.prob": lambda r: r.get("augment.method") != "none",
-    "augment.box": lambda r: r.get("augment.method") in BOX_METHODS,
-    "augment.cutout_size": lambda r: r.get("augment.method") == "cutout",
-}
 
 INERT = "—"
 
@@ -73,14 +61,9 @@ def hashable(value: Any) -> Any:
     return value
 
 
-def is_relevant(column: str, row: Mapping) -> bool:
-    rule = RELEVANT.get(column)
-    return True if rule is None else bool(rule(row))
-
-
 def relevance(df: pd.DataFrame, column: str) -> pd.Series:
     """Boolean Series: is ``column`` relevant for each row of ``df``."""
-    if column not in RELEVANT:
+    if not column.startswith("augment."):
         return pd.Series(True, index=df.index)
     return pd.Series([is_relevant(column, r) for r in df.to_dict("records")], index=df.index,
                      dtype=bool)
@@ -135,4 +118,5 @@ def variant_labels(df: pd.DataFrame, factors: list[str]) -> pd.Series:
 
 
 def method_order(method: Any) -> int:
-    return METHODS.index(method) if method in METHODS else len(METHODS)
+    names = list(METHODS)
+    return names.index(method) if method in names else len(names)

@@ -1,4 +1,10 @@
-"""Which factor matters most: Optuna's parameter importance over full-length trials.
+"""Which factor matters most: Optuna's parameter importance over full-length trials of an
+Optuna search, with bootstrap intervals, and only where it can mean something.
+
+A grid or arms design gets no importance table: its comparisons are planned, and the one-factor
+contrasts answer which factor matters, with intervals. A search gets one only with at least
+:data:`MIN_TRIALS` full-length trials, and every importance comes with a 95% bootstrap interval
+over trials, so that a zero is read as "not resolved at this n", not as "no effect".
 
 The study is rebuilt from the Parquet rows (``optuna.trial.create_trial`` + ``study.add_trial``)
 rather than taken from the sweep's own Optuna study, because Ray Tune records trials that ASHA
@@ -21,7 +27,10 @@ import pandas as pd
 
 from ablations.factors import hashable, is_relevant
 
-TARGET = "final_top1_err"
+#: What a search optimised (validation error of the last epoch): importance explains that.
+TARGET = "final_val_top1_err"
+MIN_TRIALS = 20
+BOOTSTRAP = 100
 
 
 def full_length(trials: pd.DataFrame) -> pd.Series:
@@ -66,8 +75,7 @@ def importance_study(trials: pd.DataFrame, factors: list[str], target: str = TAR
 
     usable = trials[full_length(trials)
                     & np.isfinite(pd.to_numeric(trials[target], errors="coerce").astype(float))]
-    note = (f"{len(usable)} full-length completed trials (of {len(trials)}); target: {target}; "
-            "evaluator: PED-ANOVA (Optuna's default)")
+    note = f"{len(usable)} full-length completed trials (of {len(trials)}); target: {target}"
     if not factors:
         return None, note + "; no factor varies"
     if len(usable) < 2:
@@ -100,26 +108,65 @@ def importance_study(trials: pd.DataFrame, factors: list[str], target: str = TAR
     return study, note
 
 
-def factor_importance(trials: pd.DataFrame, factors: list[str], target: str = TARGET
-                      ) -> tuple[pd.DataFrame, str]:
-    """``(table, note)``: importance of each factor for ``target`` (lower is better).
-
-    ``factors`` are config columns (``augment.method`` may be one). ``table`` has columns
-    ``factor, importance`` sorted by importance; empty when it cannot be computed, with the
-    reason in ``note``.
-    """
+def _importances(study) -> dict[str, float]:
     import optuna
 
-    empty = pd.DataFrame(columns=["factor", "importance"])
+    return dict(optuna.importance.get_param_importances(study))
+
+
+def factor_importance(trials: pd.DataFrame, factors: list[str], mode: str = "search",
+                      target: str = TARGET, min_trials: int = MIN_TRIALS,
+                      boot: int = BOOTSTRAP, seed: int = 0) -> tuple[pd.DataFrame, str]:
+    """``(table, note)``: importance of each factor for ``target`` (lower is better), with a
+    95% bootstrap interval over trials and the number of trials, or an empty table and why.
+
+    ``mode``: the sweep's design; only ``search`` gets a table.
+    """
+    empty = pd.DataFrame(columns=["factor", "importance", "ci_low", "ci_high", "n"])
+    if mode != "search":
+        return empty, ("Not computed: this is a grid (or arms) design. Its comparisons are "
+                       "planned, and the one-factor contrasts above say which factor moves the "
+                       "error and by how much, with intervals; an importance model fitted to a "
+                       "few arms would mostly restate which factors the arms vary.")
     study, note = importance_study(trials, factors, target)
+    n = len(study.trials) if study is not None else 0
     if study is None:
-        return empty, note
+        return empty, f"Not computed: {note}."
+    if n < min_trials:
+        return empty, (f"Not computed: {n} full-length completed trials; an importance estimate "
+                       f"needs at least {min_trials} ({note}).")
     try:
-        result = optuna.importance.get_param_importances(study)
+        point = _importances(study)
     except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-        return empty, note + f"; Optuna could not compute it ({exc})"
-    table = pd.DataFrame({"factor": list(result), "importance": list(result.values())})
-    # Ties (often several zeros) by name, so that a re-run writes the same report.
-    table = table.sort_values("factor").sort_values("importance", ascending=False, kind="stable",
-                                                     ignore_index=True)
+        return empty, f"Not computed: Optuna could not ({exc}); {note}."
+    import optuna
+
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {k: [] for k in point}
+    frozen = list(study.trials)
+    for _ in range(boot):
+        pick = rng.integers(0, len(frozen), len(frozen))
+        st = optuna.create_study(direction="minimize")
+        st.add_trials([frozen[i] for i in pick])
+        try:
+            imp = _importances(st)
+        except (ValueError, RuntimeError, ZeroDivisionError):
+            continue
+        for k in samples:
+            samples[k].append(float(imp.get(k, 0.0)))
+    rows = []
+    for k, v in point.items():
+        lo, hi = (np.percentile(samples[k], [2.5, 97.5]) if samples[k] else (np.nan, np.nan))
+        rows.append({"factor": k, "importance": float(v), "ci_low": float(lo),
+                     "ci_high": float(hi), "n": n})
+    table = pd.DataFrame(rows, columns=list(empty.columns))
+    table = table.sort_values("factor").sort_values("importance", ascending=False,
+                                                     kind="stable", ignore_index=True)
+    note = (f"PED-ANOVA (Optuna's default) over {note}; 95% intervals from {boot} bootstrap "
+            "resamples of the trials. Importance is the share of the variation among the best "
+            "trials a factor explains, not its direction; an interval that reaches 0 means the "
+            f"factor is not resolved at n = {n}.")
+    unresolved = table[table["ci_low"].fillna(0) <= 1e-9]
+    if len(unresolved) == len(table):
+        note += " No factor is resolved: read the table as 'unknown', not as 'no effect'."
     return table, note

@@ -1,14 +1,19 @@
-"""PNG plots of a sweep (matplotlib, Agg backend: no display needed).
+"""PNG plots of a sweep (matplotlib, Agg backend: no display needed), made for a paper.
 
-Every function takes the report's frames (trials with a ``variant`` column, epochs with the
-trial's ``variant`` merged in), writes one PNG and returns its path, or returns None when the
-plot has nothing to show (e.g. α does not vary).
+Every variant keeps one colour across every figure of a report (:func:`variant_colors`, in the
+main table's order); legends sit outside the axes, below them, so they never cover a curve or
+get clipped; every band and error bar says what it is (mean ± std or a 95% interval, over how
+many seeds). Each function writes one PNG and returns its path, or None when the plot has
+nothing to show.
 """
 
 from __future__ import annotations
 
+import math
+import textwrap
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,20 +23,92 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from scipy import stats as sps  # noqa: E402
 
-from ablations.factors import HARD_SOURCE, relevance  # noqa: E402
+from ablations.factors import HARD_SOURCE  # noqa: E402
 
-#: Legends become unreadable beyond this: learning curves show the best variants only.
+#: Curves get unreadable beyond this many variants: learning curves show the best ones.
 MAX_LINES = 10
+TITLES = {"error_by_variant": "Final test error per variant",
+          "contrasts": "One-factor contrasts",
+          "learning_curves": "Learning curves",
+          "hardness_over_epochs": "Hard share, fallback rate and source diversity over epochs",
+          "source_classes": "How often each class served as a source"}
 
 
-def _save(fig, path: Path, rect: tuple = (0, 0, 1, 1)) -> Path:
-    with warnings.catch_warnings():  # long variant names: a cramped layout is still a plot
+def variant_colors(variants: Sequence[str]) -> dict[str, tuple]:
+    """One colour per variant, in the given (main table) order."""
+    cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
+    return {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
+
+
+def _wrap(text: str, width: int = 60) -> str:
+    return "\n".join(textwrap.wrap(str(text), width)) or str(text)
+
+
+def _save(fig, path: Path) -> Path:
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        fig.tight_layout(rect=rect)
-    fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps outside legends in the image
     plt.close(fig)
     return path
+
+
+def _legend_below(fig, handles, labels, ncol: int = 2) -> None:
+    if handles:
+        fig.legend(handles, [_wrap(lab, 55) for lab in labels], loc="upper center",
+                   bbox_to_anchor=(0.5, 0.0), ncol=min(ncol, len(labels)), fontsize=8,
+                   frameon=False)
+
+
+def _t_half(std: float, n: int) -> float:
+    return float(sps.t.ppf(0.975, n - 1)) * std / math.sqrt(n) if n >= 2 and np.isfinite(std) \
+        else float("nan")
+
+
+def error_by_variant(table: pd.DataFrame, colors: dict, path: Path) -> Path | None:
+    """Final test top-1 error per variant: mean with its 95% t-interval over seeds (points, not
+    box plots: a handful of seeds per variant), n beside each point."""
+    if table.empty:
+        return None
+    t = table.iloc[::-1].reset_index(drop=True)  # first variant on top
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(t) + 1.6))
+    for i, r in t.iterrows():
+        half = _t_half(r["top1_std"], int(r["n"]))
+        ax.errorbar(r["top1_mean"], i, xerr=None if math.isnan(half) else half, fmt="o",
+                    color=colors.get(r["variant"]), capsize=3, ms=5)
+        ax.annotate(f"n={int(r['n'])}", (r["top1_mean"], i), xytext=(6, 4),
+                    textcoords="offset points", fontsize=7, color="0.3")
+    ax.set_yticks(range(len(t)), [_wrap(v, 55) for v in t["variant"]], fontsize=8)
+    ax.set(xlabel="final test top-1 error (%): mean and 95% interval over seeds",
+           title="Final test error per variant")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def contrast_forest(contrasts: Sequence, family: str, path: Path) -> Path | None:
+    """Δ top-1 error of every compared pair with the family's interval (vertical line at 0)."""
+    items = [c for c in contrasts if c.difference.tested]
+    if not items:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(items) + 1.8))
+    labels = []
+    for i, c in enumerate(reversed(items)):
+        d = c.difference
+        color = "tab:green" if d.distinguishable and d.diff < 0 else \
+            "tab:red" if d.distinguishable else "0.35"
+        ax.errorbar(d.diff, i, xerr=[[d.diff - d.ci_low], [d.ci_high - d.diff]], fmt="o",
+                    color=color, capsize=3, ms=5)
+        name = c.factor.rsplit(".", 1)[-1]
+        labels.append(_wrap(f"{name}: {c.reference_value} → {c.value}"
+                            + (f" ({c.dependents})" if c.dependents else "")
+                            + f"  [{d.baseline}], n={d.n}", 70))
+    ax.axvline(0, color="0.2", lw=0.8)
+    ax.set_yticks(range(len(items)), labels, fontsize=7)
+    ax.set(xlabel="Δ final test top-1 error (points); green: lower error, red: higher",
+           title=_wrap("Δ with 95% intervals, " + family, 90))
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
 
 
 def _best_variants(trials: pd.DataFrame, k: int = MAX_LINES) -> list[str]:
@@ -39,109 +116,85 @@ def _best_variants(trials: pd.DataFrame, k: int = MAX_LINES) -> list[str]:
     return list(means.index[:k])
 
 
-def _mean_band(ax, epochs: pd.DataFrame, column: str, variants: list[str]) -> bool:
+def _mean_band(ax, epochs: pd.DataFrame, column: str, variants: list[str], colors: dict) -> bool:
     drawn = False
     for v in variants:
-        sub = epochs[(epochs["variant"] == v) & np.isfinite(epochs[column].astype(float))]
+        sub = epochs[epochs["variant"] == v]
+        sub = sub[np.isfinite(pd.to_numeric(sub[column], errors="coerce").astype(float))]
         if sub.empty:
             continue
         g = sub.groupby("epoch")[column]
-        mean, std = g.mean(), g.std().fillna(0.0)
-        ax.plot(mean.index, mean.values, label=v, lw=1.4)
-        ax.fill_between(mean.index, (mean - std).values, (mean + std).values, alpha=0.15)
+        mean, std, n = g.mean(), g.std().fillna(0.0), g.count()
+        ax.plot(mean.index, mean.values, label=f"{v} (n={int(n.max())})", lw=1.4,
+                color=colors.get(v), marker="." if len(mean) < 12 else None)
+        ax.fill_between(mean.index, (mean - std).values, (mean + std).values, alpha=0.15,
+                        color=colors.get(v))
         drawn = True
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return drawn
 
 
-def learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, path: Path) -> Path | None:
-    """Test top-1 error and training loss per epoch, mean ± std over seeds, per variant."""
+def learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, colors: dict,
+                    path: Path) -> Path | None:
+    """Validation and test top-1 error (on the epochs that evaluated them) and training loss,
+    mean ± std over seeds, for the best variants."""
     if epochs.empty or trials.empty:
         return None
     variants = _best_variants(trials)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    ok = _mean_band(axes[0], epochs, "test_top1_err", variants)
-    _mean_band(axes[1], epochs, "train_loss", variants)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ok = _mean_band(axes[0], epochs, "test_top1_err", variants, colors)
+    _mean_band(axes[1], epochs, "val_top1_err", variants, colors)
+    _mean_band(axes[2], epochs, "train_loss", variants, colors)
     if not ok:
         plt.close(fig)
         return None
     axes[0].set(xlabel="epoch", ylabel="test top-1 error (%)", title="Test error")
-    axes[1].set(xlabel="epoch", ylabel="training loss", title="Training loss")
-    axes[0].legend(fontsize=7)
+    axes[1].set(xlabel="epoch", ylabel="validation top-1 error (%)", title="Validation error")
+    axes[2].set(xlabel="epoch", ylabel="training loss (mixed loss on mixed steps)",
+                title="Training loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Mean ± std over seeds (n per variant in the legend); best {len(variants)} "
+                 "variants by final test error", fontsize=9, y=1.02)
+    handles, labels = axes[0].get_legend_handles_labels()
+    _legend_below(fig, handles, labels)
     return _save(fig, path)
 
 
-def error_vs_alpha(trials: pd.DataFrame, path: Path) -> Path | None:
-    """Final top-1 error against α: one line per criterion (hard-source methods) and one per
-    other α-using method; mean ± std over seeds."""
-    if "augment.alpha" not in trials or trials["augment.alpha"].nunique() < 2:
+def hardness_dynamics(trials: pd.DataFrame, epochs: pd.DataFrame, colors: dict,
+                      path: Path) -> Path | None:
+    """Hard share, fallback rate and source diversity per epoch for the hard-source variants,
+    mean ± std over seeds."""
+    cols = [("hard_share", "hard share of the batch"), ("fallback_rate", "fallback rate (share "
+            "of mixed steps)"), ("distinct_sources", "distinct source images per batch")]
+    hard = trials[trials["augment.method"].isin(HARD_SOURCE)]
+    if epochs.empty or hard.empty or not any(
+            c in epochs and pd.to_numeric(epochs[c], errors="coerce").notna().any()
+            for c, _ in cols):
         return None
-    t = trials[relevance(trials, "augment.alpha")].copy()
-    hard = t["augment.method"].isin(HARD_SOURCE)
-    t["line"] = np.where(hard, t["augment.method"] + " / " + t["augment.criterion"].astype(str),
-                         t["augment.method"])
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for line, sub in t.groupby("line"):
-        g = sub.groupby("augment.alpha")["final_top1_err"]
-        mean, std = g.mean(), g.std().fillna(0.0)
-        ax.errorbar(mean.index, mean.values, yerr=std.values, marker="o", capsize=3, label=line)
-    alphas = sorted(t["augment.alpha"].dropna().unique())
-    ax.set_xscale("log")
-    ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
-    ax.minorticks_off()
-    ax.set(xlabel="α (Beta(α, α))", ylabel="final test top-1 error (%)",
-           title="Error against α per criterion")
-    ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def box_per_fallback(trials: pd.DataFrame, path: Path) -> Path | None:
-    """Distribution of final top-1 error per fallback policy (where the fallback can fire)."""
-    if "augment.fallback" not in trials:
-        return None
-    t = trials[relevance(trials, "augment.fallback")]
-    groups = {k: g["final_top1_err"].dropna().to_numpy() for k, g in t.groupby("augment.fallback")}
-    groups = {k: v for k, v in groups.items() if v.size}
-    if len(groups) < 2:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.boxplot(list(groups.values()), tick_labels=list(groups.keys()))
-    for i, v in enumerate(groups.values(), start=1):
-        ax.scatter(np.full(v.size, i), v, s=10, alpha=0.6)
-    ax.set(xlabel="fallback", ylabel="final test top-1 error (%)",
-           title="Error per fallback (misclassified criterion)")
-    return _save(fig, path)
-
-
-def hardness_dynamics(trials: pd.DataFrame, epochs: pd.DataFrame, path: Path) -> Path | None:
-    """Hard share, fallback rate and source diversity per epoch, mean over seeds per variant."""
-    cols = [("hard_share", "hard share of the batch"), ("fallback_rate", "fallback rate"),
-            ("distinct_sources", "distinct sources per batch")]
-    if epochs.empty or not any(c in epochs and epochs[c].notna().any() for c, _ in cols):
-        return None
-    variants = _best_variants(trials)
+    variants = _best_variants(hard)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (col, label) in zip(axes, cols):
         if col in epochs:
-            _mean_band(ax, epochs, col, variants)
+            _mean_band(ax, epochs, col, variants, colors)
         ax.set(xlabel="epoch", ylabel=label, title=label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Hard-source variants: mean ± std over seeds (n in the legend)", fontsize=9,
+                 y=1.02)
     handles, labels = axes[0].get_legend_handles_labels()
-    if not handles:
-        handles, labels = axes[2].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(4, len(labels)))
-    rows = -(-len(labels) // 4) if handles else 0
-    return _save(fig, path, rect=(0, min(0.45, 0.06 * rows + 0.02), 1, 1))
+    _legend_below(fig, handles, labels)
+    return _save(fig, path)
 
 
-def source_classes(epochs: pd.DataFrame, path: Path) -> Path | None:
-    """How often each class served as a mixing source: share per class, per variant."""
+def source_classes(trials: pd.DataFrame, epochs: pd.DataFrame, path: Path) -> Path | None:
+    """How often each class served as a mixing source: share per class, per variant, with the
+    data set's class names."""
     if epochs.empty or "source_class_counts" not in epochs:
         return None
     rows: dict[str, np.ndarray] = {}
-    for v, sub in epochs.groupby("variant"):
+    for v, sub in epochs.groupby("variant", sort=False):
         counts = [np.asarray(c, dtype=float) for c in sub["source_class_counts"]
-                  if c is not None and len(c)]
+                  if c is not None and not (isinstance(c, float) and math.isnan(c)) and len(c)]
         if not counts:
             continue
         width = max(c.size for c in counts)
@@ -156,9 +209,18 @@ def source_classes(epochs: pd.DataFrame, path: Path) -> Path | None:
     mat = np.zeros((len(rows), width))
     for i, r in enumerate(rows.values()):
         mat[i, :r.size] = r / r.sum()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * width + 4), 0.45 * len(rows) + 2))
+    names = None
+    if "classes" in trials:
+        for c in trials["classes"]:
+            if c is not None and not (isinstance(c, float)) and len(c) == width:
+                names = [str(x) for x in c]
+                break
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * width + 4), 0.45 * len(rows) + 2.2))
     im = ax.imshow(mat, aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(rows)), list(rows), fontsize=7)
-    ax.set(xlabel="class", title="Share of mixing sources per class")
+    ax.set_yticks(range(len(rows)), [_wrap(v, 55) for v in rows], fontsize=7)
+    ax.set_xticks(range(width), names or [str(i) for i in range(width)], rotation=45,
+                  ha="right", fontsize=8)
+    ax.set(xlabel="class of the source image", title="Share of mixing sources per class "
+           "(all mixed steps of all seeds)")
     fig.colorbar(im, ax=ax, label="share of sources")
     return _save(fig, path)

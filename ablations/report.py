@@ -1,55 +1,85 @@
-"""``hardmix report``: turn a sweep's Parquet results into the tables and plots of a paper.
+"""``hardmix report``: turn a sweep's Parquet results into the tables and plots of a paper, and
+say only what the data support.
 
 :func:`build_report` reads a sweep folder (or a folder of sweeps, local or URI), keeps the
 completed trials, groups them into variants (``augment.method`` + the config columns that vary
-within the sweep, seed excluded; see :mod:`ablations.factors`) and writes into
-``<sweep>/report/`` (or ``out``):
+within the sweep and act for that variant, seed excluded; see :mod:`ablations.factors`) and
+writes into ``<sweep>/report/`` (or ``out``):
 
-* ``report.md`` — everything below, with the verdicts in plain words;
-* ``main_table.csv`` — the paper's Table-1 shape: one row per variant, mean ± std final test
-  top-1 / top-5 error over seeds, n, and how often the fallback fired / how hard the batches were;
-* ``differences.csv`` — each variant minus the baseline method (default ``cutmix``), paired by
-  seed where seeds match, 95% CI Holm-corrected over the comparisons (:mod:`ablations.stats`);
-* ``contrasts.csv`` — every pair of variants that differ in exactly one factor (the method
-  included): the effect of that one change, paired by seed, Holm-corrected over the family;
-* ``factor_<name>.csv`` per varying factor, ``criterion_x_fallback.csv``, ``alpha_by_criterion.csv``;
-* ``importance.csv`` — Optuna factor importance over full-length trials (:mod:`ablations.importance`);
-* ``left_out.csv`` — every trial not in the tables and why (running, failed, pruned, ...), and
-  ``skipped_files.csv`` for corrupt files;
-* PNG plots (:mod:`ablations.plots`).
+* ``report.md`` -- everything below, with the verdicts in plain words;
+* ``main_table.csv`` -- one row per variant: mean ± std final test top-1 / top-5 error over
+  seeds, n, the diagnostics of :mod:`hardmix.metrics` (hard share, fallback rate, source
+  diversity), and which variants trained *identically* to another (same result for every seed);
+* ``contrasts.csv`` -- the comparisons: every pair of variants that differ in exactly one
+  factor they share (the method counts as one; settings only one side has, such as HardMix's
+  fallback against CutMix, belong to the changed switch and are named in the change). Paired by
+  seed, with one multiple-comparison family (Holm over all of them, or over ``family``'s
+  factors) stated in the report. Pairs that cannot be told apart by construction are left out
+  of the family and listed: identical results, or a switch whose witness metric shows it never
+  acted (a fallback that fired on 0% of steps);
+* ``differences.csv`` -- the same comparisons seen from the baseline method (default CutMix):
+  each variant against the CutMix variant that matches it on every shared factor (prob, α, box,
+  ...), with the family's interval; a variant without such a match is listed as unmatched;
+* ``factor_<name>.csv`` -- marginal means per factor (descriptive, no test);
+* ``importance.csv`` -- Optuna's factor importance, only for an Optuna search with enough
+  full-length trials, with bootstrap intervals (:mod:`ablations.importance`);
+* ``left_out.csv`` / ``skipped_files.csv`` -- every trial not in the tables and why;
+* PNG plots (:mod:`ablations.plots`), one colour per variant across all of them.
 
-Works on a running or partly failed sweep: only completed trials enter the tables and the report
-says how many it left out and why.
+No number selected on the test set appears: tables use the last epoch's test error, and
+choices (the best trial of a search) use validation error. A re-run replaces only the files a
+report wrote before (listed in its manifest, ``.hardmix-report.json``); nothing else in
+``out`` is touched.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from ablations import plots
-from ablations.factors import (HARD_SOURCE, INERT, factor_frame, fmt_value, hashable, is_relevant,
+from ablations.factors import (INERT, factor_frame, fmt_value, hashable, is_relevant,
                                method_order, relevance, short_names, variant_labels,
                                varying_factors)
 from ablations.importance import factor_importance
-from ablations.stats import (Difference, as_record, difference, holm, mean_std_text, summarize,
-                             verdict)
+from ablations.stats import Difference, difference, holm, mean_std_text, summarize, verdict
 from ablations.store import _resolve, read_results
-from hardmix.config import METHODS, ConfigError, RunConfig, flatten
+from hardmix.config import RunConfig, flatten
+from hardmix.config.environment import check_writable
+from hardmix.errors import ConfigError
+from hardmix.methods import METHODS, SWITCHES
+from hardmix.metrics import EPOCH_METRICS, diagnostics, witness_of
 
 #: Why a trial is not in the tables, by status.
 LEFT_OUT_REASONS = {"running": "still running", "failed": "failed", "pruned": "pruned (stopped early)"}
+MANIFEST = ".hardmix-report.json"
+#: The paper's HardMix as the library's defaults: the setting an ablation departs from.
+_DEFAULTS = {k: hashable(v) for k, v in flatten(RunConfig()).items()}
+_SWITCH_COLS = tuple(f"augment.{s}" for s in SWITCHES)
+CORRECTIONS = ("holm", "none")
 
-#: Files a report writes (a re-run removes its own earlier outputs, nothing else).
-_OWN_PATTERNS = ("report.md", "*.csv", "*.png")
+
+@dataclass
+class Contrast:
+    """``variant − reference`` where the two differ in one shared ``factor``; ``dependents``:
+    settings that only one side has (they come with the changed switch)."""
+
+    factor: str
+    reference_value: Any
+    value: Any
+    difference: Difference
+    dependents: str = ""
+    excluded: str = ""  # why it is not in the family ("" = in it)
 
 
 @dataclass
@@ -63,10 +93,12 @@ class Report:
     main_table: pd.DataFrame
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     plots: dict[str, str] = field(default_factory=dict)
-    differences: list[Difference] = field(default_factory=list)
+    contrasts: list[Contrast] = field(default_factory=list)
+    differences: list[Contrast] = field(default_factory=list)
     left_out: pd.DataFrame = field(default_factory=pd.DataFrame)
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
     factors: list[str] = field(default_factory=list)
+    family: str = ""
     n_trials: int = 0
     n_used: int = 0
     terminal: str = ""
@@ -86,51 +118,80 @@ def split_trials(trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         LEFT_OUT_REASONS.get(s, f"status {s}") if s != "completed"
         else "completed without a final test error"
         for s in left["status"]]
-    left["error"] = [(str(e).splitlines() or [""])[0] if isinstance(e, str) else "" for e in left["error"]]
+    left["error"] = [(str(e).splitlines() or [""])[0] if isinstance(e, str) else ""
+                     for e in left["error"]]
     return trials.loc[used_mask].copy(), left[["sweep", "trial_id", "status", "reason", "error"]]
 
 
 def _epoch_means(epochs: pd.DataFrame) -> pd.DataFrame:
-    cols = [c for c in ("fallback_rate", "hard_share", "mixed_rate", "distinct_sources")
-            if c in epochs]
+    """Per trial: the mean over epochs of the diagnostic metrics and of every witness metric."""
+    cols = [c for c in dict.fromkeys(diagnostics() + [m.name for m in EPOCH_METRICS.values()
+                                                      if m.witnesses]) if c in epochs]
     if epochs.empty:
         return pd.DataFrame(columns=["sweep", "trial_id", *cols])
-    return epochs.groupby(["sweep", "trial_id"], as_index=False)[cols].mean()
+    num = epochs[["sweep", "trial_id", *cols]].copy()
+    for c in cols:
+        num[c] = pd.to_numeric(num[c], errors="coerce")
+    return num.groupby(["sweep", "trial_id"], as_index=False)[cols].mean()
 
 
 # --------------------------------------------------------------------------------------------
-# Tables
+# Variants, identical variants
 # --------------------------------------------------------------------------------------------
+
+
+def _per_seed(g: pd.DataFrame) -> dict:
+    return {hashable(s): float(v) for s, v in zip(g["seed"], g["final_top1_err"])}
+
+
+def identical_variants(used: pd.DataFrame) -> dict[str, str]:
+    """``{variant: earlier variant}`` for variants whose every seed gave exactly the result of
+    an earlier variant (same seeds, same final error to 1e-9): they trained identically, so the
+    setting that tells them apart did nothing here."""
+    order = list(dict.fromkeys(used["variant"]))
+    seeds = {v: _per_seed(used[used["variant"] == v]) for v in order}
+    same: dict[str, str] = {}
+    for i, v in enumerate(order):
+        for w in order[:i]:
+            if w in same:
+                continue
+            a, b = seeds[v], seeds[w]
+            if a.keys() == b.keys() and all(abs(a[s] - b[s]) < 1e-9 for s in a):
+                same[v] = w
+                break
+    return same
 
 
 def _seeds_text(seeds: pd.Series) -> str:
     return ",".join(str(s) for s in sorted({hashable(s) for s in seeds}, key=str))
 
 
-def main_table(used: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
-    """One row per variant: mean ± std over seeds of final test top-1 / top-5 error, n, and
-    the mean per-trial fallback rate, hard share and source diversity."""
+def main_table(used: pd.DataFrame, factors: list[str], same: dict[str, str]) -> pd.DataFrame:
+    """One row per variant: mean ± std over seeds of final test top-1 / top-5 error, n, the
+    diagnostics (means per trial, then over trials) and an ``identical_to`` note."""
     frame = factor_frame(used, factors)
+    diag = [c for c in diagnostics() if c in used]
     rows = []
     for variant, g in used.groupby("variant", sort=False):
         top1, top5 = summarize(g["final_top1_err"]), summarize(g["final_top5_err"])
-        best = summarize(g["best_top1_err"])
         row: dict[str, Any] = {"variant": variant, "method": g["augment.method"].iloc[0]}
         row.update({f: frame.loc[g.index[0], f] for f in factors})
         row.update(n=top1.n, seeds=_seeds_text(g["seed"]) if "seed" in g else "",
                    top1_mean=top1.mean, top1_std=top1.std, top5_mean=top5.mean,
-                   top5_std=top5.std, best_top1_mean=best.mean)
-        for col in ("fallback_rate", "hard_share", "distinct_sources"):
-            row[col] = float(g[col].mean()) if col in g and g[col].notna().any() else np.nan
+                   top5_std=top5.std)
+        for col in diag:
+            vals = pd.to_numeric(g[col], errors="coerce")
+            row[col] = float(vals.mean()) if vals.notna().any() else np.nan
+        row["identical_to"] = same.get(variant, "")
         rows.append(row)
     cols = ["variant", "method", *factors, "n", "seeds", "top1_mean", "top1_std", "top5_mean",
-            "top5_std", "best_top1_mean", "fallback_rate", "hard_share", "distinct_sources"]
+            "top5_std", *diag, "identical_to"]
     table = pd.DataFrame(rows, columns=cols)
     if table.empty:
         return table
     order = table["method"].map(method_order)
-    return table.assign(_o=order).sort_values(["_o", "variant"]).drop(columns="_o") \
-        .reset_index(drop=True)
+    return table.assign(_o=order).sort_values(["_o", "variant"], kind="stable") \
+        .drop(columns="_o").reset_index(drop=True)
 
 
 def _cell(values: pd.Series) -> str:
@@ -139,7 +200,7 @@ def _cell(values: pd.Series) -> str:
 
 
 def factor_tables(used: pd.DataFrame, factors: list[str]) -> dict[str, pd.DataFrame]:
-    """Marginal tables: per factor (by method), criterion × fallback, α per criterion."""
+    """Marginal tables per factor, by method (descriptive: they average over other factors)."""
     out: dict[str, pd.DataFrame] = {}
     names = short_names(factors)
     for f in factors:
@@ -155,24 +216,6 @@ def factor_tables(used: pd.DataFrame, factors: list[str]) -> dict[str, pd.DataFr
         table = table.assign(_o=table["method"].map(method_order)).sort_values(["_o", f]) \
             .drop(columns="_o").reset_index(drop=True)
         out[f"factor_{names[f].replace('.', '_')}"] = table
-
-    hard = used[used["augment.method"].isin(HARD_SOURCE)]
-    if ({"augment.criterion", "augment.fallback"} & set(factors)) and not hard.empty:
-        frame = factor_frame(hard, ["augment.criterion", "augment.fallback"])
-        pivot = (hard.assign(criterion=frame["augment.criterion"], fallback=frame["augment.fallback"])
-                 .groupby(["criterion", "fallback"])["final_top1_err"].apply(_cell)
-                 .unstack("fallback").fillna(""))
-        out["criterion_x_fallback"] = pivot.reset_index()
-
-    if "augment.alpha" in factors:
-        t = used[relevance(used, "augment.alpha")]
-        line = np.where(t["augment.method"].isin(HARD_SOURCE),
-                        t["augment.method"] + " / " + t["augment.criterion"].astype(str),
-                        t["augment.method"])
-        pivot = (t.assign(line=line).groupby(["augment.alpha", "line"])["final_top1_err"]
-                 .apply(_cell).unstack("line").fillna(""))
-        pivot.index = [fmt_value(a) for a in pivot.index]
-        out["alpha_by_criterion"] = pivot.rename_axis("alpha").reset_index()
     return out
 
 
@@ -181,63 +224,16 @@ def _mode(values: pd.Series) -> Any:
     return max(set(vals), key=lambda v: (vals.count(v), str(v)))
 
 
-def compare_to_baseline(used: pd.DataFrame, factors: list[str], baseline: str
-                        ) -> tuple[list[Difference], list[str]]:
-    """Holm-corrected differences of every variant against its baseline-method variant.
-
-    With one baseline variant every variant is compared with it; with several (the baseline
-    method's own factors vary), each variant is compared with the baseline variant that has
-    the same values of those factors. Returns ``(differences, notes)``.
-    """
-    notes: list[str] = []
-    base = used[used["augment.method"] == baseline]
-    if base.empty:
-        return [], [f"No completed `{baseline}` trials: no differences against the baseline."]
-    base_variants = {v: g for v, g in base.groupby("variant", sort=False)}
-    diffs: list[Difference] = []
-    others = used[used["augment.method"] != baseline]
-    for variant, g in sorted(others.groupby("variant", sort=False),
-                             key=lambda kv: (method_order(kv[1]["augment.method"].iloc[0]), kv[0])):
-        if len(base_variants) == 1:
-            (bname, bg), = base_variants.items()
-        else:
-            matches = []
-            for bname, bg in base_variants.items():
-                brow = bg.iloc[0]
-                cols = [f for f in factors if is_relevant(f, brow)]
-                if all(_mode(g[f]) == hashable(brow[f]) for f in cols):
-                    matches.append((bname, bg))
-            if len(matches) != 1:
-                notes.append(f"{variant}: no single matching `{baseline}` variant "
-                             f"({len(matches)} candidates); not compared.")
-                continue
-            bname, bg = matches[0]
-        seeds = g["seed"] if "seed" in g else pd.Series(range(len(g)))
-        bseeds = bg["seed"] if "seed" in bg else pd.Series(range(len(bg)))
-        diffs.append(difference(variant, g["final_top1_err"].tolist(), seeds.tolist(),
-                                bname, bg["final_top1_err"].tolist(), bseeds.tolist()))
-    return holm(diffs), notes
-
-
-@dataclass
-class Contrast:
-    """One-factor contrast: ``variant − reference`` where the two differ in ``factor`` only."""
-
-    factor: str
-    reference_value: Any
-    value: Any
-    difference: Difference
-
-
-#: The paper's HardMix as the library's defaults: the setting an ablation departs from.
-_DEFAULTS = {k: hashable(v) for k, v in flatten(RunConfig()).items()}
+# --------------------------------------------------------------------------------------------
+# Comparisons
+# --------------------------------------------------------------------------------------------
 
 
 def _reference_first(factor: str, a: Any, b: Any, counts: dict[Any, int]) -> bool:
     """Whether ``a`` is the reference side of a contrast over ``factor``: for the method, the
-    one earlier in :data:`METHODS` (none < CutMix < HardMix); otherwise the library's default
-    (the paper's setting: fallback random, min_hard 1, signal forward, ...), else the factor's
-    most common value in the sweep."""
+    one earlier in the method table (none < ... < CutMix < ... < HardMix); otherwise the
+    library's default (the paper's setting: fallback random, min_hard 1, signal forward, ...),
+    else the factor's most common value in the sweep."""
     if factor == "augment.method":
         return method_order(a) <= method_order(b)
     default = _DEFAULTS.get(factor)
@@ -246,52 +242,92 @@ def _reference_first(factor: str, a: Any, b: Any, counts: dict[Any, int]) -> boo
     return (-counts.get(a, 0), str(a)) <= (-counts.get(b, 0), str(b))
 
 
-def one_factor_contrasts(used: pd.DataFrame, factors: list[str]) -> list[Contrast]:
-    """Every pair of variants whose configurations differ in exactly one factor (the method
-    counts as one), as ``variant − reference``, Holm-corrected over the whole family.
+def _matches_family(factor: str, family: Optional[Sequence[str]]) -> bool:
+    if not family:
+        return True
+    return any(factor == f or factor.rsplit(".", 1)[-1] == f for f in family)
 
-    This is what an ablation asks: the effect of changing one thing with the rest held fixed
-    (HardMix − CutMix, skip − random at the same min_hard, cached − forward at the same prob),
-    instead of marginal means that average over the other factors. A factor that acts on both
-    sides must have the same value; one that acts on neither is ignored; one that acts on one
-    side only (the fallback of HardMix against CutMix) counts as held fixed only where that
-    side keeps the library's default (the paper's setting), so a pair never hides a second
-    change.
+
+def one_factor_contrasts(used: pd.DataFrame, factors: list[str], same: dict[str, str],
+                         family: Optional[Sequence[str]] = None,
+                         correction: str = "holm") -> list[Contrast]:
+    """Every pair of variants that differ in exactly one factor both have (the method counts
+    as one), as ``variant − reference``, paired by seed.
+
+    Settings only one side has are dependents of the changed switch and are named with the
+    change (``cutmix → hardmix (fallback=skip, min_hard=40)``). Pairs left out of the family:
+    one side identical to another variant (only the first of identical variants takes part),
+    both sides identical, or a factor whose witness metric (:func:`hardmix.metrics.witness_of`)
+    is 0 on both sides (the switch never acted), and factors outside ``family``. The rest is
+    corrected together (``correction``: ``holm`` or ``none``).
     """
     cols = ["augment.method"] + [f for f in factors if f != "augment.method"]
     if used.empty:
         return []
     groups = dict(tuple(used.groupby("variant", sort=False)))
     reps = {v: {c: _mode(g[c]) for c in cols} for v, g in groups.items()}
-    acts = {v: {c: is_relevant(c, g.iloc[0]) for c in cols} for v, g in groups.items()}
+    acts = {v: {c: is_relevant(c, g.iloc[0].to_dict()) for c in cols} for v, g in groups.items()}
     counts = {c: used.loc[relevance(used, c), c].map(hashable).value_counts().to_dict()
               for c in cols}
-
-    def changed(a: str, b: str, c: str) -> bool:
-        if acts[a][c] and acts[b][c]:
-            return reps[a][c] != reps[b][c]
-        if acts[a][c] or acts[b][c]:  # factors are config columns, so each has a default
-            side = a if acts[a][c] else b
-            return reps[side][c] != _DEFAULTS[c]
-        return False
-
     names = sorted(groups, key=lambda v: (method_order(reps[v]["augment.method"]), v))
-    found: list[tuple[str, Any, Any, str, str]] = []
+    short = short_names(cols)
+    found: list[Contrast] = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            diff = [c for c in cols if changed(a, b, c)]
-            if len(diff) != 1 or not (acts[a][diff[0]] and acts[b][diff[0]]):
+            shared = [c for c in cols if acts[a][c] and acts[b][c]]
+            diff = [c for c in shared if reps[a][c] != reps[b][c]]
+            if len(diff) != 1:
                 continue
             c = diff[0]
+            one_sided = [x for x in cols if acts[a][x] != acts[b][x]]
+            if one_sided and c not in _SWITCH_COLS:
+                continue  # (cannot happen: only switches change what acts)
             ref, var = (a, b) if _reference_first(c, reps[a][c], reps[b][c], counts[c]) else (b, a)
-            found.append((c, reps[ref][c], reps[var][c], ref, var))
-    diffs = []
-    for _, _, _, ref, var in found:
-        g, bg = groups[var], groups[ref]
-        diffs.append(difference(var, g["final_top1_err"].tolist(), g["seed"].tolist(),
-                                ref, bg["final_top1_err"].tolist(), bg["seed"].tolist()))
-    diffs = holm(diffs)
-    return [Contrast(c, rv, v, d) for (c, rv, v, _, _), d in zip(found, diffs)]
+            deps = ", ".join(f"{short[x]}={fmt_value(reps[var][x])}" for x in one_sided
+                             if acts[var][x])
+            gv, gr = groups[var], groups[ref]
+            d = difference(var, gv["final_top1_err"].tolist(), gv["seed"].tolist(),
+                           ref, gr["final_top1_err"].tolist(), gr["seed"].tolist())
+            excluded = ""
+            if var in same or ref in same:
+                twin = var if var in same else ref
+                excluded = f"{twin} trained identically to {same[twin]}"
+            elif d.tested and d.se == 0 and d.diff == 0:
+                excluded = "identical results on every seed"
+            else:
+                witness = witness_of(c[len("augment."):]) if c.startswith("augment.") else None
+                if witness and witness in gv and witness in gr:
+                    wv = pd.to_numeric(gv[witness], errors="coerce").mean()
+                    wr = pd.to_numeric(gr[witness], errors="coerce").mean()
+                    if wv == 0 and wr == 0:
+                        excluded = f"{short[c]} never acted ({witness} 0 on both sides)"
+            if not excluded and not _matches_family(c, family):
+                excluded = "outside the family"
+            found.append(Contrast(c, reps[ref][c], reps[var][c], d, deps, excluded))
+    members = [i for i, ct in enumerate(found) if not ct.excluded]
+    corrected = holm([found[i].difference for i in members]) if correction == "holm" else \
+        holm([found[i].difference for i in members], single=True)
+    for i, d in zip(members, corrected):
+        found[i].difference = d
+    return found
+
+
+def differences_from(contrasts: list[Contrast], used: pd.DataFrame, baseline: str
+                     ) -> tuple[list[Contrast], list[str]]:
+    """The method contrasts whose reference is a ``baseline`` variant (same intervals as in the
+    contrasts), and a note for every other variant that has no matched baseline."""
+    if not (used["augment.method"] == baseline).any():
+        return [], [f"No completed `{baseline}` trials: nothing to compare against {baseline}."]
+    base_variants = set(used.loc[used["augment.method"] == baseline, "variant"])
+    diffs = [c for c in contrasts if c.factor == "augment.method"
+             and c.difference.baseline in base_variants]
+    matched = {c.difference.variant for c in diffs}
+    notes = []
+    for v in dict.fromkeys(used.loc[used["augment.method"] != baseline, "variant"]):
+        if v not in matched:
+            notes.append(f"{v}: no `{baseline}` variant matches it on every shared factor "
+                         "(prob, α, box, ...): not compared.")
+    return diffs, notes
 
 
 def contrast_table(contrasts: list[Contrast]) -> pd.DataFrame:
@@ -299,13 +335,19 @@ def contrast_table(contrasts: list[Contrast]) -> pd.DataFrame:
     rows = []
     for c in contrasts:
         d = c.difference
+        change = f"{fmt_value(c.reference_value)} → {fmt_value(c.value)}"
         rows.append({"factor": names.get(c.factor, c.factor),
-                     "change": f"{fmt_value(c.reference_value)} → {fmt_value(c.value)}",
-                     "reference": d.baseline, "n": d.n, "delta_top1": d.diff,
-                     "ci_low": d.ci_low, "ci_high": d.ci_high, "p_holm": d.p_holm,
-                     "distinguishable": d.distinguishable, "test": d.kind})
-    return pd.DataFrame(rows, columns=["factor", "change", "reference", "n", "delta_top1",
-                                       "ci_low", "ci_high", "p_holm", "distinguishable", "test"])
+                     "change": change + (f" ({c.dependents})" if c.dependents else ""),
+                     "variant": d.variant, "reference": d.baseline, "n": d.n,
+                     "delta_top1": d.diff, "ci_low": d.ci_low, "ci_high": d.ci_high,
+                     "p": d.p, "p_adjusted": d.p_holm, "comparisons": d.m if not c.excluded else 0,
+                     "distinguishable": d.distinguishable if not c.excluded else None,
+                     "test": d.kind, "excluded": c.excluded,
+                     "verdict": verdict(d) if not c.excluded else ""})
+    return pd.DataFrame(rows, columns=["factor", "change", "variant", "reference", "n",
+                                       "delta_top1", "ci_low", "ci_high", "p", "p_adjusted",
+                                       "comparisons", "distinguishable", "test", "excluded",
+                                       "verdict"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +374,16 @@ def md_table(df: pd.DataFrame, digits: int = 2) -> str:
     return "\n".join([head, sep, *body])
 
 
+def _ms(mean: float, std: float, n: int) -> str:
+    if not n or not np.isfinite(mean):
+        return "—"
+    return f"{mean:.2f}" if n < 2 or not np.isfinite(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+_DIAG_TITLES = {"hard_share": "hard share", "fallback_rate": "fallback rate",
+                "distinct_sources": "distinct sources"}
+
+
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """The main table as shown: ``mean ± std`` text columns."""
     if table.empty:
@@ -341,16 +393,14 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
                             zip(table["top1_mean"], table["top1_std"], table["n"])]
     out["top-5 err (%)"] = [_ms(m, s, n) for m, s, n in
                             zip(table["top5_mean"], table["top5_std"], table["n"])]
-    out["fallback rate"] = table["fallback_rate"].map(lambda v: _fmt(v, 3))
-    out["hard share"] = table["hard_share"].map(lambda v: _fmt(v, 3))
+    for col in diagnostics():
+        if col in table:
+            out[_DIAG_TITLES.get(col, col)] = table[col].map(
+                lambda v: _fmt(v, 1 if col == "distinct_sources" else 3))
     out["seeds"] = table["seeds"]
+    if table["identical_to"].astype(bool).any():
+        out["note"] = [f"identical to {t}" if t else "" for t in table["identical_to"]]
     return out
-
-
-def _ms(mean: float, std: float, n: int) -> str:
-    if not n or not np.isfinite(mean):
-        return "—"
-    return f"{mean:.2f}" if n < 2 or not np.isfinite(std) else f"{mean:.2f} ± {std:.2f}"
 
 
 def _left_out_summary(left: pd.DataFrame, skipped: list[tuple[str, str]]) -> str:
@@ -363,6 +413,130 @@ def _left_out_summary(left: pd.DataFrame, skipped: list[tuple[str, str]]) -> str
     return ", ".join(parts) if parts else "none"
 
 
+def _ci_text(d: Difference) -> str:
+    return "—" if not d.tested else f"[{d.ci_low:+.2f}, {d.ci_high:+.2f}]"
+
+
+def _family_text(contrasts: list[Contrast], family: Optional[Sequence[str]],
+                 correction: str) -> str:
+    m = sum(1 for c in contrasts if not c.excluded and c.difference.tested)
+    which = ("all one-factor contrasts of this report" if not family else
+             "the one-factor contrasts over " + ", ".join(family))
+    if correction == "none":
+        return (f"uncorrected: each 95% interval answers its own question ({m} "
+                f"comparison{'s' if m != 1 else ''} of {which}; no multiplicity correction)")
+    return (f"Holm-corrected over the {m} comparison{'s' if m != 1 else ''} of {which} "
+            "(family-wise 5%)")
+
+
+def _comparison_rows(items: list[Contrast], with_factor: bool = True) -> pd.DataFrame:
+    names = short_names(sorted({c.factor for c in items}))
+    rows = []
+    for c in items:
+        d = c.difference
+        row = {}
+        if with_factor:
+            row["factor"] = names.get(c.factor, c.factor)
+        row.update({"change": f"{fmt_value(c.reference_value)} → {fmt_value(c.value)}"
+                    + (f" ({c.dependents})" if c.dependents else ""),
+                    "with the rest as in": d.baseline, "n": d.n, "Δ top-1 (points)": d.diff,
+                    "95% CI": _ci_text(d),
+                    "distinguishable": ("n too small" if not d.tested else
+                                        "yes" if d.distinguishable else "no")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _markdown(ctx: dict) -> str:
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    factors, names = ctx["factors"], short_names(ctx["factors"])
+    contrasts: list[Contrast] = ctx["contrasts"]
+    family = ctx["family_text"]
+    lines = [f"# HardMix report: {ctx['sweeps']}", "",
+             f"Source: `{ctx['path']}` · generated {now}", "",
+             f"**{len(ctx['used'])} of {len(ctx['trials'])} trials used.** Left out: "
+             f"{_left_out_summary(ctx['left'], ctx['skipped'])} (details at the end and in "
+             "`left_out.csv`).", ""]
+    lines += ["Errors are final test errors in percent (lower is better) at the last epoch, "
+              "mean ± sample std over the seeds of a variant (n). No number in this report is "
+              "selected on the test set. A variant is the method plus the factors that vary in "
+              "this sweep" + (f" ({', '.join(names.values())})" if factors else "") +
+              f"; a factor that has no effect on a method shows as {INERT} and does not split "
+              "it.", ""]
+    lines += ["## Main table", "", md_table(ctx["shown"]) if not ctx["shown"].empty else
+              "_No completed trials yet._", ""]
+    diag = [_DIAG_TITLES.get(c, c) for c in diagnostics()]
+    lines += [f"Diagnostics ({', '.join(diag)}): means over epochs, then over seeds; — where "
+              "they do not apply to the method. Fallback rate: share of mixed steps where the "
+              "batch had fewer than min_hard hard samples; hard share: share of the batch that "
+              "was hard.", ""]
+    if ctx["same"]:
+        lines += ["**Identical variants.** These trained exactly like another variant on every "
+                  "seed, so the setting that tells them apart did nothing here; they are left "
+                  "out of every comparison:", ""]
+        lines += [f"- {v} = {w}" for v, w in ctx["same"].items()] + [""]
+
+    lines += ["## Comparisons", ""]
+    members = [c for c in contrasts if not c.excluded]
+    if members:
+        lines += [f"Pairs of variants that differ in exactly one factor they share: the effect "
+                  "of that change with everything else held fixed. Δ = after − before "
+                  "(negative: the change lowers the error); the reference side is the earlier "
+                  "method (none < CutMix < HardMix) or the library's default (the paper's "
+                  "setting). Settings only one side has come with the change (in brackets). "
+                  f"Paired by seed; intervals are {family}. Every interval below belongs to "
+                  "this one family.", ""]
+        lines += [md_table(_comparison_rows(members[:80]), 3), ""]
+        if len(members) > 80:
+            lines += [f"... {len(members) - 80} more in `contrasts.csv`.", ""]
+        lines += [f"- {verdict(c.difference)}" for c in members if c.difference.tested][:40]
+        lines += [""]
+    else:
+        lines += ["_No two variants differ in exactly one factor (or every such pair was left "
+                  "out below)._", ""]
+    out = [c for c in contrasts if c.excluded and c.excluded != "outside the family"]
+    if out:
+        lines += ["Left out of the family (they cannot show a difference by construction):", ""]
+        lines += [f"- {c.difference.variant} vs {c.difference.baseline}: {c.excluded}"
+                  for c in out] + [""]
+
+    lines += [f"## Against {ctx['baseline']}", ""]
+    if ctx["diffs"]:
+        lines += [f"Each variant against the `{ctx['baseline']}` variant that matches it on "
+                  "every shared factor: the method comparisons above, with the same intervals "
+                  f"({family}).", ""]
+        lines += [md_table(_comparison_rows(ctx["diffs"], with_factor=False), 3), ""]
+    lines += [f"- {n}" for n in ctx["diff_notes"]]
+    if not ctx["diffs"] and not ctx["diff_notes"]:
+        lines += ["_Nothing to compare._"]
+    lines += [""]
+
+    factor_names = [n for n in ctx["tables"] if n.startswith("factor_")]
+    if factor_names:
+        lines += ["## Factors (descriptive)", "", "Marginal means over the other factors "
+                  "(top-1 error, %). In a sweep of arms they mix settings; the comparisons "
+                  "above are what answer an ablation.", ""]
+        for name in factor_names:
+            lines += [f"### {name.replace('factor_', '').replace('_', ' ')}", "",
+                      md_table(ctx["tables"][name]), ""]
+
+    lines += ["## Factor importance", "", ctx["importance_note"], ""]
+    if not ctx["tables"]["importance"].empty:
+        lines += [md_table(ctx["tables"]["importance"], 3), ""]
+
+    if ctx["made"]:
+        lines += ["## Plots", ""]
+        for name, p in ctx["made"].items():
+            lines += [f"### {plots.TITLES.get(name, name)}", "", f"![{name}]({Path(p).name})", ""]
+
+    lines += ["## Left out", ""]
+    lines += [md_table(ctx["left"]) if not ctx["left"].empty else "_No trial left out._", ""]
+    if ctx["skipped"]:
+        lines += ["Corrupt files (skipped):", ""]
+        lines += [f"- `{f}`: {why}" for f, why in ctx["skipped"]] + [""]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
@@ -373,12 +547,18 @@ def _default_out(path: str) -> str:
 
 
 def _clear_previous(folder: Path) -> None:
-    """Remove this report's own earlier outputs (stale plots must not linger)."""
-    if not (folder / "report.md").exists():
+    """Remove the files this report wrote last time (its manifest lists them), nothing else."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
         return
-    for pattern in _OWN_PATTERNS:
-        for p in folder.glob(pattern):
-            p.unlink()
+    try:
+        names = json.loads(manifest.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    for name in names:
+        if isinstance(name, str) and "/" not in name and "\\" not in name and \
+                name not in ("", ".", ".."):
+            (folder / name).unlink(missing_ok=True)
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -397,17 +577,37 @@ def _publish(staging: Path, out: str) -> None:
                 stream.write(p.read_bytes())
 
 
+def _sweep_mode(path: str) -> str:
+    """``search`` or ``grid`` from the sweep's saved ``sweep.yaml`` (grid when unknown)."""
+    import yaml
+
+    try:
+        fs, root = _resolve(path)
+        with fs.open_input_stream(f"{root}/sweep.yaml") as f:
+            raw = yaml.safe_load(f.read().decode()) or {}
+        return "search" if isinstance(raw, dict) and raw.get("mode") == "search" else "grid"
+    except Exception:  # noqa: BLE001 - a folder of runs, or no sweep.yaml
+        return "grid"
+
+
 # --------------------------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------------------------
 
 
-def build_report(path: str, out: str | None = None, baseline: str = "cutmix") -> Report:
+def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
+                 family: Optional[Sequence[str]] = None, correction: str = "holm") -> Report:
     """Read the sweep at ``path`` and write report.md, CSV tables and PNGs into ``out``
-    (default ``<path>/report``). Raises ConfigError on a missing or empty sweep."""
+    (default ``<path>/report``). ``family``: factors whose contrasts form the tested family
+    (default: all); ``correction``: ``holm`` (default) or ``none`` (each interval on its own).
+    Raises ConfigError on a missing or empty sweep or an unwritable ``out``."""
     if baseline not in METHODS:
         raise ConfigError("--baseline", baseline, f"must be one of {', '.join(METHODS)}")
+    if correction not in CORRECTIONS:
+        raise ConfigError("--correction", correction, f"must be one of {', '.join(CORRECTIONS)}")
     path = str(path)
+    out = out or _default_out(path)
+    check_writable("--out", out)
     res = read_results(path, on_corrupt="skip")
     trials, epochs = res.to_pandas()
     if trials.empty:
@@ -422,25 +622,31 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix") ->
     used.index = range(len(used))
     factors = varying_factors(used) if not used.empty else []
     used["variant"] = variant_labels(used, factors) if not used.empty else []
+    if family:
+        known = {f for f in factors} | {f.rsplit(".", 1)[-1] for f in factors} | {"method",
+                                                                                  "augment.method"}
+        bad = [f for f in family if f not in known]
+        if bad:
+            raise ConfigError("--family", bad[0], "must name a factor that varies in this sweep: "
+                              + ", ".join(["method", *[short_names(factors)[f] for f in factors]]))
 
-    table = main_table(used, factors)
+    same = identical_variants(used) if not used.empty else {}
+    table = main_table(used, factors, same)
     tables: dict[str, pd.DataFrame] = {"main_table": table}
-    diffs, diff_notes = compare_to_baseline(used, factors, baseline) if not used.empty else ([], [])
-    tables["differences"] = pd.DataFrame([as_record(d) for d in diffs],
-                                         columns=list(as_record(Difference("", "", "too_small", 0,
-                                                                           0, np.nan)).keys()))
-    contrasts = one_factor_contrasts(used, factors)
+    contrasts = one_factor_contrasts(used, factors, same, family, correction)
     tables["contrasts"] = contrast_table(contrasts)
+    diffs, diff_notes = (differences_from([c for c in contrasts if not c.excluded], used,
+                                          baseline) if not used.empty else ([], []))
+    tables["differences"] = contrast_table(diffs)
     tables.update(factor_tables(used, factors) if not used.empty else {})
     imp_factors = factors + (["augment.method"] if used["augment.method"].nunique() > 1 else [])
-    importance, importance_note = factor_importance(trials, imp_factors)
+    importance, importance_note = factor_importance(trials, imp_factors, _sweep_mode(path))
     tables["importance"] = importance
     tables["left_out"] = left
     skipped = list(res.skipped)
     if skipped:
         tables["skipped_files"] = pd.DataFrame(skipped, columns=["file", "reason"])
 
-    out = out or _default_out(path)
     remote = "://" in out and not out.startswith("file://")
     if out.startswith("file://"):
         out_dir = Path(_resolve(out)[1])
@@ -449,13 +655,18 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix") ->
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous(out_dir)
 
+    family_text = _family_text(contrasts, family, correction)
     epochs_used = epochs.merge(used[["sweep", "trial_id", "variant"]], on=["sweep", "trial_id"])
+    colors = plots.variant_colors(list(table["variant"]) if not table.empty else [])
     made: dict[str, str] = {}
-    for name, fn in (("learning_curves", lambda p: plots.learning_curves(used, epochs_used, p)),
-                     ("error_vs_alpha", lambda p: plots.error_vs_alpha(used, p)),
-                     ("fallback_box", lambda p: plots.box_per_fallback(used, p)),
-                     ("hardness_over_epochs", lambda p: plots.hardness_dynamics(used, epochs_used, p)),
-                     ("source_classes", lambda p: plots.source_classes(epochs_used, p))):
+    members = [c for c in contrasts if not c.excluded]
+    for name, fn in (("error_by_variant", lambda p: plots.error_by_variant(table, colors, p)),
+                     ("contrasts", lambda p: plots.contrast_forest(members, family_text, p)),
+                     ("learning_curves", lambda p: plots.learning_curves(used, epochs_used,
+                                                                         colors, p)),
+                     ("hardness_over_epochs", lambda p: plots.hardness_dynamics(
+                         used, epochs_used, colors, p)),
+                     ("source_classes", lambda p: plots.source_classes(used, epochs_used, p))):
         if used.empty:
             break
         target = out_dir / f"{name}.png"
@@ -475,122 +686,31 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix") ->
         shown.to_string(index=False) if not shown.empty else "(no completed trials yet)",
         f"report: {out.rstrip('/')}/report.md"])
 
-    md = _markdown(path, sweeps, trials, used, left, skipped, factors, table, shown, diffs,
-                   diff_notes, tables, importance_note, made, baseline, contrasts)
+    md = _markdown(dict(path=path, sweeps=sweeps, trials=trials, used=used, left=left,
+                        skipped=skipped, factors=factors, shown=shown, same=same,
+                        contrasts=contrasts, family_text=family_text, diffs=diffs,
+                        diff_notes=diff_notes, tables=tables, importance_note=importance_note,
+                        made=made, baseline=baseline))
     _atomic_write(out_dir / "report.md", lambda p: p.write_text(md))
+    written = ["report.md"] + [f"{n}.csv" for n in tables] + [Path(p).name for p in made.values()]
+    _atomic_write(out_dir / MANIFEST, lambda p: p.write_text(json.dumps({"files": written})))
     if remote:
         _publish(out_dir, out)
         shutil.rmtree(out_dir, ignore_errors=True)
         made = {k: f"{out.rstrip('/')}/{Path(v).name}" for k, v in made.items()}
-    return Report(out=out, path=f"{out.rstrip('/')}/report.md", text=md, main_table=table, tables=tables, plots=made,
-                  differences=diffs, left_out=left, skipped_files=skipped, factors=factors,
+    return Report(out=out, path=f"{out.rstrip('/')}/report.md", text=md, main_table=table,
+                  tables=tables, plots=made, contrasts=contrasts, differences=diffs,
+                  left_out=left, skipped_files=skipped, factors=factors, family=family_text,
                   n_trials=len(trials), n_used=len(used), terminal=terminal)
 
 
-def _contrast_lines(contrasts: list[Contrast], table: pd.DataFrame,
-                    limit: int = 60) -> list[str]:
-    """The Markdown section of :func:`one_factor_contrasts` (``table``: its
-    :func:`contrast_table`)."""
-    lines = ["## One-factor contrasts", ""]
-    if not contrasts:
-        return lines + ["_No two variants differ in exactly one factor._", ""]
-    shown = pd.DataFrame({
-        "factor": table["factor"], "change": table["change"], "with the rest as in": table["reference"],
-        "n": table["n"], "Δ top-1 (points)": table["delta_top1"],
-        "95% CI (Holm)": [("—" if not c.difference.tested else
-                           f"[{c.difference.ci_low:+.2f}, {c.difference.ci_high:+.2f}]")
-                          for c in contrasts],
-        "distinguishable": [("n too small" if not c.difference.tested else
-                             "yes" if c.difference.distinguishable else "no")
-                            for c in contrasts]})
-    lines += ["Pairs of variants that differ in exactly one factor: the effect of that change "
-              "with everything else held fixed. Δ = after − before (negative: the change lowers "
-              "the error); the reference side is the earlier method (none < CutMix < HardMix) or "
-              "the library's default (the paper's setting). Paired by seed, Holm-corrected over "
-              f"all {len(contrasts)} contrasts.", ""]
-    lines += [md_table(shown.head(limit), 3), ""]
-    if len(contrasts) > limit:
-        lines += [f"... {len(contrasts) - limit} more in `contrasts.csv`.", ""]
-    return lines
-
-
-def _markdown(path, sweeps, trials, used, left, skipped, factors, table, shown, diffs,
-              diff_notes, tables, importance_note, made, baseline, contrasts=()) -> str:
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    names = short_names(factors)
-    lines = [f"# HardMix report: {sweeps}", "",
-             f"Source: `{path}` · generated {now}", "",
-             f"**{len(used)} of {len(trials)} trials used.** Left out: "
-             f"{_left_out_summary(left, skipped)} (details at the end and in `left_out.csv`).", ""]
-    lines += ["Errors are final test errors in percent (lower is better), mean ± sample std over "
-              "the trials of a variant (n). A variant is the method plus the factors that vary in "
-              "this sweep" + (f" ({', '.join(names.values())})" if factors else "") +
-              "; a factor that has no effect on a method (e.g. the criterion of CutMix) shows "
-              f"as {INERT} and does not split it.", ""]
-    lines += ["## Main table", "", md_table(shown) if not shown.empty else
-              "_No completed trials yet._", ""]
-    lines += [f"Full precision, best-epoch error and source diversity: `main_table.csv`. "
-              "Fallback rate: share of steps where the batch had too few hard samples and the "
-              "fallback fired (mean over epochs and seeds); hard share: share of the batch that "
-              "was hard.", ""]
-
-    lines += [f"## Differences against {baseline}", ""]
-    if diffs:
-        rows = pd.DataFrame([{"variant": d.variant, "vs": d.baseline, "test": d.kind,
-                              "n": d.n, "Δ top-1 (points)": d.diff,
-                              "95% CI (Holm)": ("—" if not d.tested else
-                                                f"[{d.ci_low:+.2f}, {d.ci_high:+.2f}]"),
-                              "p (Holm)": d.p_holm,
-                              "distinguishable": ("n too small" if not d.tested else
-                                                  "yes" if d.distinguishable else "no")}
-                             for d in diffs])
-        lines += [md_table(rows, 3), ""]
-        lines += [f"- {verdict(d)}" for d in diffs]
-        lines += ["", "Δ = variant − baseline. Paired by seed where the two share at least two "
-                  "seeds, Welch otherwise; intervals use Holm's step-down levels, so an interval "
-                  "excludes 0 exactly when the difference is distinguishable from noise at a "
-                  "family-wise 5%.", ""]
-    lines += [f"- {n}" for n in diff_notes]
-    if not diffs and not diff_notes:
-        lines += ["_Nothing to compare._"]
-    lines += [""]
-
-    lines += _contrast_lines(list(contrasts), tables["contrasts"])
-
-    factor_names = [n for n in tables if n.startswith("factor_") or n in
-                    ("criterion_x_fallback", "alpha_by_criterion")]
-    if factor_names:
-        lines += ["## Factors", "", "Marginal means over the other factors (top-1 error, %).", ""]
-        for name in factor_names:
-            lines += [f"### {name.replace('factor_', '').replace('_', ' ')}", "",
-                      md_table(tables[name]), ""]
-
-    lines += ["## Factor importance", "", importance_note + ".", ""]
-    if not tables["importance"].empty:
-        lines += [md_table(tables["importance"], 3), ""]
-
-    if made:
-        lines += ["## Plots", ""]
-        titles = {"learning_curves": "Learning curves", "error_vs_alpha": "Error against α",
-                  "fallback_box": "Error per fallback", "hardness_over_epochs":
-                  "Hard share, fallback rate and source diversity over epochs",
-                  "source_classes": "How often each class served as a source"}
-        for name, p in made.items():
-            lines += [f"### {titles.get(name, name)}", "", f"![{name}]({Path(p).name})", ""]
-
-    lines += ["## Left out", ""]
-    lines += [md_table(left) if not left.empty else "_No trial left out._", ""]
-    if skipped:
-        lines += ["Corrupt files (skipped):", ""]
-        lines += [f"- `{f}`: {why}" for f, why in skipped] + [""]
-    return "\n".join(lines)
-
-
-def report_from_cli(path: str, out: str | None = None, baseline: str = "cutmix") -> int:
+def report_from_cli(path: str, out: str | None = None, baseline: str = "cutmix",
+                    family: Optional[str] = None, correction: str = "holm") -> int:
     """``hardmix report``: build the report and print the main table. Exit code 0.
 
     A missing or empty sweep raises ConfigError (the CLI prints one line and exits 2).
     """
-    report = build_report(path, out=out, baseline=baseline)
+    fam = [f.strip() for f in family.split(",") if f.strip()] if family else None
+    report = build_report(path, out=out, baseline=baseline, family=fam, correction=correction)
     print(report.terminal)
     return 0

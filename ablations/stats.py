@@ -122,8 +122,14 @@ def _tested(d: Difference) -> Difference:
     return replace(d, p=p)
 
 
-def holm(diffs: Sequence[Difference], alpha: float = ALPHA) -> list[Difference]:
-    """Holm-correct the tested differences; returns them (same order) with intervals."""
+def holm(diffs: Sequence[Difference], alpha: float = ALPHA, single: bool = False
+         ) -> list[Difference]:
+    """Holm-correct the tested differences; returns them (same order) with intervals.
+
+    ``single=True``: no correction, each interval a plain ``1 - alpha`` interval answering its
+    own question (``m`` is then 1 for every difference)."""
+    if single:
+        return [_interval(d, alpha, d.p, 1, d.p <= alpha) if d.tested else d for d in diffs]
     tested = [i for i, d in enumerate(diffs) if d.tested]
     m = len(tested)
     order = sorted(tested, key=lambda i: diffs[i].p)
@@ -137,15 +143,16 @@ def holm(diffs: Sequence[Difference], alpha: float = ALPHA) -> list[Difference]:
         if first_fail == m and diffs[i].p > alpha / (m - step):
             first_fail = step
     for step, i in enumerate(order):
-        d = diffs[i]
         level = alpha / (m - min(step, first_fail))
-        if d.se > 0:
-            half = float(sps.t.ppf(1 - level / 2, d.df)) * d.se
-        else:
-            half = 0.0
-        out[i] = replace(d, p_holm=adjusted[i], level=level, ci_low=d.diff - half,
-                         ci_high=d.diff + half, m=m, distinguishable=step < first_fail)
+        out[i] = _interval(diffs[i], level, adjusted[i], m, step < first_fail)
     return out
+
+
+def _interval(d: Difference, level: float, p_adj: float, m: int, distinguishable: bool
+              ) -> Difference:
+    half = float(sps.t.ppf(1 - level / 2, d.df)) * d.se if d.se > 0 else 0.0
+    return replace(d, p_holm=p_adj, level=level, ci_low=d.diff - half, ci_high=d.diff + half,
+                   m=m, distinguishable=distinguishable)
 
 
 def verdict(d: Difference, metric: str = "top-1 error") -> str:
@@ -156,8 +163,8 @@ def verdict(d: Difference, metric: str = "top-1 error") -> str:
     how = (f"paired over {d.n} seeds" if d.kind == "paired"
            else f"Welch, n={d.n} vs {d.n_baseline}")
     direction = "lower" if d.diff < 0 else "higher" if d.diff > 0 else "equal"
-    ci = (f"95% CI [{d.ci_low:+.2f}, {d.ci_high:+.2f}] points, Holm-corrected over {d.m} "
-          f"comparison{'s' if d.m != 1 else ''}; {how}")
+    family = (f"Holm-corrected over {d.m} comparisons" if d.m > 1 else "uncorrected")
+    ci = f"95% CI [{d.ci_low:+.2f}, {d.ci_high:+.2f}] points, {family}; {how}"
     head = f"{d.variant}: {abs(d.diff):.2f} points {direction} {metric} than {d.baseline} ({ci})"
     if d.distinguishable:
         better = "better" if d.diff < 0 else "worse"

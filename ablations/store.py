@@ -9,6 +9,15 @@ Layout of one sweep (``<sweep_dir>`` is a local folder or a pyarrow URI such as 
     <sweep_dir>/trials/sweep=<sweep id>/<trial_id>-<uuid>.parquet   one trial row per file
     <sweep_dir>/epochs/sweep=<sweep id>/<trial_id>-<uuid>.parquet   epoch rows of one write
 
+The ``sweep`` column lives in the hive partition folder only (readers such as pandas, polars
+and DuckDB add it from the path), and every file carries every known column of its table in the
+same order and types (NULL where a value is absent, does not apply to the trial's method, or
+was not evaluated that epoch), so a folder reads directly with any of them.
+
+The columns derive from one place each: the run config's fields (:mod:`hardmix.config`, as they
+run: :func:`hardmix.methods.effective_augment` NULLs an inert field and resolves ``box: auto``),
+the run summary and the per-epoch metrics (:mod:`hardmix.metrics`).
+
 Rules that make many writers on many nodes safe without any coordination:
 
 * every write is a new, complete file with a unique name (trial id + uuid4); nothing is ever
@@ -33,6 +42,7 @@ import json
 import os
 import re
 import threading
+import time
 import typing
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -42,14 +52,17 @@ from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import unquote
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from hardmix.config import ConfigError, RunConfig, field_type, flatten
-from hardmix.train import Callback
+from hardmix.config import RunConfig, field_type, flatten
+from hardmix.errors import ConfigError, ResultsError
+from hardmix.methods import effective_augment
+from hardmix.metrics import EPOCH_METRICS, SUMMARY_FIELDS, Callback, applicable
 
 #: Version of the schema this code writes. Bump it (and add a migration) when a column changes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 STATUSES = ("running", "completed", "pruned", "failed")
 #: Dedup tie-break when two rows of a trial carry the same ``written_at``: a final status wins.
@@ -59,29 +72,35 @@ TABLES = ("trials", "epochs")
 
 _TS = pa.timestamp("us", tz="UTC")
 
-#: Columns of the ``trials`` table before the config columns (``flatten(cfg)``) and extra columns.
-TRIAL_FIELDS = pa.schema([
-    ("sweep", pa.string()), ("trial_id", pa.string()), ("status", pa.string()),
-    ("error", pa.string()), ("attempt", pa.int64()),
-    ("final_top1_err", pa.float64()), ("final_top5_err", pa.float64()),
-    ("best_top1_err", pa.float64()), ("best_top5_err", pa.float64()),
-    ("final_val_top1_err", pa.float64()), ("best_val_top1_err", pa.float64()),
-    ("epochs_run", pa.int64()), ("wall_seconds", pa.float64()), ("device", pa.string()),
-    ("versions", pa.string()), ("git_commit", pa.string()),
-    ("schema_version", pa.int64()), ("written_at", _TS),
-])
+#: Arrow type of each metric kind (:data:`hardmix.metrics.KINDS`).
+KIND_TYPES = {"float": pa.float64(), "int": pa.int64(), "str": pa.string(),
+              "list_int": pa.list_(pa.int64()), "list_str": pa.list_(pa.string())}
 
-#: Columns of the ``epochs`` table (the per-epoch metrics of ``hardmix.train``).
-EPOCH_FIELDS = pa.schema([
-    ("sweep", pa.string()), ("trial_id", pa.string()), ("epoch", pa.int64()),
-    ("train_loss", pa.float64()), ("val_loss", pa.float64()), ("val_top1_err", pa.float64()),
-    ("val_top5_err", pa.float64()), ("test_loss", pa.float64()), ("test_top1_err", pa.float64()),
-    ("test_top5_err", pa.float64()), ("lr", pa.float64()), ("images_per_s", pa.float64()),
-    ("epoch_seconds", pa.float64()), ("hard_share", pa.float64()), ("fallback_rate", pa.float64()),
-    ("mixed_rate", pa.float64()), ("distinct_sources", pa.float64()),
-    ("source_class_counts", pa.list_(pa.int64())),
-    ("schema_version", pa.int64()), ("written_at", _TS),
-])
+#: Bookkeeping columns of a trial row around the summary: identity, attempt, provenance and
+#: where it ran (Tune trial id, node).
+_TRIAL_KEYS = [("sweep", pa.string()), ("trial_id", pa.string())]
+_TRIAL_BOOKKEEPING = [("attempt", pa.int64()), ("tune_trial_id", pa.string()),
+                      ("node_id", pa.string()), ("hostname", pa.string()),
+                      ("versions", pa.string()), ("git_commit", pa.string()),
+                      ("schema_version", pa.int64()), ("written_at", _TS)]
+
+
+def _metric_fields(metrics: Mapping) -> list[tuple[str, pa.DataType]]:
+    return [(m.name, KIND_TYPES[m.kind]) for m in metrics.values()]
+
+
+def trial_fields() -> pa.Schema:
+    """Columns of the ``trials`` table before the config columns: keys, the run summary
+    (:data:`hardmix.metrics.SUMMARY_FIELDS`), bookkeeping."""
+    return pa.schema(_TRIAL_KEYS + _metric_fields(SUMMARY_FIELDS) + _TRIAL_BOOKKEEPING)
+
+
+def epoch_schema() -> pa.Schema:
+    """Columns of the ``epochs`` table: keys, epoch, every registered per-epoch metric
+    (:data:`hardmix.metrics.EPOCH_METRICS`, read when called: metrics registered later count)."""
+    return pa.schema([("sweep", pa.string()), ("trial_id", pa.string()), ("epoch", pa.int64())]
+                     + _metric_fields(EPOCH_METRICS)
+                     + [("schema_version", pa.int64()), ("written_at", _TS)])
 
 #: Columns a file must have to be usable at all (per table).
 _REQUIRED = {"trials": ("trial_id", "schema_version", "written_at"),
@@ -113,39 +132,24 @@ def config_schema() -> pa.Schema:
                       for name in flatten(RunConfig())])
 
 
-@functools.lru_cache(maxsize=1)
 def trial_schema() -> pa.Schema:
     """Known columns of the ``trials`` table: base columns, then config columns.
 
     The config field ``device`` (requested: auto/cpu/cuda) shares its column with the device the
     run actually used, which wins once the run has reported it.
     """
-    return pa.schema(list(TRIAL_FIELDS) + [f for f in config_schema()
-                                           if f.name not in TRIAL_FIELDS.names])
-
-
-def epoch_schema() -> pa.Schema:
-    return EPOCH_FIELDS
+    base = trial_fields()
+    return pa.schema(list(base) + [f for f in config_schema() if f.name not in base.names])
 
 
 def _known_schema(kind: str) -> pa.Schema:
     return trial_schema() if kind == "trials" else epoch_schema()
 
 
-# --------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------
-
-
-class ResultsError(ConfigError):
-    """A results file that cannot be used: corrupt, or written by an unknown schema version.
-
-    A :class:`ConfigError`, so the CLI prints its one line and exits with code 2.
-    """
-
-    def __init__(self, file: str, problem: str, reason: str = "corrupt"):
-        self.file, self.problem, self.reason = file, problem, reason  # reason: corrupt | version
-        super().__init__("results file", file, problem)
+#: Columns written into the files: the partition folder carries ``sweep``.
+def _file_schema(kind: str) -> pa.Schema:
+    schema = _known_schema(kind)
+    return schema.remove(schema.get_field_index("sweep"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,6 +260,7 @@ class ResultStore:
             raise ConfigError("sweep folder", self.uri,
                               "must end in a plain name (not starting with '.' or '_')")
         self.atomic_rename = _renames_atomically(self.fs)
+        self._cleaned: set[str] = set()
 
     def __repr__(self) -> str:
         return f"ResultStore({self.uri!r})"
@@ -271,13 +276,14 @@ class ResultStore:
         by dotted name and any extra sweep-level columns. ``sweep``, ``schema_version`` and
         ``written_at`` are filled in. Returns the file's path.
         """
-        row = dict(row)
+        row = as_run(dict(row))
+        row.pop("sweep", None)
         trial_id = _check_trial_id(row.get("trial_id"))
         status = row.get("status")
         if status not in STATUSES:
             raise ConfigError("status", status, f"must be one of {', '.join(STATUSES)}")
-        row.update(sweep=self.sweep, schema_version=SCHEMA_VERSION, written_at=_now())
-        return self._write("trials", trial_id, _row_table(row, trial_schema()))
+        row.update(schema_version=SCHEMA_VERSION, written_at=_now())
+        return self._write("trials", trial_id, _row_table(row, _file_schema("trials")))
 
     def write_epochs(self, trial_id: str, rows: Sequence[Mapping[str, Any]]) -> str | None:
         """Write epoch rows of one trial (one new file); a later row per (trial_id, epoch) wins."""
@@ -290,9 +296,9 @@ class ResultStore:
             r = dict(r)
             if not isinstance(_plain(r.get("epoch")), int) or isinstance(r.get("epoch"), bool):
                 raise ConfigError("epoch", r.get("epoch"), "every epoch row needs an integer epoch")
-            r.update(sweep=self.sweep, trial_id=trial_id, schema_version=SCHEMA_VERSION,
-                     written_at=stamp)
-            tables.append(_row_table(r, epoch_schema()))
+            r.pop("sweep", None)
+            r.update(trial_id=trial_id, schema_version=SCHEMA_VERSION, written_at=stamp)
+            tables.append(_row_table(r, _file_schema("epochs")))
         table = _concat(tables)
         return self._write("epochs", trial_id, table)
 
@@ -303,15 +309,25 @@ class ResultStore:
         if self.atomic_rename:
             self.fs.create_dir(folder, recursive=True)
             tmp = f"{folder}/.{name}.tmp"
+            local = _local_path(self.fs, tmp)
             try:
-                pq.write_table(table, tmp, filesystem=self.fs)
+                if local is not None:  # durable before it is published: fsync, then rename
+                    with open(local, "wb") as f:
+                        pq.write_table(table, f)
+                        f.flush()
+                        os.fsync(f.fileno())
+                else:
+                    pq.write_table(table, tmp, filesystem=self.fs)
                 self.fs.move(tmp, final)
+                if local is not None:
+                    _fsync_dir(os.path.dirname(local))
             except BaseException:
                 try:
                     self.fs.delete_file(tmp)
                 except (OSError, FileNotFoundError):
                     pass
                 raise
+            self._clean_stale(folder)
         else:
             # Serialise fully first: closing a half-written stream would upload a partial object.
             sink = pa.BufferOutputStream()
@@ -320,6 +336,71 @@ class ResultStore:
             with self.fs.open_output_stream(final) as out:
                 out.write(data)
         return final
+
+
+    def _clean_stale(self, folder: str) -> None:
+        """Remove temporary files that killed writers left behind (older than
+        :data:`STALE_TMP_SECONDS`: a live writer's file is seconds old). Once per folder per
+        store object."""
+        if folder in self._cleaned:
+            return
+        self._cleaned.add(folder)
+        now = time.time()
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(folder))
+        except (OSError, FileNotFoundError):
+            return
+        for info in infos:
+            name = info.base_name
+            if info.type != pafs.FileType.File or not (name.startswith(".") and
+                                                       name.endswith(".tmp")):
+                continue
+            mtime = info.mtime.timestamp() if info.mtime is not None else now
+            if now - mtime > STALE_TMP_SECONDS:
+                try:
+                    self.fs.delete_file(info.path)
+                except (OSError, FileNotFoundError):
+                    pass
+
+
+#: A writer's temporary file older than this belongs to a killed writer.
+STALE_TMP_SECONDS = 600.0
+
+
+def _local_path(fs: pafs.FileSystem, path: str) -> str | None:
+    """The OS path of ``path`` on a local filesystem (None elsewhere)."""
+    if isinstance(fs, pafs.SubTreeFileSystem):
+        inner = _local_path(fs.base_fs, fs.base_path.rstrip("/") + "/" + path.lstrip("/"))
+        return inner
+    return path if isinstance(fs, pafs.LocalFileSystem) else None
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def as_run(row: dict) -> dict:
+    """A trial row's config columns as they run: inert ``augment.*`` fields NULL, ``box: auto``
+    resolved (:func:`hardmix.methods.effective_augment`). Rows of an unknown method stay as
+    they are."""
+    aug = {k[len("augment."):]: v for k, v in row.items() if k.startswith("augment.")}
+    if "method" not in aug:
+        return row
+    try:
+        eff = effective_augment(aug)
+    except ConfigError:
+        return row
+    row.update({f"augment.{k}": v for k, v in eff.items()})
+    return row
 
 
 def _check_trial_id(trial_id: Any) -> str:
@@ -363,7 +444,8 @@ class StoreCallback(Callback):
             versions.update(extra.pop("versions"))
         row.update(device=self.info.get("device") or row.get("device"),
                    git_commit=self.info.get("git_commit"), versions=versions or None, attempt=1,
-                   threads=self.info.get("threads"), precision=self.info.get("precision"))
+                   threads=self.info.get("threads"), precision=self.info.get("precision"),
+                   classes=self.info.get("classes"), hostname=self.info.get("hostname"))
         row.update(extra)
         row["trial_id"] = self.trial_id
         return row
@@ -385,8 +467,7 @@ class StoreCallback(Callback):
         if not self.active:
             return
         row = self._base_row()
-        row.update({k: v for k, v in summary.items()
-                    if k in TRIAL_FIELDS.names and v is not None})
+        row.update({k: v for k, v in summary.items() if k in SUMMARY_FIELDS and v is not None})
         row.setdefault("epochs_run", self.epochs_run)
         row["error"] = row.get("error") or ""
         self.store.write_trial(row)
@@ -416,8 +497,30 @@ def _v1_to_v2(table: pa.Table, kind: str) -> pa.Table:
     return table
 
 
+def _v2_to_v3(table: pa.Table, kind: str) -> pa.Table:
+    """v2 stored the minimum *test* error over epochs (``best_top1_err``, ``best_top5_err``),
+    a number selected on the test set: v3 drops it. v2 wrote every config value, acting or not;
+    v3 writes inert ``augment.*`` fields as NULL and ``box: auto`` resolved (applied here)."""
+    if kind != "trials":
+        return table
+    for name in ("best_top1_err", "best_top5_err"):
+        if name in table.column_names:
+            table = table.drop_columns([name])
+    aug_cols = [c for c in table.column_names if c.startswith("augment.")]
+    if "augment.method" not in aug_cols or table.num_rows == 0:
+        return table
+    rows = table.select(aug_cols).to_pylist()
+    fixed = [as_run(dict(r)) for r in rows]
+    for c in aug_cols:
+        i = table.column_names.index(c)
+        typ = table.schema.field(i).type
+        table = table.set_column(i, c, pa.array([r[c] for r in fixed],
+                                                type=None if pa.types.is_null(typ) else typ))
+    return table
+
+
 #: ``MIGRATIONS[v]`` turns a table written by version ``v`` into version ``v + 1``.
-MIGRATIONS: dict[int, Callable[[pa.Table, str], pa.Table]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[pa.Table, str], pa.Table]] = {1: _v1_to_v2, 2: _v2_to_v3}
 KNOWN_VERSIONS = tuple(sorted(set(MIGRATIONS) | {SCHEMA_VERSION}))
 
 
@@ -616,11 +719,36 @@ def read_results(path: str, on_corrupt: str = "raise",
         table = _ordered(table, schema)
         keys = ["sweep", "trial_id"] + (["epoch"] if kind == "epochs" else [])
         out[kind] = _dedup(table, keys)
+    out["epochs"] = null_inapplicable(out["trials"], out["epochs"])
     sweeps = sorted(set(out["trials"].column("sweep").to_pylist())
                     | set(out["epochs"].column("sweep").to_pylist()))
     return Results(out["trials"], out["epochs"], skipped, n_files, rows_read, sweeps)
 
 
-__all__ = ["SCHEMA_VERSION", "STATUSES", "TRIAL_FIELDS", "EPOCH_FIELDS", "KNOWN_VERSIONS",
+def null_inapplicable(trials: pa.Table, epochs: pa.Table) -> pa.Table:
+    """Epoch metrics that do not apply to their trial's method as NULL (files written before
+    the rule, e.g. ``hard_share = 0`` of a CutMix trial)."""
+    metrics = [m for m in EPOCH_METRICS.values() if m.applies is not None
+               and m.name in epochs.column_names]
+    aug_cols = [c for c in trials.column_names if c.startswith("augment.")]
+    if not metrics or epochs.num_rows == 0 or "augment.method" not in aug_cols:
+        return epochs
+    augs = {(r["sweep"], r["trial_id"]): {k[len("augment."):]: v for k, v in r.items()
+                                          if k.startswith("augment.")}
+            for r in trials.select(["sweep", "trial_id"] + aug_cols).to_pylist()}
+    keys = list(zip(epochs.column("sweep").to_pylist(), epochs.column("trial_id").to_pylist()))
+    for m in metrics:
+        keep = {k: applicable(m, a) for k, a in augs.items()}
+        mask = pa.array([not keep.get(k, True) for k in keys])
+        if not any(mask.to_pylist()):
+            continue
+        i = epochs.column_names.index(m.name)
+        col = epochs.column(i)
+        nulls = pa.nulls(len(col), col.type)
+        epochs = epochs.set_column(i, m.name, pa.compute.if_else(mask, nulls, col))
+    return epochs
+
+
+__all__ = ["SCHEMA_VERSION", "STATUSES", "KNOWN_VERSIONS", "as_run", "null_inapplicable",
            "MIGRATIONS", "ResultStore", "StoreCallback", "Results", "ResultsError", "read_results",
            "sweep_roots", "config_schema", "trial_schema", "epoch_schema"]

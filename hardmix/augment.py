@@ -16,31 +16,21 @@ Nothing in a call reads a device value on the host.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from hardmix.config import AugmentConfig, check_fields
-from hardmix.hardness import SIGNALS
+from hardmix.config.rules import check_fields, check_k
+from hardmix.config.schema import AugmentConfig, to_dict
+from hardmix.hardness import SIGNALS, SampleMemory
 from hardmix.loss import mixed_cross_entropy, mixed_target
+from hardmix.methods import METHODS, active_fields, check_augment, resolved_box, uses_memory
 from hardmix.mix import MIXERS, Draws, MixerOptions, Workspace, beta_host
-from hardmix.sources import SOURCES, HardSource
+from hardmix.config.schema import MAX_HISTORY
+from hardmix.sources import SOURCES
 
 __all__ = ["HardMix", "MixOutput", "METHODS"]
-
-#: Every method name of ``augment.method`` as (mixer, source); source None = labels unmixed.
-METHODS: dict[str, tuple[str, Optional[str]]] = {
-    "none": ("none", None),
-    "cutout": ("cutout", None),
-    "mixup": ("mixup", "random"),
-    "cutmix": ("cutmix", "random"),
-    "saliencymix": ("saliencymix", "random"),
-    "hardmix": ("cutmix", "hard"),
-    "hard_mixup": ("mixup", "hard"),
-    "hard_saliencymix": ("saliencymix", "hard"),
-}
 
 _STAT_NAMES = ("n_hard", "hard_share", "fallback", "distinct_sources")
 
@@ -151,57 +141,55 @@ class MixOutput:
 class HardMix:
     """HardMix and its baselines as a callable, drop-in augmentation (like timm's ``Mixup``).
 
-    Args (defaults and meaning as the ``augment.*`` config fields of the same name):
-        method: none, cutout, mixup, cutmix, saliencymix, hardmix (CutMix with hard sources),
-            hard_mixup, hard_saliencymix.
-        alpha: λ ~ Beta(α, α). prob: probability that a batch is mixed at all.
-        criterion: hard samples are misclassified (paper), topk_loss or low_margin.
-        k: size of a top-k hard set: a count (>= 1) or a fraction of the batch (< 1).
-        fallback: below ``min_hard`` hard samples: random (plain CutMix), skip, topk_loss.
-        min_hard: the fallback applies when fewer samples than this are hard (default 1).
-        signal: forward (extra no-grad forward) or cached (per-sample memory, needs
-            ``dataset_size`` and ``index=`` at call time). bn_mode: BatchNorm mode of that forward.
-        box: batch (one λ and box per batch) or sample (one per sample; Mixup: one λ per sample).
-        cutout_size: side of the Cutout square as a fraction of the image side.
+    The augmentation is an :class:`~hardmix.config.AugmentConfig`: pass ``config=`` or any of its
+    fields as keywords (``method``, ``alpha``, ``prob``, ``criterion``, ``k``, ``fallback``,
+    ``min_hard``, ``history_window``, ``history_min_wrong``, ``signal``, ``bn_mode``, ``box``,
+    ``cutout_size``, ``saliency``; defaults and meaning as the ``augment.*`` config fields, see
+    ``hardmix train --help``). The method table (:mod:`hardmix.methods`) says which of them a
+    method reads. Other arguments:
+
         num_classes: default for :meth:`MixOutput.source_counts_by_class` and soft targets.
-        dataset_size: number of training samples (``cached`` signal).
+        dataset_size: number of training samples, for the per-sample memory of the ``cached``
+            signal and the ``history`` criterion (they also need ``index=`` at call time).
         seed: seeds the host and device generators; None draws one from torch's global RNG.
             Under data-parallel training pass the same seed on every rank.
         generator: a host ``torch.Generator`` to use instead of ``seed``.
         inplace: mix into the input tensor instead of a copy (saves one copy of the batch).
         rank: data-parallel rank that offsets the device seed; None = torch.distributed's or 0.
 
-    Call ``mix(x, y, model=model, index=idx)`` or ``mix(x, y, logits=clean_logits)``; see
-    :class:`MixOutput` for what comes back.
+    Call ``mix(x, y, model=model, index=idx)`` (or ``logits=clean_logits``) every step, then
+    ``mix.observe(logits, y, idx, out)`` with the training logits: the library decides what it
+    needs (the model only for the ``forward`` signal on mixed steps, the indices only for a
+    memory, observations only where they are clean). See :class:`MixOutput`.
     """
 
-    def __init__(self, method: str = "hardmix", alpha: float = 1.0, prob: float = 1.0,
-                 criterion: str = "misclassified", k: float = 0.25, fallback: str = "random",
-                 min_hard: int = 1, signal: str = "forward", bn_mode: str = "eval",
-                 box: str = "batch", cutout_size: float = 0.5, num_classes: Optional[int] = None,
-                 dataset_size: Optional[int] = None, seed: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, inplace: bool = False,
-                 rank: Optional[int] = None):
-        cfg = AugmentConfig(method=method, alpha=alpha, prob=prob, criterion=criterion, k=k,
-                            fallback=fallback, min_hard=min_hard, signal=signal, bn_mode=bn_mode,
-                            box=box, cutout_size=cutout_size)
+    def __init__(self, config: Optional[AugmentConfig] = None, *,
+                 num_classes: Optional[int] = None, dataset_size: Optional[int] = None,
+                 seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 inplace: bool = False, rank: Optional[int] = None, **fields: Any):
+        known = {f.name for f in dataclasses.fields(AugmentConfig)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise TypeError(f"HardMix got unknown argument(s) {', '.join(unknown)}; the augment "
+                            f"fields are {', '.join(sorted(known))}")
+        cfg = config if config is not None else AugmentConfig(**fields)
+        if config is not None and fields:
+            cfg = dataclasses.replace(config, **fields)
         check_fields(cfg, "augment.")
+        aug = to_dict(cfg)
+        check_augment(aug)
+        if "k" in active_fields(aug):
+            check_k(cfg.k)  # against the batch at call time
         self.cfg = cfg
         self.num_classes, self.dataset_size, self.inplace = num_classes, dataset_size, inplace
-        mixer_name, source_name = METHODS[method]
-        self._mixer = MIXERS[mixer_name]
-        self._options = MixerOptions(alpha=float(alpha), box=box, cutout_size=float(cutout_size),
-                                     inplace=inplace, workspace=Workspace())
-        if source_name == "hard":
-            self._source = HardSource(criterion, k, fallback, min_hard)
-            self._signal = SIGNALS[signal](bn_mode=bn_mode, dataset_size=dataset_size)
-            if signal == "cached" and prob >= 1.0:
-                warnings.warn("signal='cached' learns from clean forwards, but prob=1.0 mixes every "
-                              "step: pass mask=out.unmixed to observe() or use prob < 1",
-                              stacklevel=2)
-        else:
-            self._source = SOURCES[source_name]() if source_name else None
-            self._signal = None
+        spec = METHODS[cfg.method]
+        self._mixer = MIXERS[spec.mixer]
+        self._options = MixerOptions(aug=cfg, box=resolved_box(aug) or "batch", inplace=inplace,
+                                     workspace=Workspace())
+        self._source = SOURCES[spec.source](cfg) if spec.source else None
+        self.memory = SampleMemory(dataset_size, MAX_HISTORY) if uses_memory(aug) else None
+        self._signal = (SIGNALS[cfg.signal](bn_mode=cfg.bn_mode, memory=self.memory)
+                        if spec.hard else None)
         self._host = generator if generator is not None else torch.Generator()
         if generator is None:
             if seed is None:
@@ -223,8 +211,7 @@ class HardMix:
                     dataset_size: Optional[int] = None, seed: Optional[int] = None,
                     **kwargs: Any) -> "HardMix":
         """Build from ``cfg.augment`` (an :class:`~hardmix.config.AugmentConfig`)."""
-        return cls(**dataclasses.asdict(cfg), num_classes=num_classes, dataset_size=dataset_size,
-                   seed=seed, **kwargs)
+        return cls(cfg, num_classes=num_classes, dataset_size=dataset_size, seed=seed, **kwargs)
 
     # ----------------------------------------------------------------------------------------
 
@@ -236,6 +223,11 @@ class HardMix:
     def uses_hardness(self) -> bool:
         """True for hard-source methods (the ones that need ``model``/``logits`` or ``index``)."""
         return self._signal is not None
+
+    def memory_seen(self) -> Optional[Tensor]:
+        """0-d tensor: share of the training set the per-sample memory has observed; None
+        without a memory."""
+        return self.memory.seen_fraction() if self.memory is not None else None
 
     def _device_generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -261,14 +253,13 @@ class HardMix:
         """
         if x.dim() != 4:
             raise ValueError(f"x must be a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
-        u = torch.rand(4, generator=self._host, dtype=torch.float64).numpy()
+        u = torch.rand(3, generator=self._host, dtype=torch.float64).numpy()  # coin, box centre
         b, dev = x.shape[0], x.device
         if not (u[0] < self.cfg.prob) or self._mixer is MIXERS["none"]:
             return MixOutput(x, y, y, torch.ones(b, device=dev), torch.arange(b, device=dev),
                              False, self.num_classes)
-        lam_host = float(u[1]) if self.cfg.alpha == 1.0 else beta_host(self.cfg.alpha, self._host)
         gen = self._device_generator(dev)
-        draws = Draws(lam_host, float(u[2]), float(u[3]), gen)
+        draws = Draws(beta_host(self.cfg.alpha, self._host), float(u[1]), float(u[2]), gen)
         if self._source is None:  # Cutout: images change, labels do not
             mixed, _ = self._mixer(x, None, draws, self._options)
             return MixOutput(mixed, y, y, torch.ones(b, device=dev), torch.arange(b, device=dev),
@@ -284,22 +275,29 @@ class HardMix:
                          self.num_classes, sel.n_hard, sel.fired, sel.skipped, has_sources=True)
 
     def observe(self, logits: Tensor, y: Tensor, index: Optional[Tensor],
-                mask: Optional[Tensor] = None) -> None:
-        """Remember per-sample hardness from a *clean* forward (``signal="cached"``; else no-op).
-
-        Call it on steps where ``out.mixed`` is False with the training logits, labels and dataset
-        indices; ``mask`` (bool ``(B,)``) restricts the update to clean rows, e.g. ``out.unmixed``.
-        """
-        if self._signal is not None:
-            self._signal.observe(logits, y, index, mask)
+                out: Optional["MixOutput"] = None, mask: Optional[Tensor] = None) -> None:
+        """Feed the per-sample memory (``cached`` signal, ``history`` criterion; else a no-op)
+        with the training forward's ``logits`` of this step. Call it every step with the step's
+        ``out``: rows the step left clean are observations (all rows of an unmixed step); a
+        mixed step of the ``forward`` signal has already observed its clean batch. ``mask``
+        (bool ``(B,)``) instead of ``out`` says which rows are clean."""
+        if self.memory is None or self._signal is None:
+            return
+        if index is None:
+            raise ValueError("the per-sample memory needs index= (the dataset indices)")
+        if out is not None:
+            if out.mixed and not self._signal.observes_mixed_steps:
+                return
+            mask = out.unmixed if out.mixed else None
+        self.memory.observe(logits, y, index, mask)
 
     def state_dict(self) -> dict:
-        """Generator states and the cached hardness memory, for checkpoints."""
+        """Generator states and the per-sample memory, for checkpoints."""
         devices = {k: g.get_state() for k, g in self._device_gens.items()}
         devices.update({k: s for k, s in self._pending_device_states.items() if k not in devices})
         return {"host_generator": self._host.get_state(), "device_generators": devices,
                 "device_seed": self._device_seed,
-                "signal": self._signal.state_dict() if self._signal is not None else {}}
+                "signal": self.memory.state_dict() if self.memory is not None else {}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved (device generators are restored on first use)."""
@@ -307,8 +305,8 @@ class HardMix:
         self._device_seed = int(state.get("device_seed", self._device_seed))
         self._device_gens.clear()
         self._pending_device_states = dict(state.get("device_generators", {}))
-        if self._signal is not None and state.get("signal"):
-            self._signal.load_state_dict(state["signal"])
+        if self.memory is not None and state.get("signal"):
+            self.memory.load_state_dict(state["signal"])
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.cfg).items())

@@ -21,11 +21,15 @@ import textwrap
 from typing import Callable, Sequence
 
 from hardmix import __version__
-from hardmix.config import (ConfigError, RunConfig, SweepConfig, describe_fields, fail,
-                            load_config, preset_kind, preset_names, read_preset)
+from hardmix.config import (RunConfig, SweepConfig, describe_fields, load_config, preset_kind,
+                            preset_names, read_preset)
+from hardmix.errors import HardmixError, fail
 
 
 def _fields_epilog(cls: type, title: str) -> str:
+    from hardmix.datasets import DATASETS
+    from hardmix.methods import describe_methods
+
     rows = describe_fields(cls)
     width = max(len(name) for name, _, _ in rows)
     lines = [f"{title} (YAML keys, and --set KEY=VALUE):"]
@@ -33,6 +37,8 @@ def _fields_epilog(cls: type, title: str) -> str:
         wrapped = textwrap.wrap(f"{text} [default: {default}]", 100 - width - 4) or [""]
         lines.append(f"  {name:<{width}}  {wrapped[0]}")
         lines += [f"  {'':<{width}}  {more}" for more in wrapped[1:]]
+    lines += ["", describe_methods(), "", "Data sets (data.name):"]
+    lines += [f"  {d.name:<17} {d.description}" for d in DATASETS.values()]
     return "\n".join(lines)
 
 
@@ -90,7 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tables and PNG plots into it; prints the main table.")
     p.add_argument("path", help="sweep folder or URI (or a folder of sweeps)")
     p.add_argument("--out", help="where to write the report (default: <path>/report)")
-    p.add_argument("--baseline", default="cutmix", help="method the deltas are taken against")
+    p.add_argument("--baseline", default="cutmix",
+                   help="method every variant is compared against (its matched variant)")
+    p.add_argument("--family", metavar="FACTOR[,FACTOR]",
+                   help="test only the one-factor contrasts over these factors (e.g. method); "
+                        "default: every contrast of the sweep, one Holm family")
+    p.add_argument("--correction", default="holm", choices=("holm", "none"),
+                   help="multiple-comparison correction over the family (none: each interval "
+                        "answers its own question, and the report says so)")
     p.set_defaults(handler=_report)
 
     p = sub.add_parser("presets", help="list the shipped presets",
@@ -102,12 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(RunConfig, args.preset, args.config, args.overrides)
-    from hardmix.train import train_from_cli
+    from hardmix.commands import train_from_cli
     return train_from_cli(cfg, resume=args.resume)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from hardmix.train import evaluate_checkpoint_cli
+    from hardmix.commands import evaluate_checkpoint_cli
     return evaluate_checkpoint_cli(args.checkpoint, args.overrides)
 
 
@@ -124,7 +137,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from ablations.report import report_from_cli
-    return report_from_cli(args.path, out=args.out, baseline=args.baseline)
+    return report_from_cli(args.path, out=args.out, baseline=args.baseline, family=args.family,
+                           correction=args.correction)
 
 
 def _presets(args: argparse.Namespace) -> int:
@@ -149,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(handler(args) or 0)
-    except ConfigError as exc:
+    except HardmixError as exc:
         return fail(exc)
     except KeyboardInterrupt:
         print("hardmix: interrupted", file=sys.stderr)

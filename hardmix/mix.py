@@ -32,13 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hardmix.config.schema import AugmentConfig
+
 __all__ = [
     "Draws", "MIXERS", "beta_host", "beta_device", "box_sides", "place_box", "rand_box",
     "boxes_at", "lam_sides", "rand_centres", "rand_boxes", "sample_box_rows", "outer_masks",
     "box_lam",
     "box_masks", "Workspace", "gather", "paste_box", "paste_masks", "mixup_blend", "cutout_box",
     "cutout_masks",
-    "spectral_residual_saliency", "salient_points",
+    "spectral_residual_saliency", "salient_points", "fine_grained_points", "SALIENCY_DETECTORS",
+    "MixerOptions",
 ]
 
 Box = tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open, already clipped
@@ -195,9 +198,8 @@ def sample_box_rows(n: int, alpha: float, height: int, width: int, generator: to
     itself Beta(α, α), side ratios and centres come out of one multiply, and the clipped interval
     of every (side, centre) pair -- mask and length -- is one row of a small precomputed table.
     """
-    u = torch.rand(3, n, generator=generator, device=device)  # (1 - λ, u_y, u_x)
-    if alpha != 1.0:
-        u[0] = beta_device(alpha, n, generator, device)
+    u = torch.cat((beta_device(alpha, n, generator, device)[None],  # 1 - λ ~ Beta(α, α) too
+                   torch.rand(2, n, generator=generator, device=device)))  # (1 - λ, u_y, u_x)
     u[0].sqrt_()
     if height == width:
         sc = (u * height).long()  # (side, cy, cx)
@@ -382,13 +384,44 @@ def _gaussian_blur(img: Tensor, sigma: float) -> Tensor:
 
 
 def salient_points(x: Tensor, height: int, width: int) -> Tensor:
-    """The most salient pixel of every image of ``x``: long (2, B) of (cy, cx)."""
+    """The most salient pixel of every image of ``x`` by spectral residual, on the device:
+    long (2, B) of (cy, cx)."""
     sal, factor = spectral_residual_saliency(x)
     w = sal.shape[-1]
     flat = sal.flatten(1).argmax(1)
     cy = ((flat // w) * factor + factor // 2).clamp_max(height - 1)
     cx = ((flat % w) * factor + factor // 2).clamp_max(width - 1)
     return torch.stack((cy, cx))
+
+
+def fine_grained_points(x: Tensor, height: int, width: int) -> Tensor:
+    """The most salient pixel of every image of ``x`` by OpenCV's
+    ``StaticSaliencyFineGrained``, exactly as the SaliencyMix authors' ``saliency_bbox``: the
+    (normalised) image as an HWC float32 array, the map scaled to uint8, its first argmax.
+
+    Runs on the host, one image at a time (the method table allows it with one box per batch
+    only, i.e. one image per step); needs ``opencv-contrib-python`` (extra ``[saliency]``).
+    """
+    import cv2
+    import numpy as np
+
+    detector = cv2.saliency.StaticSaliencyFineGrained_create()
+    points = []
+    for img in x.detach().float().cpu().numpy():
+        ok, sal = detector.computeSaliency(np.ascontiguousarray(img.transpose(1, 2, 0)))
+        if not ok:
+            raise RuntimeError("OpenCV's StaticSaliencyFineGrained failed on an image")
+        sal = (sal * 255).astype("uint8")
+        cy, cx = np.unravel_index(int(np.argmax(sal)), sal.shape)
+        points.append((min(int(cy), height - 1), min(int(cx), width - 1)))
+    return torch.tensor(points, dtype=torch.long, device=x.device).T.contiguous()
+
+
+#: SaliencyMix detectors by name (``augment.saliency``): images -> most salient pixel (2, B).
+SALIENCY_DETECTORS: dict[str, Callable[[Tensor, int, int], Tensor]] = {
+    "spectral_residual": salient_points,
+    "fine_grained": fine_grained_points,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,11 +431,12 @@ def salient_points(x: Tensor, height: int, width: int) -> Tensor:
 
 @dataclass(frozen=True)
 class MixerOptions:
-    """Static options of a mixer: α, box mode, Cutout side, in-place, scratch buffers."""
+    """What a mixer reads besides the batch: the augment config (``alpha``, ``cutout_size``,
+    ``saliency``: read from it, never copied), the box mode that runs (``box: auto`` resolved by
+    the method table), in-place mixing and scratch buffers."""
 
-    alpha: float = 1.0
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
     box: str = "batch"
-    cutout_size: float = 0.5
     inplace: bool = False
     workspace: Optional[Workspace] = field(default=None, compare=False)
 
@@ -432,7 +466,7 @@ def mix_cutmix(x: Tensor, source_index: Tensor, draws: Draws,
         box = rand_box(draws.lam, h, w, draws.uy, draws.ux)
         lam = 1.0 - (box[1] - box[0]) * (box[3] - box[2]) / float(h * w)
         return paste_box(x, source_index, box, opt.inplace, opt.workspace), _lam_full(lam, b, x.device)
-    rows, cols, lam = sample_box_rows(b, opt.alpha, h, w, draws.generator, x.device)
+    rows, cols, lam = sample_box_rows(b, opt.aug.alpha, h, w, draws.generator, x.device)
     masks = outer_masks(rows, cols, _mask_dtype(x), opt.workspace)
     return paste_masks(x, source_index, masks, opt.inplace, opt.workspace), lam
 
@@ -446,12 +480,13 @@ def mix_saliencymix(x: Tensor, source_index: Tensor, draws: Draws,
     at its own source's salient point. The centre lives on the device, so the paste uses masks.
     """
     b, _, h, w = x.shape
+    detect = SALIENCY_DETECTORS[opt.aug.saliency]
     if opt.box == "batch":
-        centres = salient_points(x.index_select(0, source_index[:1]), h, w)
+        centres = detect(x.index_select(0, source_index[:1]), h, w)
         sides = torch.tensor(box_sides(draws.lam, h, w), device=x.device).view(2, 1)
     else:
-        centres = salient_points(x, h, w).index_select(1, source_index)
-        sides = lam_sides(beta_device(opt.alpha, b, draws.generator, x.device), h, w)
+        centres = detect(x, h, w).index_select(1, source_index)
+        sides = lam_sides(beta_device(opt.aug.alpha, b, draws.generator, x.device), h, w)
     boxes = boxes_at(sides, centres, h, w)
     masks = box_masks(boxes, h, w, _mask_dtype(x), opt.workspace)
     mixed = paste_masks(x, source_index, masks, opt.inplace, opt.workspace)
@@ -465,7 +500,7 @@ def mix_mixup(x: Tensor, source_index: Tensor, draws: Draws,
     if opt.box == "batch":
         mixed = mixup_blend(x, source_index, draws.lam, opt.inplace, opt.workspace)
         return mixed, _lam_full(draws.lam, b, x.device)
-    lam = beta_device(opt.alpha, b, draws.generator, x.device)
+    lam = beta_device(opt.aug.alpha, b, draws.generator, x.device)
     return mixup_blend(x, source_index, lam, opt.inplace, opt.workspace), lam
 
 
@@ -473,7 +508,7 @@ def mix_cutout(x: Tensor, source_index: Optional[Tensor], draws: Draws,
                opt: MixerOptions) -> tuple[Tensor, Tensor]:
     """Cutout: a square of side ``cutout_size``·side, centre uniform, clipped, set to zero; λ = 1."""
     b, _, h, w = x.shape
-    side_h, side_w = max(1, round(opt.cutout_size * h)), max(1, round(opt.cutout_size * w))
+    side_h, side_w = max(1, round(opt.aug.cutout_size * h)), max(1, round(opt.aug.cutout_size * w))
     if opt.box == "batch":
         out = cutout_box(x, place_box(side_h, side_w, draws.uy, draws.ux, h, w), opt.inplace)
     else:
@@ -483,8 +518,9 @@ def mix_cutout(x: Tensor, source_index: Optional[Tensor], draws: Draws,
     return out, _lam_full(1.0, b, x.device)
 
 
-#: Mixers by name. A mixer takes the batch, the source of every target, the step's random draws
-#: and the static options, and returns the mixed batch and the weight λ of the target label.
+#: Mixers by name (``MethodSpec.mixer``). A mixer takes the batch, the source of every target,
+#: the step's random draws and the static options, and returns the mixed batch and the weight λ
+#: of the target label.
 MIXERS: dict[str, Mixer] = {
     "none": mix_none,
     "cutout": mix_cutout,

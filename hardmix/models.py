@@ -1,7 +1,8 @@
 """Models by name: ResNet-18/34/50/101 (CIFAR or ImageNet stem), WideResNet-28-10, smallnet.
 
-``build_model(cfg.model, num_classes, in_channels, image_size)`` looks the name up in
-:data:`MODELS`, a registry of builder functions; add an architecture with :func:`register`.
+``build_model(cfg.model, num_classes, in_channels, image_size)`` looks the name up in the
+torch-free registry :data:`hardmix.architectures.ARCHITECTURES` (which names each builder below),
+or builds ``timm:<name>`` with timm.
 
 The ResNets are torchvision's, with the stem swapped for small images: the CIFAR stem is a 3x3
 stride-1 convolution without max-pool (He et al.'s CIFAR variant, used by CutMix, SaliencyMix and
@@ -11,36 +12,45 @@ picks the CIFAR stem for images smaller than 64 pixels.
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torchvision.models.resnet as tv_resnet
 
-from hardmix.config import ConfigError, ModelConfig, MODELS as MODEL_NAMES
+from hardmix.architectures import ARCHITECTURES, TIMM_PREFIX, check_model_name
+from hardmix.config.schema import ModelConfig
+from hardmix.errors import ConfigError
 
 Builder = Callable[[ModelConfig, int, int, int], nn.Module]
-MODELS: dict[str, Builder] = {}
-
-
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: make a builder ``(model_cfg, num_classes, in_channels, image_size) -> Module``
-    available under ``name``."""
-
-    def wrap(fn: Builder) -> Builder:
-        MODELS[name] = fn
-        return fn
-
-    return wrap
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3,
                 image_size: int = 32) -> nn.Module:
     """The model ``cfg.name`` for ``num_classes`` classes and images of ``in_channels`` x
     ``image_size`` x ``image_size``."""
-    if cfg.name not in MODELS:
-        raise ConfigError("model.name", cfg.name, f"must be one of {', '.join(MODELS)}")
-    return MODELS[cfg.name](cfg, num_classes, in_channels, image_size)
+    check_model_name(cfg.name)
+    if cfg.name.startswith(TIMM_PREFIX):
+        return timm_model(cfg, num_classes, in_channels, image_size)
+    module, _, fn = ARCHITECTURES[cfg.name].builder.partition(":")
+    return getattr(importlib.import_module(module), fn)(cfg, num_classes, in_channels, image_size)
+
+
+def timm_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """Any timm model by name, with the data set's classes and input channels (and
+    ``model.dropout`` as timm's ``drop_rate``)."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError("model.name", cfg.name, "needs timm: pip install \"hardmix[timm]\"") \
+            from None
+    name = cfg.name[len(TIMM_PREFIX):]
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                 in_chans=in_channels, drop_rate=cfg.dropout)
+    except RuntimeError as exc:  # timm's "Unknown model"
+        raise ConfigError("model.name", cfg.name, f"is not a timm model ({exc})") from None
 
 
 def resolve_stem(stem: str, image_size: int) -> str:
@@ -81,8 +91,7 @@ def _resnet(name: str) -> Builder:
     return build
 
 
-for _name in _RESNETS:
-    register(_name)(_resnet(_name))
+resnet18, resnet34, resnet50, resnet101 = (_resnet(n) for n in _RESNETS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,8 +152,7 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(o, 1), 1))
 
 
-@register("wrn28_10")
-def _wrn28_10(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+def wrn28_10(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """WideResNet-28-10; ``model.dropout`` is the dropout inside every block (0.3 in the paper)."""
     return WideResNet(28, 10, num_classes, in_channels, cfg.dropout)
 
@@ -194,10 +202,7 @@ class SmallNet(nn.Module):
         return self.fc(self.dropout(o)) * LOGIT_SCALE
 
 
-@register("smallnet")
-def _smallnet(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+def smallnet(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """smallnet of base width ``model.width``."""
     return SmallNet(cfg.width, num_classes, in_channels, cfg.dropout, image_size)
 
-
-assert set(MODELS) == set(MODEL_NAMES), "config.MODELS and the model registry must agree"

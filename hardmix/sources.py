@@ -3,12 +3,15 @@
 Three registries, names as in the config (``hardmix.config``):
 
 * :data:`CRITERIA` -- which samples are hard: ``misclassified`` (argmax ≠ y, the paper),
-  ``topk_loss`` (the k highest-loss samples) and ``low_margin`` (the k samples with the smallest
-  margin between the true-class logit and the best other one). ``k`` is a count (>= 1) or a
-  fraction of the batch (< 1).
-* :data:`FALLBACKS` -- what happens when fewer than ``min_hard`` samples are hard: ``random`` (plain
-  CutMix from the whole batch), ``skip`` (no mixing this step: every sample is its own source) and
-  ``topk_loss`` (the top-k loss set stands in for the hard set).
+  ``history`` (misclassified in at least m of the last n observations of that sample: the
+  abstract's "frequently misclassified"), ``topk_loss`` (the k highest-loss samples) and
+  ``low_margin`` (the k samples with the smallest margin between the true-class logit and the
+  best other one). ``k`` is a count (>= 1) or a fraction of the batch (< 1).
+* :data:`FALLBACKS` -- what a *thresholded* criterion (``misclassified``, ``history``; see
+  :data:`hardmix.methods.CRITERIA`) does when fewer than ``min_hard`` samples are hard:
+  ``random`` (plain CutMix from the whole batch), ``skip`` (no mixing this step: every sample is
+  its own source) and ``topk_loss`` (the top-k loss set stands in for the hard set). A top-k
+  criterion always has its k samples: no fallback, whatever ``min_hard`` says.
 * :data:`SOURCES` -- the strategies: ``random`` (a permutation of the batch) and ``hard``.
 
 The hard source batch follows Algorithm 1: every hard sample once plus ``B - n_hard`` random repeats
@@ -26,11 +29,15 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from hardmix.config import ConfigError, check_k, uses_k
+from hardmix.config.rules import check_k
+from hardmix.config.schema import AugmentConfig
+from hardmix.errors import ConfigError
 from hardmix.hardness import Scores
+from hardmix.methods import CRITERIA as CRITERION_SPECS
+from hardmix.methods import FALLBACKS as FALLBACK_SPECS
 
 __all__ = ["CRITERIA", "FALLBACKS", "SOURCES", "Selection", "RandomSource", "HardSource",
-           "hard_source_index", "topk_mask", "check_k"]
+           "hard_source_index", "topk_mask"]
 
 
 def topk_mask(values: Tensor, count: int) -> Tensor:
@@ -40,32 +47,39 @@ def topk_mask(values: Tensor, count: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Criteria: (scores, k) -> hard mask (B,) bool
+# Criteria: (scores, augment config) -> hard mask (B,) bool
 # --------------------------------------------------------------------------------------------
 
 
-def misclassified(scores: Scores, k: float) -> Tensor:
-    """Hard = the model's top-1 prediction is wrong (the paper). Ignores ``k``."""
+def misclassified(scores: Scores, cfg: AugmentConfig) -> Tensor:
+    """Hard = the model's top-1 prediction is wrong (the paper's Algorithm 1)."""
     return scores.wrong()
 
 
-def topk_loss(scores: Scores, k: float) -> Tensor:
+def history(scores: Scores, cfg: AugmentConfig) -> Tensor:
+    """Hard = misclassified in at least ``history_min_wrong`` of the last ``history_window``
+    observations of that sample (the current one included with the forward signal)."""
+    return scores.history(cfg.history_window, cfg.history_min_wrong)
+
+
+def topk_loss(scores: Scores, cfg: AugmentConfig) -> Tensor:
     """Hard = the ``k`` samples with the highest cross-entropy loss (never empty)."""
     loss = scores.loss()
-    return topk_mask(loss, check_k(k, loss.shape[0]))
+    return topk_mask(loss, check_k(cfg.k, loss.shape[0]))
 
 
-def low_margin(scores: Scores, k: float) -> Tensor:
+def low_margin(scores: Scores, cfg: AugmentConfig) -> Tensor:
     """Hard = the ``k`` samples with the smallest true-class margin (never empty)."""
     margin = scores.margin()
-    return topk_mask(-margin, check_k(k, margin.shape[0]))
+    return topk_mask(-margin, check_k(cfg.k, margin.shape[0]))
 
 
-Criterion = Callable[[Scores, float], Tensor]
+Criterion = Callable[[Scores, AugmentConfig], Tensor]
 
-#: Hard-sample criteria by name (``augment.criterion``).
+#: Hard-sample criteria by name (``augment.criterion``; their specs: hardmix.methods.CRITERIA).
 CRITERIA: dict[str, Criterion] = {
     "misclassified": misclassified,
+    "history": history,
     "topk_loss": topk_loss,
     "low_margin": low_margin,
 }
@@ -82,20 +96,21 @@ class Fallback:
     instead of the criterion's (both device tensors; sizes >= 1), or ``skip`` mixing."""
 
     name: str
-    replace: Optional[Callable[[Tensor, Tensor, Tensor, Scores, float], tuple[Tensor, Tensor]]]
+    replace: Optional[Callable[[Tensor, Tensor, Tensor, Scores, AugmentConfig],
+                               tuple[Tensor, Tensor]]]
     skip: bool = False
 
 
 def _fallback_random(hard: Tensor, n_hard: Tensor, fired: Tensor, scores: Scores,
-                     k: float) -> tuple[Tensor, Tensor]:
+                     cfg: AugmentConfig) -> tuple[Tensor, Tensor]:
     # Drawing from all B samples makes the source batch a random permutation: plain CutMix.
     return hard, torch.where(fired, hard.shape[0], n_hard)
 
 
 def _fallback_topk(hard: Tensor, n_hard: Tensor, fired: Tensor, scores: Scores,
-                   k: float) -> tuple[Tensor, Tensor]:
-    count = check_k(k, hard.shape[0])
-    return torch.where(fired, topk_loss(scores, k), hard), torch.where(fired, count, n_hard)
+                   cfg: AugmentConfig) -> tuple[Tensor, Tensor]:
+    count = check_k(cfg.k, hard.shape[0])
+    return torch.where(fired, topk_loss(scores, cfg), hard), torch.where(fired, count, n_hard)
 
 
 #: Fallback policies by name (``augment.fallback``).
@@ -153,39 +168,46 @@ class RandomSource:
     name = "random"
     needs_scores = False
 
+    def __init__(self, cfg: Optional[AugmentConfig] = None):
+        self.cfg = cfg
+
     def __call__(self, batch: int, device: torch.device, generator: torch.Generator,
                  scores: Optional[Scores] = None) -> Selection:
         return Selection(torch.randperm(batch, generator=generator, device=device))
 
 
 class HardSource:
-    """Sources drawn only from the hard samples of the batch (HardMix), with a fallback policy."""
+    """Sources drawn only from the hard samples of the batch (HardMix). A thresholded criterion
+    has a fallback policy for batches with fewer than ``min_hard`` hard samples; a top-k
+    criterion needs none (its set always has k samples)."""
 
     name = "hard"
     needs_scores = True
 
-    def __init__(self, criterion: str = "misclassified", k: float = 0.25, fallback: str = "random",
-                 min_hard: int = 1):
-        if criterion not in CRITERIA:
-            raise ConfigError("augment.criterion", criterion, f"must be one of {', '.join(CRITERIA)}")
-        if fallback not in FALLBACKS:
-            raise ConfigError("augment.fallback", fallback, f"must be one of {', '.join(FALLBACKS)}")
-        if int(min_hard) != min_hard or min_hard < 1:
-            raise ConfigError("augment.min_hard", min_hard, "must be an integer >= 1")
-        if uses_k(criterion, fallback):
-            check_k(k)  # against the batch at call time
-        self.criterion, self.k = CRITERIA[criterion], float(k)
-        self.fallback, self.min_hard = FALLBACKS[fallback], int(min_hard)
+    def __init__(self, cfg: AugmentConfig):
+        if cfg.criterion not in CRITERIA:
+            raise ConfigError("augment.criterion", cfg.criterion,
+                              f"must be one of {', '.join(CRITERIA)}")
+        if cfg.fallback not in FALLBACKS:
+            raise ConfigError("augment.fallback", cfg.fallback,
+                              f"must be one of {', '.join(FALLBACKS)}")
+        self.cfg = cfg
+        self.criterion = CRITERIA[cfg.criterion]
+        thresholded = CRITERION_SPECS[cfg.criterion].thresholded
+        self.fallback = FALLBACKS[cfg.fallback] if thresholded else None
 
     def __call__(self, batch: int, device: torch.device, generator: torch.Generator,
                  scores: Optional[Scores] = None) -> Selection:
         if scores is None:
             raise ValueError("hard sources need hardness scores")
-        hard = self.criterion(scores, self.k)
+        hard = self.criterion(scores, self.cfg)
         n_hard = hard.sum()
-        fired = n_hard < self.min_hard
+        if self.fallback is None:  # a top-k set: never short, no fallback
+            return Selection(hard_source_index(hard, generator, n_hard, at_least_one=True),
+                             n_hard, torch.zeros((), dtype=torch.bool, device=device), None)
+        fired = n_hard < self.cfg.min_hard
         if self.fallback.replace is not None:
-            hard, n_used = self.fallback.replace(hard, n_hard, fired, scores, self.k)
+            hard, n_used = self.fallback.replace(hard, n_hard, fired, scores, self.cfg)
             index = hard_source_index(hard, generator, n_used, at_least_one=True)
         else:
             index = hard_source_index(hard, generator, n_hard)
@@ -196,5 +218,8 @@ class HardSource:
         return Selection(index, n_hard, fired, skipped)
 
 
-#: Source-selection strategies by name.
+#: Source-selection strategies by name (``MethodSpec.source``).
 SOURCES = {"random": RandomSource, "hard": HardSource}
+
+assert set(CRITERIA) == set(CRITERION_SPECS) and set(FALLBACKS) == set(FALLBACK_SPECS), \
+    "every criterion and fallback of the method table needs its function here"

@@ -2,14 +2,16 @@
 
 :class:`TensorBoardCallback` writes, on rank 0:
 
-* every epoch, the per-epoch metrics as scalars, grouped as ``error/``, ``loss/``, ``hardmix/``
-  (hard share, fallback rate, mixed rate, distinct sources), ``speed/`` and ``lr/``, each tag
-  ending in its metric name (``error/test_top1_err``); with at most 20 classes also how often each
-  class served as a source (``sources/class_<i>``);
+* every epoch, each per-epoch metric of :data:`hardmix.metrics.EPOCH_METRICS` that has a
+  ``group`` as a scalar ``<group>/<metric>`` (``error/test_top1_err``, ``hardmix/hard_share``,
+  ...), skipping values that are NULL (not evaluated that epoch, or not applicable); with at
+  most 20 classes also how often each class served as a source (``sources/<class name>``);
 * at the first mixed batch, an image grid: originals (top row), their source images, the mixed
   result (bottom row);
-* at the end, the run's hyperparameters (every config field) with its summary metrics in the
-  HParams dashboard, written with ``run_name="."`` so they land in the same run, not a sub-run.
+* at the end, the HParams entry of the run: the fields given as ``hparams`` (a sweep passes the
+  fields that vary within it), by default the run's acting augment fields, model, data and seed,
+  with the final validation and test errors as metrics; written with ``run_name="."`` so they
+  land in the same run, not a sub-run.
 
 Point TensorBoard at a folder of runs (``tensorboard --logdir runs``) or of sweep trials.
 """
@@ -18,22 +20,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from hardmix.config import RunConfig, flatten, to_yaml
-from hardmix.train import Callback
+from hardmix.config import RunConfig, flatten, to_dict, to_yaml
+from hardmix.methods import active_fields
+from hardmix.metrics import EPOCH_METRICS, Callback
 
-#: Scalar group of each per-epoch metric (the tag is ``group/metric``).
-GROUPS = {
-    "train_loss": "loss", "val_loss": "loss", "test_loss": "loss",
-    "val_top1_err": "error", "val_top5_err": "error", "test_top1_err": "error",
-    "test_top5_err": "error", "lr": "lr", "images_per_s": "speed", "epoch_seconds": "speed",
-    "hard_share": "hardmix", "fallback_rate": "hardmix", "mixed_rate": "hardmix",
-    "distinct_sources": "hardmix",
-}
 #: Summary values shown in the HParams dashboard (as ``hparam/<key>`` scalars).
-HPARAM_METRICS = ("final_top1_err", "best_top1_err", "final_top5_err", "best_top5_err",
-                  "final_val_top1_err", "best_val_top1_err", "epochs_run", "wall_seconds")
+HPARAM_METRICS = ("final_val_top1_err", "final_top1_err", "final_top5_err", "best_val_top1_err")
 MAX_CLASS_SCALARS = 20
 
 
@@ -44,13 +38,23 @@ def hparam_value(value: Any) -> Any:
     return "null" if value is None else str(value)
 
 
-class TensorBoardCallback(Callback):
-    """Scalars, HParams and a mixed-image grid into ``log_dir`` (default: the run folder)."""
+def default_hparams(cfg: RunConfig) -> list[str]:
+    """A single run's HParams: the augment fields that act, the model, the data, the seed."""
+    acting = sorted(active_fields(to_dict(cfg.augment)))
+    return ["seed", "data.name", "model.name"] + [f"augment.{f}" for f in acting]
 
-    def __init__(self, log_dir: Optional[str | Path] = None):
+
+class TensorBoardCallback(Callback):
+    """Scalars, HParams and a mixed-image grid into ``log_dir`` (default: the run folder).
+    ``hparams``: the config fields of the HParams entry (None: :func:`default_hparams`)."""
+
+    def __init__(self, log_dir: Optional[str | Path] = None,
+                 hparams: Optional[Sequence[str]] = None):
         self.log_dir = log_dir
+        self.hparams = list(hparams) if hparams is not None else None
         self.writer = None
         self.cfg: Optional[RunConfig] = None
+        self.classes: list[str] = []
 
     def on_run_start(self, cfg: RunConfig, info: dict) -> None:
         if info.get("rank", 0) != 0:
@@ -58,6 +62,7 @@ class TensorBoardCallback(Callback):
         from torch.utils.tensorboard import SummaryWriter
 
         self.cfg = cfg
+        self.classes = [str(c) for c in info.get("classes") or []]
         log_dir = str(self.log_dir or info["run_dir"])
         # A resumed run drops the events it is about to write again.
         purge = info.get("start_epoch", 0) + 1 if info.get("start_epoch") else None
@@ -85,21 +90,26 @@ class TensorBoardCallback(Callback):
         if self.writer is None:
             return
         step = int(metrics["epoch"])
-        for key, group in GROUPS.items():
-            value = metrics.get(key)
-            if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                self.writer.add_scalar(f"{group}/{key}", value, step)
+        for name, metric in EPOCH_METRICS.items():
+            value = metrics.get(name)
+            if metric.group is None or not isinstance(value, (int, float)) or \
+                    isinstance(value, bool) or math.isnan(value):
+                continue
+            self.writer.add_scalar(f"{metric.group}/{name}", value, step)
         counts = metrics.get("source_class_counts") or []
         if 0 < len(counts) <= MAX_CLASS_SCALARS and sum(counts):
             total = sum(counts)
             for i, c in enumerate(counts):
-                self.writer.add_scalar(f"sources/class_{i}", c / total, step)
+                label = self.classes[i] if i < len(self.classes) else f"class_{i}"
+                self.writer.add_scalar(f"sources/{label}", c / total, step)
         self.writer.flush()
 
     def on_run_end(self, summary: dict) -> None:
         if self.writer is None:
             return
-        hparams = {k: hparam_value(v) for k, v in flatten(self.cfg).items()}
+        flat = flatten(self.cfg)
+        names = self.hparams if self.hparams is not None else default_hparams(self.cfg)
+        hparams = {k: hparam_value(flat.get(k)) for k in names if k in flat}
         hparams["status"] = summary.get("status", "")
         metrics = {f"hparam/{k}": float(summary[k]) for k in HPARAM_METRICS
                    if isinstance(summary.get(k), (int, float))}

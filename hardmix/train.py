@@ -1,23 +1,26 @@
-"""One training run: ``train(cfg, callbacks, run_dir, resume) -> summary``. No Ray here.
+"""One training run: ``train(cfg, callbacks, run_dir, resume) -> summary``. No Ray, no store.
 
 The loop trains ``cfg.model`` on ``cfg.data`` with the augmentation ``cfg.augment`` from the core
-library (:class:`hardmix.HardMix`), evaluates validation and test error every epoch and hands the
-metrics to callbacks; it writes nothing itself except the run folder's metadata
-(``config.yaml``, ``run.json``) and checkpoints (``checkpoints/last.pt``). The CLI
-(:func:`train_from_cli`) wires the Parquet store, TensorBoard and the console; ``tune`` wires its
-own callbacks and calls :func:`train` inside Ray Tune trials and Ray Train workers.
+library (:class:`hardmix.HardMix`), evaluates validation and test error on the epochs
+``cfg.eval`` asks for and hands the metrics (:data:`hardmix.metrics.EPOCH_METRICS`) to
+callbacks (:class:`hardmix.metrics.Callback`). It writes nothing itself except the run folder's
+metadata (``config.yaml``, ``run.json``) and checkpoints (``checkpoints/last.pt``). Wiring the
+Parquet store, TensorBoard and the console to a run is the command line's job
+(:mod:`hardmix.cli`); ``tune`` wires its own callbacks and calls :func:`train` inside Ray Tune
+trials and Ray Train workers.
 
-One training step::
+One training step, the same every step (the library decides what it needs)::
 
-    out = mix(x, y, model=model, index=idx)   # signal=forward (extra clean forward inside)
-    out = mix(x, y, index=idx)                # signal=cached
+    out = mix(x, y, model=raw_model, index=idx)   # the model only serves the forward signal
     logits = model(out.x); loss = out.loss(logits, label_smoothing)
-    if not out.mixed: mix.observe(logits, y, idx)   # clean batch: feeds the cached signal
+    mix.observe(logits, y, idx, out)              # feeds the per-sample memory, if any
 
 Statistics are summed as device tensors and read once per epoch (no per-step host sync).
 
 Failure semantics (what ``tune`` relies on):
 
+* a config or input the machine cannot serve raises :class:`~hardmix.errors.ConfigError`
+  before anything is written (no callback sees the run);
 * a callback raising :class:`StopRun` (ASHA pruning) ends the run after that epoch with
   ``status="pruned"``; the summary is returned, nothing is raised;
 * any exception during the run (a NaN loss is a ``FloatingPointError``) gives a summary with
@@ -42,14 +45,14 @@ import json
 import math
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -59,52 +62,18 @@ import torch.nn.functional as F
 import hardmix
 from hardmix.checkpoint import (atomic_write_bytes, checkpoint_path, load_checkpoint,
                                 rng_state, save_checkpoint, set_rng_state)
-from hardmix.config import (ConfigError, OptimConfig, RunConfig, deep_merge, from_dict,
-                            parse_overrides, to_dict, to_yaml, validate)
-from hardmix.data import Data, build_data, epoch_seed, preflight as data_preflight
+from hardmix.config import (OptimConfig, RunConfig, check_run_environment, flatten, to_dict,
+                            to_yaml, validate)
+from hardmix.data import Data, build_data, epoch_seed
+from hardmix.errors import ConfigError
+from hardmix.metrics import EPOCH_METRICS, SUMMARY_FIELDS, Callback, StopRun, applicable
 from hardmix.models import build_model
 
-#: The per-epoch metrics keys, in order (the ``epochs`` Parquet columns after sweep/trial_id).
-METRIC_KEYS = ("epoch", "train_loss", "val_loss", "val_top1_err", "val_top5_err", "test_loss",
-               "test_top1_err", "test_top5_err", "lr", "images_per_s", "epoch_seconds",
-               "hard_share", "fallback_rate", "mixed_rate", "distinct_sources",
-               "source_class_counts")
-#: The summary keys ``train`` returns and ``on_run_end`` receives.
-SUMMARY_KEYS = ("status", "error", "epochs_run", "wall_seconds", "device", "final_top1_err",
-                "final_top5_err", "best_top1_err", "best_top5_err", "final_val_top1_err",
-                "best_val_top1_err")
+__all__ = ["train", "training_step", "evaluate", "Callback", "StopRun", "precision_policy",
+           "Precision", "lr_factor", "resolve_device", "versions", "git_commit",
+           "check_resumable"]
+
 PREVIEW_IMAGES = 8
-
-
-class StopRun(Exception):
-    """Raise from a callback's ``on_epoch_end`` to end the run early (e.g. ASHA pruning): the
-    run stops after that epoch and its summary has ``status == "pruned"``."""
-
-
-class Callback:
-    """Hooks of a run; every method is optional (the base class does nothing).
-
-    Callbacks are called on every data-parallel rank with identical (all-reduced) metrics;
-    ``info["rank"]`` in ``on_run_start`` says whether this is rank 0. ``on_mixed_preview`` is
-    called on rank 0 only.
-    """
-
-    def on_run_start(self, cfg: RunConfig, info: dict) -> None:
-        """Before the first epoch. ``info``: run_dir, device, versions, git_commit,
-        num_classes, classes, sizes (train/val/test), steps_per_epoch, start_epoch (last
-        finished epoch when resumed, else 0), rank, world_size."""
-
-    def on_epoch_end(self, metrics: dict, checkpoint: Optional[str]) -> None:
-        """After each epoch with the :data:`METRIC_KEYS` metrics; ``checkpoint`` is the path of
-        the checkpoint written at this epoch (rank 0), else None."""
-
-    def on_run_end(self, summary: dict) -> None:
-        """Once at the end, whatever the outcome, with the :data:`SUMMARY_KEYS` summary."""
-
-    def on_mixed_preview(self, images: dict) -> None:
-        """Once, at the first mixed batch of a fresh run: ``images``, ``sources`` (the source
-        image of each), ``mixed`` (B, C, H, W in 0..1, on the CPU), ``lam``, ``labels``,
-        ``source_labels``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,17 +182,6 @@ def precision_policy(o: OptimConfig, device: torch.device) -> Precision:
     return Precision(device.type, dtype, o.channels_last, f"{amp_note}, {layout}")
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Checks that need the environment (a GPU, the data on disk), before any work."""
-    validate(cfg)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", cfg.device, "no CUDA device is available here; use auto or cpu")
-    name = cfg.output.name
-    if name is not None and (not name or "/" in name or "\\" in name or name.startswith(".")):
-        raise ConfigError("output.name", name, "must be a plain folder name")
-    data_preflight(cfg.data)
-
-
 # --------------------------------------------------------------------------------------------
 # Optimisation
 # --------------------------------------------------------------------------------------------
@@ -252,19 +210,18 @@ def training_step(model: nn.Module, raw_model: nn.Module, mix, optimizer, x: tor
                   y: torch.Tensor, idx: torch.Tensor, *, label_smoothing: float = 0.0,
                   grad_clip: Optional[float] = None, autocast=contextlib.nullcontext,
                   scheduler=None):
-    """One step of the loop (also what ``benchmarks/bench_step.py`` times).
+    """One step of the loop (also what the step and training benchmarks time).
 
-    ``raw_model`` (the module inside DDP) serves the extra clean forward of ``signal=forward``,
-    so that forward runs no DDP collective. Clean logits feed the ``cached`` memory: all rows of
-    an unmixed step, and the rows a mixed step left unchanged. Returns ``(loss, out)`` with the
-    loss detached (no host sync)."""
-    forward_signal = mix.uses_hardness and mix.cfg.signal == "forward"
+    The augmentation is called the same way every step: ``raw_model`` (the module inside DDP,
+    so the hardness forward runs no DDP collective) for the ``forward`` signal, ``idx`` for a
+    per-sample memory, and ``observe`` with the training logits afterwards; HardMix decides what
+    it uses. The hardness forward runs under the same autocast as the training forward. Returns
+    ``(loss, out)`` with the loss detached (no host sync)."""
     with autocast():
-        out = mix(x, y, model=raw_model, index=idx) if forward_signal else mix(x, y, index=idx)
+        out = mix(x, y, model=raw_model, index=idx)
         logits = model(out.x)
         loss = out.loss(logits.float(), label_smoothing=label_smoothing)
-    if mix.uses_hardness and not forward_signal:
-        mix.observe(logits.detach().float(), y, idx, mask=None if not out.mixed else out.unmixed)
+    mix.observe(logits.detach(), y, idx, out)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
@@ -330,12 +287,12 @@ class _Run:
 
     def __init__(self, cfg: RunConfig, run_dir: Path, callbacks: Sequence[Callback],
                  eval_epochs: Sequence[int] = ()):
-        from hardmix import HardMix  # the core library (issue 3)
+        from hardmix import HardMix
 
         self.cfg, self.run_dir, self.callbacks = cfg, run_dir, list(callbacks)
+        self.augment = to_dict(cfg.augment)
         self.extra_eval_epochs = frozenset(int(e) for e in eval_epochs)
         self.rank, self.world_size = dist_info()
-        preflight(cfg)
         self.device = resolve_device(cfg.device)
         cuda = self.device.type == "cuda"
         self.precision = precision_policy(cfg.optim, self.device)
@@ -361,13 +318,9 @@ class _Run:
         if self.steps_per_epoch == 0:
             raise ConfigError("data.subset", cfg.data.subset, "leaves no training batch")
         self.optimizer, self.scheduler = build_optimizer(model, cfg.optim, self.steps_per_epoch)
-        with warnings.catch_warnings():
-            # The loop feeds the cached memory from clean rows of mixed steps too (observe with
-            # mask=out.unmixed), which is what the prob=1 warning asks for.
-            warnings.filterwarnings("ignore", message=r"signal='cached'")
-            self.mix = HardMix.from_config(cfg.augment, num_classes=self.num_classes,
-                                           dataset_size=self.data.sizes["train"], seed=cfg.seed,
-                                           inplace=True)
+        self.mix = HardMix.from_config(cfg.augment, num_classes=self.num_classes,
+                                       dataset_size=self.data.sizes["train"], seed=cfg.seed,
+                                       inplace=True)
         # Dropout draws from the global generator: give the ranks different streams.
         torch.manual_seed(epoch_seed(cfg.seed + 7 * self.rank, 0))
         self.start_epoch = 0
@@ -406,7 +359,8 @@ class _Run:
                 "classes": list(self.data.classes), "sizes": dict(self.data.sizes),
                 "steps_per_epoch": self.steps_per_epoch, "start_epoch": self.start_epoch,
                 "rank": self.rank, "world_size": self.world_size,
-                "threads": torch.get_num_threads(), "precision": self.precision.note}
+                "threads": torch.get_num_threads(), "precision": self.precision.note,
+                "hostname": socket.gethostname()}
 
     def write_metadata(self, info: dict) -> None:
         """config.yaml and run.json: the config, versions and git commit, with the run."""
@@ -454,10 +408,14 @@ class _Run:
                              self.world_size).tolist()
         loss_total, seen, steps, mixed = packed[:4]
         hard, fb, distinct = packed[4:7]
-        per_mixed = (lambda v: v / mixed) if mixed else (lambda v: math.nan)
+        per_mixed = (lambda v: v / mixed) if mixed else (lambda v: None)
+        memory = self.mix.memory_seen()
+        if memory is not None and self.world_size > 1:  # each rank's memory covers its shard
+            memory = _all_reduce(memory.double().to(dev), self.world_size) / self.world_size
         return {"train_loss": loss_total / max(1.0, seen), "lr": lr, "seen": seen,
                 "hard_share": per_mixed(hard), "fallback_rate": per_mixed(fb),
                 "mixed_rate": mixed / max(1.0, steps), "distinct_sources": per_mixed(distinct),
+                "memory_seen": float(memory) if memory is not None else None,
                 "source_class_counts": [int(round(v)) for v in packed[7:]]}
 
     def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
@@ -512,13 +470,10 @@ class _Run:
                 times = torch.tensor([t_train, t_epoch], dtype=torch.float64, device=self.device)
                 dist.all_reduce(times, op=dist.ReduceOp.MAX)
                 t_train, t_epoch = times.tolist()
-            metrics = {"epoch": epoch, "train_loss": tr["train_loss"], "val_loss": val[0],
-                       "val_top1_err": val[1], "val_top5_err": val[2], "test_loss": test[0],
-                       "test_top1_err": test[1], "test_top5_err": test[2], "lr": tr["lr"],
-                       "images_per_s": tr["seen"] / max(t_train, 1e-9),
-                       "epoch_seconds": t_epoch}
-            metrics.update({k: tr[k] for k in ("hard_share", "fallback_rate", "mixed_rate",
-                                               "distinct_sources", "source_class_counts")})
+            values = {**tr, "val_loss": val[0], "val_top1_err": val[1], "val_top5_err": val[2],
+                      "test_loss": test[0], "test_top1_err": test[1], "test_top5_err": test[2],
+                      "images_per_s": tr["seen"] / max(t_train, 1e-9), "epoch_seconds": t_epoch}
+            metrics = self.epoch_metrics(epoch, values)
             self.history.append(metrics)
             wall = self.wall_before + time.perf_counter() - t_start
             ckpt = None
@@ -551,36 +506,93 @@ class _Run:
             return epoch % self.cfg.eval.every == 0 or epoch in self.extra_eval_epochs
         return epoch % self.cfg.eval.test_every == 0
 
+    def epoch_metrics(self, epoch: int, values: dict) -> dict:
+        """The epoch's row of :data:`EPOCH_METRICS`: the loop's values, registered metrics'
+        ``compute(run)``, None where a metric does not apply to this run's method."""
+        out: dict[str, Any] = {"epoch": epoch}
+        for name, metric in EPOCH_METRICS.items():
+            value = metric.compute(self) if metric.compute is not None else values.get(name)
+            out[name] = value if applicable(metric, self.augment) else None
+        return out
+
     def summary(self, status: str, error: str, wall: float) -> dict:
+        """The run summary (:data:`SUMMARY_FIELDS`); test and validation errors of the last
+        epoch (evaluated at every last epoch), the best *validation* error over epochs."""
         h = self.history
-        col = lambda key: [m[key] for m in h if m.get(key) is not None and not math.isnan(m[key])]
-        best = lambda key: min(col(key)) if col(key) else math.nan
+        vals = [m["val_top1_err"] for m in h if m.get("val_top1_err") is not None]
         last = h[-1] if h else {}
         return {"status": status, "error": error, "epochs_run": int(last.get("epoch", 0)),
                 "wall_seconds": wall, "device": str(self.device),
-                "final_top1_err": last.get("test_top1_err", math.nan),
-                "final_top5_err": last.get("test_top5_err", math.nan),
-                "best_top1_err": best("test_top1_err"), "best_top5_err": best("test_top5_err"),
-                "final_val_top1_err": last.get("val_top1_err", math.nan),
-                "best_val_top1_err": best("val_top1_err")}
+                "threads": torch.get_num_threads(), "precision": self.precision.note,
+                "final_top1_err": last.get("test_top1_err"),
+                "final_top5_err": last.get("test_top5_err"),
+                "final_val_top1_err": last.get("val_top1_err"),
+                "best_val_top1_err": min(vals) if vals else None,
+                "classes": list(self.data.classes)}
+
+
+#: Fields a resumed run may change: where and how it reports, not what it trains.
+RESUMABLE_CHANGES = ("output.", "description", "eval.", "data.path", "data.workers",
+                     "data.eval_batch_size", "data.download", "device")
+
+
+def check_resumable(cfg: RunConfig, run_dir: Path) -> None:
+    """A run folder can be resumed with ``cfg``: its checkpoint is readable and was trained
+    with the same options (raises ConfigError naming the first difference; nothing changes)."""
+    state = load_checkpoint(checkpoint_path(run_dir))
+    saved, now = flatten_mapping(state["config"]), flatten(cfg)
+    try:  # augment fields as they run (inert ones and box: auto do not count)
+        from hardmix.methods import effective_augment
+        for flat, prefix in ((saved, "augment."), (now, "augment.")):
+            aug = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+            flat.update({prefix + k: v for k, v in effective_augment(aug).items()})
+    except ConfigError:
+        pass  # an unknown stored method: compared as written
+    for key, value in now.items():
+        if key.startswith(RESUMABLE_CHANGES) or key not in saved:
+            continue
+        if saved[key] != value and not (isinstance(value, float) and saved[key] == value):
+            raise ConfigError("--resume", str(run_dir),
+                              f"was trained with {key}={saved[key]!r}, not {value!r}: resume "
+                              "with the same options, or start a new run (another output.name)")
+
+
+def flatten_mapping(raw: dict, prefix: str = "") -> dict:
+    """``flatten`` of a config stored as a nested mapping (a checkpoint's ``config``)."""
+    out = {}
+    for k, v in raw.items():
+        if isinstance(v, dict) and k not in ("space",):
+            out.update(flatten_mapping(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), run_dir: str | Path = "runs/run",
           resume: bool = False, eval_epochs: Sequence[int] = ()) -> dict:
-    """Train one run and return its summary (:data:`SUMMARY_KEYS`).
+    """Train one run and return its summary (:data:`hardmix.metrics.SUMMARY_FIELDS`).
 
     ``run_dir`` receives ``config.yaml``, ``run.json`` and ``checkpoints/last.pt``; callbacks
     receive everything else. ``resume=True`` continues from ``run_dir``'s checkpoint when there
-    is one (else starts fresh), reproducing the uninterrupted run on the deterministic CPU path.
+    is one (else starts fresh), reproducing the uninterrupted run on the deterministic CPU path;
+    a checkpoint trained with other options is refused before anything changes.
+    ``eval_epochs``: extra epochs that evaluate validation error (a scheduler's decisions).
     See the module docstring for pruning (:class:`StopRun`) and failure semantics.
     """
     run_dir = Path(run_dir)
+    validate(cfg)
+    check_run_environment(cfg, outputs=False)
+    from hardmix.config import check_writable
+    check_writable("output.dir", str(run_dir))
+    resume = resume and checkpoint_path(run_dir).is_file()
+    if resume:
+        check_resumable(cfg, run_dir)
     t0 = time.perf_counter()
     run: Optional[_Run] = None
     status, error, failure = "completed", "", None
     try:
         run = _Run(cfg, run_dir, callbacks, eval_epochs)
-        if resume and checkpoint_path(run_dir).is_file():
+        if resume:
             run.restore(checkpoint_path(run_dir))
         info = run.info()
         if run.rank == 0:
@@ -597,7 +609,7 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), run_dir: str | Pat
     if run is not None:
         summary = run.summary(status, error, run.wall_before + elapsed)
     else:
-        summary = {k: math.nan for k in SUMMARY_KEYS}
+        summary = {k: None for k in SUMMARY_FIELDS}
         summary.update(status=status, error=error, epochs_run=0, wall_seconds=elapsed,
                        device=str(cfg.device))
     callback_error = None
@@ -611,124 +623,3 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), run_dir: str | Pat
     if callback_error is not None:
         raise callback_error
     return summary
-
-
-# --------------------------------------------------------------------------------------------
-# Console and CLI
-# --------------------------------------------------------------------------------------------
-
-
-class ConsoleCallback(Callback):
-    """One line per epoch on rank 0 (through tqdm, so it does not break progress bars)."""
-
-    def __init__(self, stream=None):
-        self.stream, self.active, self.epochs = stream, True, 0
-
-    def on_run_start(self, cfg: RunConfig, info: dict) -> None:
-        self.active = info.get("rank", 0) == 0
-        self.epochs = cfg.optim.epochs
-        if self.active:
-            s = info["sizes"]
-            self._write(f"hardmix train: {cfg.augment.method} {cfg.model.name} on {cfg.data.name} "
-                        f"({s['train']} train / {s['val']} val / {s['test']} test, "
-                        f"{info['num_classes']} classes) on {info['device']} "
-                        f"({info['precision']}, {info['threads']} threads) -> {info['run_dir']}"
-                        + (f" (resumed after epoch {info['start_epoch']})"
-                           if info["start_epoch"] else ""))
-
-    def on_epoch_end(self, metrics: dict, checkpoint: Optional[str]) -> None:
-        if not self.active:
-            return
-        m = metrics
-        val = "" if m["val_top1_err"] is None else f"val err {m['val_top1_err']:5.2f}%  "
-        test = ("" if m["test_top1_err"] is None else
-                f"test err {m['test_top1_err']:5.2f}% (top-5 {m['test_top5_err']:5.2f}%)  ")
-        self._write(f"epoch {m['epoch']:>3}/{self.epochs}  loss {m['train_loss']:.4f}  {val}"
-                    f"{test}"
-                    f"lr {m['lr']:.4g}  {m['images_per_s']:,.0f} img/s  {m['epoch_seconds']:.1f} s")
-
-    def _write(self, text: str) -> None:
-        from tqdm.auto import tqdm
-
-        tqdm.write(text, file=self.stream or sys.stdout)
-
-
-def default_run_name(cfg: RunConfig) -> str:
-    return f"{cfg.augment.method}-{cfg.model.name}-s{cfg.seed}"
-
-
-def run_folder(cfg: RunConfig, resume: bool) -> tuple[Path, str]:
-    """``(run_dir, name)`` of a CLI run. A fresh run never reuses a folder: with the default
-    name it gets a numbered suffix, with an explicit ``output.name`` it is an error."""
-    base = Path(os.path.expanduser(cfg.output.dir)) if "://" not in cfg.output.dir else Path("runs")
-    name = cfg.output.name or default_run_name(cfg)
-    run_dir = base / name
-    if resume:
-        if not checkpoint_path(run_dir).is_file():
-            raise ConfigError("--resume", str(run_dir), "has no checkpoint to resume from "
-                                                        "(checkpoints/last.pt)")
-        return run_dir, name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if cfg.output.name:
-            raise ConfigError("output.name", name, f"run folder {run_dir} exists: pass --resume "
-                                                   "to continue it or choose another name")
-        i = 2
-        while (base / f"{name}-{i}").exists():
-            i += 1
-        name = f"{name}-{i}"
-    return base / name, name
-
-
-def train_from_cli(cfg: RunConfig, resume: bool = False) -> int:
-    """``hardmix train``: validate, then train with the Parquet store, TensorBoard and console
-    callbacks. Returns 0 when the run completes, 1 when it fails (the failure is recorded in the
-    store); config errors raise ConfigError (the CLI prints one line and exits 2)."""
-    from ablations.store import ResultStore, StoreCallback
-    from hardmix.tensorboard import TensorBoardCallback
-
-    preflight(cfg)
-    run_dir, name = run_folder(cfg, resume)
-    results = (f"{cfg.output.dir.rstrip('/')}/{name}" if "://" in cfg.output.dir else str(run_dir))
-    callbacks: list[Callback] = [StoreCallback(ResultStore(results), trial_id=name, cfg=cfg,
-                                               extra={})]
-    if cfg.output.tensorboard:
-        callbacks.append(TensorBoardCallback())
-    callbacks.append(ConsoleCallback())
-    try:
-        s = train(cfg, callbacks, run_dir, resume=resume)
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - recorded as failed by the store already
-        print(f"hardmix: error: run failed: {type(exc).__name__}: {exc} (recorded in {run_dir})",
-              file=sys.stderr)
-        return 1
-    val = "" if math.isnan(s["final_val_top1_err"]) else f", val {s['final_val_top1_err']:.2f}%"
-    print(f"{s['status']}: test error {s['final_top1_err']:.2f}% (best {s['best_top1_err']:.2f}%"
-          f"{val}) after {s['epochs_run']} epochs, {s['wall_seconds']:.0f} s -> {run_dir}")
-    return 0 if s["status"] == "completed" else 1
-
-
-def evaluate_checkpoint_cli(path: str, overrides: list[str]) -> int:
-    """``hardmix eval CHECKPOINT``: test error of a saved model on its run's test set
-    (``--set`` may change stored config fields, e.g. ``data.path``)."""
-    state = load_checkpoint(path)
-    raw = deep_merge(state["config"], parse_overrides(overrides or []))
-    cfg = from_dict(RunConfig, raw)
-    validate(cfg)
-    data_preflight(cfg.data)
-    device = resolve_device(cfg.device)
-    d = state["data"]
-    data = build_data(cfg.data, cfg.seed, device, test_only=True,
-                      stats=(tuple(d["mean"]), tuple(d["std"])))
-    if data.num_classes != d["num_classes"] or data.in_channels != d["in_channels"]:
-        raise ConfigError("data", cfg.data.name, f"does not match the checkpoint's data "
-                                                 f"({d['num_classes']} classes, "
-                                                 f"{d['in_channels']} channels)")
-    model = build_model(cfg.model, d["num_classes"], d["in_channels"], d["image_size"])
-    model.load_state_dict(state["model"])
-    precision = precision_policy(cfg.optim, device)
-    model.to(device, memory_format=precision.memory_format)
-    loss, top1, top5 = evaluate(model, data.test, data.num_classes, precision)
-    print(f"test_top1_err={top1:.2f} test_top5_err={top5:.2f} test_loss={loss:.4f} "
-          f"images={data.sizes['test']} epoch={state['epoch']} checkpoint={path}")
-    return 0

@@ -63,5 +63,5 @@ def write_run(store: ResultStore, trial_id: str, cfg: dict, *, top1: float | Non
         return
     store.write_trial({**base, "status": status, "error": error, "final_top1_err": top1,
                        "final_top5_err": top5 if top5 is not None else (top1 or 0) / 3,
-                       "best_top1_err": top1, "best_top5_err": top5,
+                       "final_val_top1_err": (top1 + 1) if top1 is not None else None,
                        "epochs_run": n_epochs, "wall_seconds": 3.0 * n_epochs})

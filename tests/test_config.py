@@ -26,7 +26,7 @@ def _leaf_fields(cls, prefix=""):
 def _bad_values(f: dataclasses.Field):
     """Values that the field's declared constraints must reject."""
     m = f.metadata
-    if m.get("choices"):
+    if m.get("choices") or m.get("check"):
         yield "definitely-not-a-choice"
     for key in ("gt", "ge"):
         if m.get(key) is not None:
@@ -92,19 +92,47 @@ def test_unknown_key_suggests_the_close_one():
     (["augment.fallback=topk_loss", "augment.k=2.5"], "augment.k"),
     (["augment.min_hard=300", "data.batch_size=128"], "augment.min_hard"),
     (["data.name=npz"], "data.path"),
-    (["data.name=npz", "data.path=/no/such/file.npz"], "data.path"),
-    (["data.name=folder", "data.path=/no/such/folder"], "data.path"),
-    (["data.name=cifar10", "data.path=/no/such/folder"], "data.path"),
     (["data.val_size=2.5"], "data.val_size"),
     (["data.subset=100", "data.val_size=100"], "data.val_size"),
     (["optim.milestones=[120, 60]"], "optim.milestones"),
     (["optim.epochs=5", "optim.warmup_epochs=5"], "optim.warmup_epochs"),
-    (["output.dir=/proc/hardmix-cannot-write-here"], "output.dir"),
+    (["augment.signal=cached", "augment.prob=1.0"], "augment.signal"),
+    (["augment.criterion=history", "augment.history_window=2",
+      "augment.history_min_wrong=3"], "augment.history_min_wrong"),
+    (["augment.method=saliencymix", "augment.saliency=fine_grained", "augment.box=sample"],
+     "augment.saliency"),
 ])
 def test_rules_between_fields(overrides, field):
     with pytest.raises(ConfigError) as info:
         load_config(RunConfig, overrides=overrides)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["data.name=npz", "data.path=/no/such/file.npz"], "data.path"),
+    (["data.name=folder", "data.path=/no/such/folder"], "data.path"),
+    (["data.name=cifar10", "data.path=/no/such/folder"], "data.path"),
+    (["data.name=digits", "data.subset=5000"], "data.subset"),
+    (["data.name=digits", "output.dir=/proc/hardmix-cannot-write-here"], "output.dir"),
+])
+def test_environment_checks_run_once_per_entry_point(overrides, field):
+    """Loading a config probes no disk; the environment check (what train/sweep run once
+    before any work) names the field that the machine cannot serve."""
+    cfg = load_config(RunConfig, overrides=overrides)
+    with pytest.raises(ConfigError) as info:
+        C.check_run_environment(cfg)
+    assert info.value.field == field
+
+
+def test_rules_only_bind_fields_that_act():
+    """A rule of the method table applies only where its fields act: the cached signal of a
+    CutMix run, or a top-k criterion's min_hard above the batch, is no error."""
+    load_config(RunConfig, overrides=["augment.method=cutmix", "augment.signal=cached",
+                                      "augment.prob=1.0"])
+    load_config(RunConfig, overrides=["augment.criterion=topk_loss", "augment.min_hard=500"])
+    with pytest.raises(ConfigError):
+        load_config(RunConfig, overrides=["augment.criterion=misclassified",
+                                          "augment.min_hard=500"])
 
 
 def test_k_within_batch_and_fractions_are_fine(tmp_path):
@@ -235,10 +263,6 @@ def test_flatten_and_with_overrides(tmp_path):
         C.with_overrides(cfg, {"augment.alpha": -0.2})
 
 
-def test_registry_names_match_the_library():
-    """Config choices and the library's registries are one set of names."""
-    augment = pytest.importorskip("hardmix.augment")
-    assert set(C.METHODS) == set(augment.METHODS)
 
 
 def test_set_reaches_dotted_keys_of_the_space(tmp_path):

@@ -7,9 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hardmix.config import DATASETS, ConfigError, DataConfig
-from hardmix.data import (SOURCES, DeviceLoader, build_data, carve, channel_stats, crop_flip,
-                          preflight, stratified_split)
+from hardmix.config import ConfigError, DataConfig
+from hardmix.data import (DeviceLoader, build_data, carve, channel_stats, crop_flip,
+                          stratified_split)
+from hardmix.datasets import DATASETS, dataset
+
+
+def preflight(cfg: DataConfig) -> None:
+    """The registry entry's pre-flight check (what every entry point runs once)."""
+    dataset(cfg.name).check(cfg)
 
 
 def _labels(counts: list[int]) -> np.ndarray:
@@ -168,8 +174,11 @@ def test_small_shard_gives_one_batch():
 # ---- sources --------------------------------------------------------------------------------
 
 
-def test_registry_agrees_with_config():
-    assert set(SOURCES) == set(DATASETS)
+def test_every_registered_dataset_is_a_valid_config_value():
+    for name, spec in DATASETS.items():
+        assert DataConfig(name=name).name == spec.name and spec.description
+        facts = spec.facts(DataConfig(name=name)) if not spec.needs_path else None
+        assert facts is None or (facts.train > 0 and facts.test > 0)
 
 
 def test_synthetic_and_digits_build():

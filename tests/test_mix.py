@@ -219,7 +219,7 @@ def test_saliencymix_box_is_centred_on_the_source_salient_point(box):
         x[i, :, cy - 1:cy + 2, cx - 1:cx + 2] = 5.0 + i
     src = torch.tensor([1, 2, 3, 4, 5, 0])
     draws = Draws(0.75, 0.0, 0.0, torch.Generator().manual_seed(0))
-    opt = MixerOptions(alpha=1.0, box=box)
+    opt = MixerOptions(box=box)
     out, lam = mix_saliencymix(x.clone(), src, draws, opt)
     assert lam.shape == (b,)
     for i in range(b):

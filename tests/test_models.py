@@ -6,12 +6,19 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hardmix.config import MODELS as MODEL_NAMES, ConfigError, ModelConfig
-from hardmix.models import MODELS, SmallNet, build_model, resolve_stem
+from hardmix.architectures import ARCHITECTURES
+from hardmix.config import ConfigError, ModelConfig
+from hardmix.models import SmallNet, build_model, resolve_stem
+
+MODEL_NAMES = list(ARCHITECTURES)
 
 
-def test_registry_agrees_with_config():
-    assert set(MODELS) == set(MODEL_NAMES)
+def test_every_registered_architecture_has_its_builder():
+    import importlib
+
+    for arch in ARCHITECTURES.values():
+        module, _, fn = arch.builder.partition(":")
+        assert callable(getattr(importlib.import_module(module), fn)), arch
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_NAMES))

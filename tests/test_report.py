@@ -94,11 +94,17 @@ def test_main_table_means_and_stds(report):
         assert row["top1_std"] == pytest.approx(np.std(errs, ddof=1))
         assert row["top5_mean"] == pytest.approx(np.mean(errs) / 4)
         assert row["top5_std"] == pytest.approx(np.std(np.divide(errs, 4), ddof=1))
-        assert row["fallback_rate"] == pytest.approx(fb)
+        if method == "hardmix" and crit == "misclassified":
+            assert row["fallback_rate"] == pytest.approx(fb)
+        else:  # CutMix has no fallback, and a top-k set is never short: NULL, not 0
+            assert math.isnan(row["fallback_rate"])
+        if method == "cutmix":
+            assert math.isnan(row["hard_share"])  # no hard samples for random sources
     single = _row(table, "hardmix", 4.0, "misclassified")
     assert single["n"] == 1 and math.isnan(single["top1_std"])
     # CutMix's inert criterion did not split it; the table's first row is the baseline method.
     assert table.iloc[0]["variant"] == "cutmix (alpha=1)"
+    assert "best_top1_mean" not in table  # a minimum over epochs of *test* error: never shown
 
 
 def _holm(ps):
@@ -115,59 +121,108 @@ def _holm(ps):
     return out, levels
 
 
-def test_differences_against_cutmix_paired_welch_and_too_small(report):
-    base = np.array(KNOWN[("cutmix", 1.0, None)][0])
-    diffs = {d.variant: d for d in report.differences}
-    assert len(diffs) == 5 and all(d.baseline == "cutmix (alpha=1)" for d in diffs.values())
-    paired = {k: v for k, v in KNOWN.items() if k[0] != "cutmix"}
-    labels = {("hardmix", 1.0, "misclassified"): "hardmix (alpha=1, criterion=misclassified)",
-              ("hardmix", 0.5, "misclassified"): "hardmix (alpha=0.5, criterion=misclassified)",
-              ("hardmix", 1.0, "topk_loss"): "hardmix (alpha=1, criterion=topk_loss)"}
-    refs = []
-    for key, (errs, _) in paired.items():
-        refs.append((labels[key], np.array(errs) - base, "paired"))
-    welch_x = np.array(WELCH[4])
-    refs.append(("hardmix (alpha=2, criterion=misclassified)", welch_x, "welch"))
-    ps = []
-    for label, x, kind in refs:
-        p = (sps.ttest_1samp(x, 0.0).pvalue if kind == "paired"
-             else sps.ttest_ind(x, base, equal_var=False).pvalue)
-        ps.append(p)
-    holm, levels = _holm(ps)
-    for i, (label, x, kind) in enumerate(refs):
-        d = diffs[label]
-        assert d.kind == kind and d.m == 4
-        assert d.p == pytest.approx(ps[i])
-        assert d.p_holm == pytest.approx(holm[i][0])
-        assert d.distinguishable == holm[i][1]
-        if kind == "paired":
-            mean, se, df = x.mean(), x.std(ddof=1) / 2, 3
-        else:
-            va, vb = x.var(ddof=1) / x.size, base.var(ddof=1) / base.size
-            mean, se = x.mean() - base.mean(), math.sqrt(va + vb)
-            df = (va + vb) ** 2 / (va ** 2 / (x.size - 1) + vb ** 2 / (base.size - 1))
-        half = sps.t.ppf(1 - levels[i] / 2, df) * se
+def _variants():
+    """(method, alpha, criterion) -> {seed: error} of the synthetic sweep (criterion None for
+    CutMix, where it does not act)."""
+    out = {k: dict(zip(SEEDS, errs)) for k, (errs, _) in KNOWN.items()}
+    for method, alpha, crit, seeds, errs in (WELCH, SINGLE):
+        out[(method, alpha, crit)] = dict(zip(seeds, errs))
+    return out
+
+
+def _test(var: dict, ref: dict):
+    common = sorted(set(var) & set(ref))
+    if len(common) >= 2:
+        d = np.array([var[s] - ref[s] for s in common])
+        return "paired", d.mean(), d.std(ddof=1) / math.sqrt(len(d)), len(d) - 1, \
+            sps.ttest_1samp(d, 0.0).pvalue
+    x, y = np.array(list(var.values())), np.array(list(ref.values()))
+    if len(x) < 2 or len(y) < 2:
+        return "too_small", None, None, None, None
+    va, vb = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    df = (va + vb) ** 2 / (va ** 2 / (x.size - 1) + vb ** 2 / (y.size - 1))
+    return "welch", x.mean() - y.mean(), math.sqrt(va + vb), df, \
+        sps.ttest_ind(x, y, equal_var=False).pvalue
+
+
+def test_contrasts_are_every_one_factor_pair_with_one_holm_family(report):
+    """Recomputed here: the pairs of variants that differ in exactly one factor both have
+    (CutMix has no criterion), their paired or Welch tests, Holm over the tested ones."""
+    variants = _variants()
+    keys = list(variants)
+    expected = {}
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            shared = ["method", "alpha"] + (["criterion"] if a[0] == b[0] == "hardmix" else [])
+            idx = {"method": 0, "alpha": 1, "criterion": 2}
+            diff = [f for f in shared if a[idx[f]] != b[idx[f]]]
+            if len(diff) != 1:
+                continue
+            f = diff[0]
+            # reference: the earlier method, the default alpha (1), the default criterion
+            if f == "method":
+                ref, var = (a, b) if a[0] == "cutmix" else (b, a)
+            elif f == "alpha":
+                # the default (1), else the value more trials use
+                ref, var = (a, b) if a[1] == 1.0 else (b, a) if b[1] == 1.0 else \
+                    ((a, b) if len(variants[a]) > len(variants[b]) else (b, a))
+            else:
+                ref, var = (a, b) if a[2] == "misclassified" else (b, a)
+            expected[(f, ref, var)] = _test(variants[var], variants[ref])
+    def label(k):
+        return "cutmix (alpha=1)" if k[0] == "cutmix" else \
+            f"hardmix (alpha={k[1]:g}, criterion={k[2]})"
+
+    got = {(c.difference.baseline, c.difference.variant): c for c in report.contrasts
+           if not c.excluded}
+    want = {(label(ref), label(var)): v for (_, ref, var), v in expected.items()}
+    assert set(got) == set(want)
+    tested = [k for k, v in want.items() if v[0] != "too_small"]
+    holm, levels = _holm([want[k][4] for k in tested])
+    for key, c in got.items():
+        d = c.difference
+        kind, mean, se, df, p = want[key]
+        assert d.kind == kind, key
+        if kind == "too_small":
+            assert d.distinguishable is None
+            continue
+        j = tested.index(key)
+        assert d.m == len(tested) and d.p == pytest.approx(p) and d.diff == pytest.approx(mean)
+        assert d.p_holm == pytest.approx(holm[j][0]) and d.distinguishable == holm[j][1]
+        half = sps.t.ppf(1 - levels[j] / 2, df) * se
         assert (d.ci_low, d.ci_high) == pytest.approx((mean - half, mean + half))
-    single = diffs["hardmix (alpha=4, criterion=misclassified)"]
-    assert single.kind == "too_small" and single.distinguishable is None
-    # hardmix α=1 is clearly better in every seed: the data were built so.
-    assert diffs[labels[("hardmix", 1.0, "misclassified")]].distinguishable
+
+
+def test_differences_are_the_matched_method_contrasts(report):
+    """Against CutMix: only variants that match a CutMix variant on every shared factor (α
+    here), with the very interval of the contrasts table; the others are listed unmatched."""
+    by_pair = {(c.difference.variant, c.difference.baseline): c for c in report.contrasts}
+    got = {c.difference.variant: c for c in report.differences}
+    assert set(got) == {"hardmix (alpha=1, criterion=misclassified)",
+                        "hardmix (alpha=1, criterion=topk_loss)"}
+    for v, c in got.items():
+        assert c.difference.baseline == "cutmix (alpha=1)"
+        same = by_pair[(v, "cutmix (alpha=1)")].difference
+        assert (c.difference.ci_low, c.difference.ci_high) == (same.ci_low, same.ci_high)
+    assert got["hardmix (alpha=1, criterion=misclassified)"].difference.distinguishable
+    md = report.text
+    assert "hardmix (alpha=0.5, criterion=misclassified): no `cutmix` variant matches" in md
 
 
 def test_files_and_markdown(report, sweep):
     out = sweep / "report"
     assert Path(report.out) == out and Path(report.path) == out / "report.md"
-    for name in ("report.md", "main_table.csv", "differences.csv", "factor_alpha.csv",
-                 "factor_criterion.csv", "criterion_x_fallback.csv", "alpha_by_criterion.csv",
-                 "importance.csv", "left_out.csv", "skipped_files.csv", "learning_curves.png",
-                 "error_vs_alpha.png", "hardness_over_epochs.png", "source_classes.png"):
+    for name in ("report.md", "main_table.csv", "differences.csv", "contrasts.csv",
+                 "factor_alpha.csv", "factor_criterion.csv", "importance.csv", "left_out.csv",
+                 "skipped_files.csv", "learning_curves.png", "error_by_variant.png",
+                 "contrasts.png", "hardness_over_epochs.png", "source_classes.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "## Main table" in md and "cutmix (alpha=1)" in md
     assert "distinguishable from noise" in md and "n too small" in md
-    assert "Holm" in md and "## Factor importance" in md
+    assert "Holm-corrected over the 6 comparisons" in md and "## Factor importance" in md
     for png in report.plots.values():
         assert f"]({Path(png).name})" in md
     csv = pd.read_csv(out / "main_table.csv")
@@ -197,10 +252,6 @@ def test_factor_tables(report):
     assert hard.loc["1", "top1_mean"] == pytest.approx(np.mean(errs_1))
     crit = report.tables["factor_criterion"].set_index("augment.criterion")
     assert set(crit["method"]) == {"hardmix"}  # CutMix has no criterion
-    ab = report.tables["alpha_by_criterion"].set_index("alpha")
-    errs = KNOWN[("hardmix", 0.5, "misclassified")][0]
-    assert ab.loc["0.5", "hardmix / misclassified"] == \
-        f"{np.mean(errs):.2f} ± {np.std(errs, ddof=1):.2f} (n=4)"
 
 
 def test_duckdb_recomputes_the_main_table_from_raw_parquet(tmp_path, capsys):
@@ -217,7 +268,7 @@ def test_duckdb_recomputes_the_main_table_from_raw_parquet(tmp_path, capsys):
                                        hive_partitioning = true)
             QUALIFY row_number() OVER (PARTITION BY sweep, trial_id ORDER BY written_at DESC) = 1)
         SELECT "augment.method" AS method, "augment.alpha" AS alpha,
-               CASE WHEN "augment.method" LIKE 'hard%' THEN "augment.criterion" END AS criterion,
+               "augment.criterion" AS criterion,  -- NULL where it does not act (CutMix)
                count(*) AS n, avg(final_top1_err) AS top1_mean,
                stddev_samp(final_top1_err) AS top1_std, avg(final_top5_err) AS top5_mean,
                stddev_samp(final_top5_err) AS top5_std
@@ -268,7 +319,7 @@ def test_importance_uses_full_length_completed_trials_only():
             (1.0, "misclassified", "failed", 3), (1.0, "misclassified", "running", 1)]):
         rows.append({**config(augment__alpha=alpha, augment__criterion=crit, optim__epochs=4,
                               augment__k=0.1 * (i + 1)),
-                     "status": status, "epochs_run": ran, "final_top1_err": 3.0 + i})
+                     "status": status, "epochs_run": ran, "final_val_top1_err": 3.0 + i})
     study, note = importance_study(pd.DataFrame(rows), ["augment.alpha", "augment.criterion",
                                                         "augment.k"])
     values = sorted(t.value for t in study.trials)
@@ -298,11 +349,10 @@ def test_report_to_an_object_store_uri(tmp_path, monkeypatch):
     assert mem.cat("/bucket/reports/sw/report.md").decode() == rep.text
 
 
-def test_one_factor_contrasts_change_one_thing_and_hide_no_second_change(tmp_path):
-    """An arms-style study: the contrasts are exactly the pairs that differ in one factor,
-    oriented from the reference (earlier method, the paper's default), paired by seed, with
-    one Holm family. min_hard 40 is the majority here, yet CutMix -> HardMix compares with the
-    paper's HardMix (min_hard 1), not with a variant whose fallback can fire."""
+def test_arms_contrasts_name_the_settings_that_come_with_a_switch(tmp_path):
+    """An arms-style study: every pair that differs in one shared factor is a contrast; the
+    settings only one side has (HardMix's fallback against CutMix) come with the change and
+    are named in it, so a contrast never hides a second change."""
     seeds = [0, 1, 2]
     arms = {  # name: (config changes, errors per seed)
         "none": (dict(augment__method="none"), [30.0, 31.0, 29.5]),
@@ -322,25 +372,41 @@ def test_one_factor_contrasts_change_one_thing_and_hide_no_second_change(tmp_pat
             write_run(st, f"{name}-s{seed}", config(seed=seed, optim__epochs=EPOCHS, **changes),
                       top1=err)
     rep = build_report(str(tmp_path / "study"))
-    table = rep.tables["contrasts"]
-    got = {(r.factor, r.change): r for r in table.itertuples()}
-    expected = {("method", "none → cutmix"): ("cutmix", "none"),
-                ("method", "none → hardmix"): ("hardmix", "none"),
-                ("method", "cutmix → hardmix"): ("hardmix", "cutmix"),
-                ("min_hard", "1 → 40"): ("random40", "hardmix"),
-                ("fallback", "random → skip"): ("skip40", "random40"),
-                ("alpha", "1 → 0.5"): ("skip40b", "skip40"),
-                ("criterion", "misclassified → topk_loss"): ("topk", "hardmix")}
-    assert set(got) == set(expected), table[["factor", "change", "reference"]]
-    m = len(expected)
+
+    def acting(changes):  # written out independently of the method table
+        c = {k.replace("augment__", ""): v for k, v in changes.items()}
+        method = c.get("method")
+        out = {"method": method}
+        if method in ("cutmix", "hardmix"):
+            out["alpha"] = c.get("alpha", 1.0)
+        if method == "hardmix":
+            out["criterion"] = c.get("criterion", "misclassified")
+            if out["criterion"] == "misclassified":
+                out.update(fallback=c.get("fallback", "random"), min_hard=c.get("min_hard", 1))
+        return out
+
+    names = list(arms)
+    want = set()
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            fa, fb = acting(arms[a][0]), acting(arms[b][0])
+            shared = set(fa) & set(fb)
+            if sum(fa[f] != fb[f] for f in shared) == 1:
+                want.add(frozenset((a, b)))
+    label = {}  # arm name -> variant label, through the errors (unique per arm)
+    for v, g in rep.main_table.set_index("variant")["top1_mean"].items():
+        label[next(n for n, (_, e) in arms.items() if np.mean(e) == pytest.approx(g))] = v
+    got = {frozenset((c.difference.variant, c.difference.baseline)) for c in rep.contrasts}
+    assert got == {frozenset(label[n] for n in pair) for pair in want}
+    m = len(want)
     raw_p = []
-    for key, (after, before) in expected.items():
-        d = np.array(arms[after][1]) - np.array(arms[before][1])
-        r = got[key]
-        assert r.n == 3 and r.test == "paired"
-        assert r.delta_top1 == pytest.approx(d.mean())
-        raw_p.append(sps.ttest_1samp(d, 0.0).pvalue)
-    # Holm over the whole family: the smallest p is multiplied by m.
-    assert min(table["p_holm"]) == pytest.approx(min(1.0, m * min(raw_p)))
-    assert "## One-factor contrasts" in rep.text and "cutmix → hardmix" in rep.text
+    for c in rep.contrasts:
+        d = c.difference
+        assert d.n == 3 and d.kind == "paired" and d.m == m
+        raw_p.append(d.p)
+    assert min(rep.tables["contrasts"]["p_adjusted"]) == pytest.approx(min(1.0, m * min(raw_p)))
+    changes = set(rep.tables["contrasts"]["change"])
+    assert "cutmix → hardmix (criterion=misclassified, fallback=skip, min_hard=40)" in changes
+    assert "1 → 40" in changes and "random → skip" in changes
+    assert "## Comparisons" in rep.text
     assert (tmp_path / "study" / "report" / "contrasts.csv").exists()

@@ -5,12 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hardmix import config
-from hardmix.augment import METHODS
-from hardmix.config import ConfigError
+from hardmix import HardMix, methods
+from hardmix.config import AugmentConfig, ConfigError
 from hardmix.hardness import SIGNALS, LogitScores, margins
+from hardmix.methods import METHODS
 from hardmix.mix import MIXERS
 from hardmix.sources import CRITERIA, FALLBACKS, SOURCES, HardSource, hard_source_index
+
+
+def source(**fields) -> HardSource:
+    return HardSource(AugmentConfig(**fields))
 
 
 def logits_with_wrong(wrong: torch.Tensor, classes: int = 5, seed: int = 0):
@@ -24,15 +28,15 @@ def logits_with_wrong(wrong: torch.Tensor, classes: int = 5, seed: int = 0):
     return logits, y
 
 
-def test_registry_names_match_the_config():
-    assert tuple(METHODS) == config.METHODS
-    assert tuple(CRITERIA) == config.CRITERIA
-    assert tuple(FALLBACKS) == config.FALLBACKS
-    assert tuple(SIGNALS) == config.SIGNALS
+def test_registry_names_match_the_method_table():
+    assert tuple(CRITERIA) == tuple(methods.CRITERIA)
+    assert tuple(FALLBACKS) == tuple(methods.FALLBACKS)
+    assert tuple(SIGNALS) == tuple(methods.SIGNALS)
     assert set(SOURCES) == {"random", "hard"}
-    for mixer, source in METHODS.values():
-        assert mixer in MIXERS and (source is None or source in SOURCES)
-    assert METHODS["hardmix"] == ("cutmix", "hard") and METHODS["cutmix"] == ("cutmix", "random")
+    for spec in METHODS.values():
+        assert spec.mixer in MIXERS and (spec.source is None or spec.source in SOURCES)
+    assert (METHODS["hardmix"].mixer, METHODS["hardmix"].source) == ("cutmix", "hard")
+    assert (METHODS["cutmix"].mixer, METHODS["cutmix"].source) == ("cutmix", "random")
 
 
 def test_sources_are_hard_and_cover_every_hard_sample():
@@ -77,16 +81,16 @@ def test_criteria():
     logits = torch.randn(b, c, generator=g)
     y = torch.randint(0, c, (b,), generator=g)
     scores = LogitScores(logits, y)
-    assert torch.equal(CRITERIA["misclassified"](scores, 0.25), logits.argmax(1) != y)
+    assert torch.equal(CRITERIA["misclassified"](scores, AugmentConfig(k=0.25)), logits.argmax(1) != y)
     loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-    top = CRITERIA["topk_loss"](scores, 4)
+    top = CRITERIA["topk_loss"](scores, AugmentConfig(k=4))
     assert top.sum() == 4 and loss[top].min() >= loss[~top].max()
-    assert CRITERIA["topk_loss"](scores, 0.25).sum() == 5  # a fraction of the batch
+    assert CRITERIA["topk_loss"](scores, AugmentConfig(k=0.25)).sum() == 5  # a fraction of the batch
     margin = margins(logits, y)
     other = logits.clone()
     other[torch.arange(b), y] = -float("inf")
     torch.testing.assert_close(margin, logits[torch.arange(b), y] - other.max(1).values)
-    low = CRITERIA["low_margin"](scores, 3)
+    low = CRITERIA["low_margin"](scores, AugmentConfig(k=3))
     assert low.sum() == 3 and margin[low].max() <= margin[~low].min()
     assert torch.equal(margin < 0, logits.argmax(1) != y)
 
@@ -95,13 +99,14 @@ def test_criteria():
 def test_k_larger_than_the_batch_is_rejected(criterion):
     logits, y = logits_with_wrong(torch.zeros(8, dtype=torch.bool))
     with pytest.raises(ConfigError) as err:
-        HardSource(criterion, k=9)(8, logits.device, torch.Generator(), LogitScores(logits, y))
+        source(criterion=criterion, k=9)(8, logits.device, torch.Generator(),
+                                         LogitScores(logits, y))
     assert err.value.field == "augment.k" and "batch size (8)" in str(err.value)
     with pytest.raises(ConfigError):
-        HardSource(criterion, k=2.5)
+        HardMix(method="hardmix", criterion=criterion, k=2.5)
     with pytest.raises(ConfigError):  # the topk_loss fallback is checked too
-        HardSource("misclassified", k=9, fallback="topk_loss")(8, logits.device, torch.Generator(),
-                                                              LogitScores(logits, y))
+        source(criterion="misclassified", k=9, fallback="topk_loss")(
+            8, logits.device, torch.Generator(), LogitScores(logits, y))
 
 
 @pytest.mark.parametrize("fallback", ["random", "skip", "topk_loss"])
@@ -109,14 +114,14 @@ def test_k_larger_than_the_batch_is_rejected(criterion):
 def test_fallback_fires_exactly_when_too_few_hard(fallback, min_hard):
     b = 10
     g = torch.Generator().manual_seed(4)
-    source = HardSource("misclassified", k=3, fallback=fallback, min_hard=min_hard)
+    src = source(criterion="misclassified", k=3, fallback=fallback, min_hard=min_hard)
     for n in range(b + 1):
         for rep in range(3):
             wrong = torch.zeros(b, dtype=torch.bool)
             wrong[torch.randperm(b, generator=g)[:n]] = True
             logits, y = logits_with_wrong(wrong, seed=rep)
             scores = LogitScores(logits, y)
-            sel = source(b, logits.device, g, scores)
+            sel = src(b, logits.device, g, scores)
             assert int(sel.n_hard) == n
             assert bool(sel.fired) == (n < min_hard)
             if n >= min_hard:  # never fires: only hard sources, each used
@@ -138,8 +143,8 @@ def test_fallback_fires_exactly_when_too_few_hard(fallback, min_hard):
 def test_batch_of_one(fallback):
     for wrong in (True, False):
         logits, y = logits_with_wrong(torch.tensor([wrong]))
-        sel = HardSource("misclassified", k=1, fallback=fallback)(1, logits.device, torch.Generator(),
-                                                                  LogitScores(logits, y))
+        sel = source(criterion="misclassified", k=1, fallback=fallback)(
+            1, logits.device, torch.Generator(), LogitScores(logits, y))
         assert sel.index.tolist() == [0]
         assert bool(sel.fired) == (not wrong)
 

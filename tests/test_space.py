@@ -18,13 +18,12 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 # TPE's `group` option (how it models conditional spaces) is flagged experimental by Optuna.
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
+# No `when` needed: the method table says where criterion, fallback and k act.
 QUICK_SPACE = (
     "space={augment.method: {type: choice, values: [cutmix, hardmix]},"
-    " augment.criterion: {type: choice, values: [misclassified, topk_loss],"
-    "   when: {augment.method: [hardmix]}},"
-    " augment.fallback: {type: choice, values: [random, skip, topk_loss],"
-    "   when: {augment.criterion: [misclassified]}},"
-    " augment.k: {type: choice, values: [0.25, 0.5], when: {augment.criterion: [topk_loss]}}}")
+    " augment.criterion: {type: choice, values: [misclassified, topk_loss]},"
+    " augment.fallback: {type: choice, values: [random, skip, topk_loss]},"
+    " augment.k: {type: choice, values: [0.25, 0.5]}}")
 
 
 def sweep(*overrides: str) -> SweepConfig:
@@ -32,10 +31,15 @@ def sweep(*overrides: str) -> SweepConfig:
 
 
 def check_conditions(params: dict) -> None:
-    """k exists exactly for topk_loss, the fallback exactly for misclassified."""
+    """The fallback exists exactly for the thresholded criteria (misclassified, history); k
+    exactly for a top-k criterion or the topk_loss fallback (written out here, independently
+    of the method table)."""
     crit = params["augment.criterion"]
-    assert ("augment.k" in params) == (crit == "topk_loss"), params
-    assert ("augment.fallback" in params) == (crit == "misclassified"), params
+    thresholded = crit in ("misclassified", "history")
+    assert ("augment.fallback" in params) == thresholded, params
+    k_acts = crit in ("topk_loss", "low_margin") or (
+        thresholded and params.get("augment.fallback") == "topk_loss")
+    assert ("augment.k" in params) == k_acts, params
 
 
 @pytest.mark.parametrize("sampler", [
@@ -84,7 +88,8 @@ def test_ray_searcher_repeats_each_configuration_once_per_seed():
 def test_grid_has_every_valid_combination_and_no_meaningless_one():
     cfg = sweep("mode=grid", QUICK_SPACE)
     points = grid_points(cfg)
-    assert len(points) == 1 + 3 + 2  # cutmix; misclassified x 3 fallbacks; topk_loss x 2 k
+    # cutmix; misclassified x (random, skip, topk_loss x 2 k); topk_loss x 2 k
+    assert len(points) == 1 + (2 + 2) + 2
     assert len({tuple(sorted(p.items())) for p in points}) == len(points)
     for p in points:
         if p["augment.method"] == "cutmix":

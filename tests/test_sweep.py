@@ -21,14 +21,27 @@ from types import SimpleNamespace
 import pytest
 
 from hardmix.config import ResourcesConfig, RunConfig, SweepConfig, flatten, load_config
-from hardmix.train import METRIC_KEYS
+from hardmix.metrics import EPOCH_METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["run.data.name=synthetic", "run.model.name=smallnet", "run.model.width=8",
         "run.optim.epochs=2", "run.data.batch_size=64", "run.device=cpu",
         "run.output.checkpoint_every=1", "run.output.image_grid=false", "report=false",
         "max_failures=0", "max_concurrent_trials=2"]
-SCALAR_METRICS = [k for k in METRIC_KEYS if k != "source_class_counts"]
+SCALAR_METRICS = [k for k, m in EPOCH_METRICS.items() if m.kind == "float"]
+
+
+def assert_metrics_complete(trials, epochs) -> None:
+    """Every scalar metric is there on every epoch where it applies to the trial's method, and
+    NULL where it does not (the run evaluates every epoch in these tests)."""
+    from hardmix.metrics import applicable
+
+    augs = {r["trial_id"]: {k[len("augment."):]: v for k, v in r.items()
+                            if k.startswith("augment.")} for r in trials.to_dict("records")}
+    for row in epochs.to_dict("records"):
+        for k in SCALAR_METRICS:
+            assert (row[k] == row[k] and row[k] is not None) == \
+                applicable(EPOCH_METRICS[k], augs[row["trial_id"]]), (k, row["trial_id"])
 
 
 def tiny(tmp_path: Path, name: str, *overrides: str) -> SweepConfig:
@@ -92,7 +105,7 @@ def test_bad_configs_fail_before_ray_and_dry_run_plans_without_it(tmp_path):
     assert dry["rc"] == 0, dry["err"]
     assert "6 configurations x 3 seeds [0, 1, 2] = 18" in dry["out"]
     for needle in ("c005", "criterion=topk_loss", "fallback=skip",
-                   "resources per trial: 1 x (1 CPU)", "compute: 18 trials x 10 epochs", "FLOP"):
+                   "resources per trial: 1 x (1 CPU)", "compute: 18 trials, ", "FLOP"):
         assert needle in dry["out"], needle
     assert not any(tmp_path.iterdir())  # nothing written
 
@@ -175,7 +188,7 @@ def test_driver_records_pruned_and_failed_trials_with_their_last_report(tmp_path
                        resources=ResourcesConfig())
     cb = StoreStatusCallback(ctx)
     last = {"epoch": 2, "epochs_planned": 6, "val_top1_err": 40.0, "test_top1_err": 41.0,
-            "best_top1_err": 39.0, "best_val_top1_err": 38.0, "attempt": 1, "device": "cpu",
+            "best_val_top1_err": 38.0, "attempt": 1, "device": "cpu",
             "git_commit": "abc", "versions_json": json.dumps({"torch": "x"}),
             "time_total_s": 12.5}
     pruned = FakeTrial(name="c000-s1", trial_id="t1", num_failures=0, error=None,
@@ -266,7 +279,7 @@ def test_optuna_search_end_to_end_writes_every_trial_and_epoch(tmp_path, ray_loc
         assert sorted(group.seed) == [0, 1]                      # seeds are a factor
         assert group["augment.alpha"].nunique() == 1             # of one configuration
         criterion = group["augment.criterion"].iloc[0]
-        assert criterion in ("misclassified", "topk_loss")
+        assert criterion in ("misclassified", "history", "topk_loss")
     assert set(flatten(RunConfig())) <= set(trials.columns)     # every config column
     # Each trial's epochs are all there; pruned trials stopped early, completed ones did not.
     per_trial = epochs.groupby("trial_id").epoch.agg(["max", "count"])
@@ -274,7 +287,7 @@ def test_optuna_search_end_to_end_writes_every_trial_and_epoch(tmp_path, ray_loc
         assert per_trial.loc[row.trial_id, "max"] == per_trial.loc[row.trial_id, "count"] \
             == row.epochs_run
         assert (row.epochs_run == 3) == (row.status == "completed")
-    assert epochs[SCALAR_METRICS].notna().all().all()
+    assert_metrics_complete(trials, epochs)
 
     # Follow-up: the configuration with the best mean validation error over its full-length
     # trials, again with seed 5.
@@ -394,7 +407,7 @@ def test_trial_with_two_ray_train_workers_gives_the_same_rows(tmp_path, ray_loca
     assert (row.trial_id, row.status, row.epochs_run, row.seed) == ("c000-s0", "completed", 2, 0)
     assert not math.isnan(row.final_top1_err)
     assert sorted(epochs.epoch) == [1, 2]
-    assert epochs[SCALAR_METRICS].notna().all().all()
+    assert_metrics_complete(trials, epochs)
     assert all(len(c) == 10 for c in epochs.source_class_counts)
     meta = json.loads((Path(outcome.sweep_dir) / "runs" / "c000-s0" / "run.json").read_text())
     assert meta["world_size"] == 2  # really data-parallel

@@ -6,12 +6,17 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 from hardmix.cli import main
 from hardmix.config import RunConfig, load_config, with_overrides
-from hardmix.train import (METRIC_KEYS, SUMMARY_KEYS, Callback, StopRun, lr_factor, train)
+from hardmix.metrics import EPOCH_METRICS, SUMMARY_FIELDS, applicable
+from hardmix.train import Callback, StopRun, lr_factor, train
+
+METRIC_KEYS = ["epoch", *EPOCH_METRICS]
+SUMMARY_KEYS = list(SUMMARY_FIELDS)
 
 TINY = ["data.name=synthetic", "model.name=smallnet", "model.width=8", "data.batch_size=64",
         "optim.epochs=1", "output.progress=false", "optim.lr=0.05"]
@@ -60,9 +65,14 @@ def test_one_epoch_cli_run_writes_parquet_tensorboard_and_checkpoint(tmp_path, c
     assert list(trials["status"]) == ["completed"] and list(trials["trial_id"]) == ["r1"]
     assert len(epochs) == 1
     row = epochs.iloc[0]
-    for key in METRIC_KEYS:
-        if key != "source_class_counts":
+    aug = {k[len("augment."):]: v for k, v in trials.iloc[0].items() if k.startswith("augment.")}
+    for key, metric in EPOCH_METRICS.items():
+        if metric.kind != "float":
+            continue
+        if applicable(metric, aug):  # the defaults: HardMix with the forward signal
             assert math.isfinite(float(row[key])), key
+        else:  # e.g. the memory share: no memory without cached/history
+            assert pd.isna(row[key]), key
     assert 0 <= row["test_top1_err"] <= 100 and row["mixed_rate"] == 1.0
     assert sum(row["source_class_counts"]) > 0
 
@@ -143,6 +153,7 @@ def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path, augment):
         for key in METRIC_KEYS:
             if key not in NOT_EXACT:
                 assert a[key] == b[key] or (a[key] != a[key] and b[key] != b[key]), key
+    assert full.metrics[-1]["memory_seen"] is not None or "cached" not in augment[0]
     for key in SUMMARY_KEYS:
         if key != "wall_seconds":
             assert s_full[key] == s_second[key], key

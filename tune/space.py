@@ -1,11 +1,15 @@
 """The sweep's search space: an Optuna define-by-run function and the grid, from ``cfg.space``.
 
-A :class:`~hardmix.config.ParamSpec` may carry ``when`` conditions (``{other parameter: [allowed
-values]}``, all of which must hold). A conditional parameter then *exists only where it means
-something*: Optuna is never asked for it otherwise (``augment.k`` only when the criterion is
-``topk_loss``, ``augment.fallback`` only for ``misclassified``), the grid does not branch on it,
-and the trial's run config keeps the field's fixed value. This is what keeps the importance
-analysis honest: a parameter that cannot act is never recorded as if it had.
+A parameter *exists only where it means something*. For ``augment.*`` fields the method table
+says where that is (:func:`hardmix.methods.active_fields`): ``augment.k`` only for a top-k
+criterion or the ``topk_loss`` fallback, ``augment.fallback`` and ``augment.min_hard`` only for a
+thresholded criterion, ``augment.bn_mode`` only for the forward signal, everything hard-sample
+only for hard-source methods. The switches (method, criterion, fallback, signal) are decided
+first. A :class:`~hardmix.config.ParamSpec` may add ``when`` conditions of its own
+(``{other parameter: [allowed values]}``, all of which must hold). Where a parameter does not
+exist, Optuna is never asked for it, the grid does not branch on it, and the trial's run config
+keeps the field's fixed value. This is what keeps the importance analysis honest: a parameter
+that cannot act is never recorded as if it had.
 
 Seeds are not part of the space: every configuration runs once per seed (``cfg.seeds``), in both
 modes, so seed-to-seed noise can be measured instead of being searched over. A grid may instead
@@ -22,19 +26,19 @@ from typing import Any, Mapping
 
 from hardmix.config import (ConfigError, ParamSpec, RunConfig, SweepConfig, flatten,
                             validate, with_overrides)
+from hardmix.methods import SWITCHES, active_fields
 
 #: The space a search explores when the config names none: the axes this platform exists for.
-#: α; the hard-sample criterion (the paper's ``misclassified`` or the ``topk_loss`` set with its
-#: k); the fallback when no sample is hard, which only exists for ``misclassified`` (a top-k set
-#: is never empty).
+#: α; the hard-sample criterion (the paper's ``misclassified``, the ``history`` of it, or the
+#: ``topk_loss`` set with its k); the fallback when too few samples are hard, which exists only
+#: for the thresholded criteria (the method table decides; no ``when`` needed).
 DEFAULT_SPACE: dict[str, dict] = {
     "augment.alpha": {"type": "float", "low": 0.1, "high": 2.0, "log": True},
-    "augment.criterion": {"type": "choice", "values": ["misclassified", "topk_loss"]},
-    "augment.k": {"type": "float", "low": 0.05, "high": 0.5,
-                  "when": {"augment.criterion": ["topk_loss"]}},
-    "augment.fallback": {"type": "choice", "values": ["random", "skip", "topk_loss"],
-                         "when": {"augment.criterion": ["misclassified"]}},
+    "augment.criterion": {"type": "choice", "values": ["misclassified", "history", "topk_loss"]},
+    "augment.k": {"type": "float", "low": 0.05, "high": 0.5},
+    "augment.fallback": {"type": "choice", "values": ["random", "skip", "topk_loss"]},
 }
+_SWITCH_FIELDS = tuple(f"augment.{s}" for s in SWITCHES)
 
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -77,7 +81,8 @@ def param_order(space: Mapping[str, ParamSpec]) -> list[str]:
         state[name] = 2
         order.append(name)
 
-    for name in space:  # declaration order among independent parameters
+    # The method table's switches first (what acts depends on them), then declaration order.
+    for name in [n for n in _SWITCH_FIELDS if n in space] + list(space):
         visit(name, ())
     return order
 
@@ -113,15 +118,20 @@ def check_space(cfg: SweepConfig) -> None:
             trial_config(cfg.run, params, seed)
 
 
-def _active(spec: ParamSpec, values: Mapping[str, Any], fixed: Mapping[str, Any],
+def _active(name: str, spec: ParamSpec, values: Mapping[str, Any], fixed: Mapping[str, Any],
             space: Mapping[str, ParamSpec]) -> bool:
-    """Whether every ``when`` condition holds for the values decided so far."""
+    """Whether the parameter exists for the values decided so far: it acts (the method table,
+    for ``augment.*`` fields, with the switches decided first) and every ``when`` holds."""
     for other, allowed in spec.when.items():
         if other in space:
             if other not in values or values[other] not in allowed:
                 return False
         elif fixed.get(other) not in allowed:
             return False
+    if name.startswith("augment."):
+        aug = {k[len("augment."):]: v for k, v in {**fixed, **values}.items()
+               if k.startswith("augment.")}
+        return name[len("augment."):] in active_fields(aug)
     return True
 
 
@@ -152,7 +162,7 @@ class ConditionalSpace:
         values: dict[str, Any] = {}
         for name in self.order:
             spec = self.space[name]
-            if not _active(spec, values, self.fixed, self.space):
+            if not _active(name, spec, values, self.fixed, self.space):
                 continue
             values[name] = _decode(self._suggest(trial, name, spec))
 
@@ -186,7 +196,7 @@ def grid_points(cfg: SweepConfig) -> list[dict[str, Any]]:
             return
         name = order[i]
         spec = cfg.space[name]
-        if not _active(spec, values, fixed, cfg.space):
+        if not _active(name, spec, values, fixed, cfg.space):
             branch(i + 1, values)
             return
         for v in _grid_values(spec):

@@ -31,10 +31,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, TextIO
 
-from hardmix.config import (ConfigError, SweepConfig, deep_merge, from_dict, load_config,
-                            parse_overrides, to_yaml, validate)
-from tune.space import (check_space, describe_param, grid_points, num_trials,
-                        point_seeds, with_default_space)
+from hardmix.config import (ConfigError, RunConfig, SweepConfig, check_sweep_environment,
+                            deep_merge, from_dict, load_config, parse_overrides, to_dict, to_yaml,
+                            validate)
+from tune.space import (check_space, describe_param, grid_points, grid_trials, num_trials,
+                        point_seeds, trial_config, with_default_space)
 
 MAIN_PHASE = "tune"
 FOLLOWUP_PHASE = "tune-followup"
@@ -165,8 +166,7 @@ def prepare(cfg: SweepConfig) -> SweepConfig:
     data = cfg.run.data
     if data.path and not is_uri(data.path):
         data.path = os.path.abspath(os.path.expanduser(data.path))
-    from hardmix.data import preflight
-    preflight(data)
+    check_sweep_environment(cfg)
     if cfg.mode == "grid" and cfg.followup.top:
         raise ConfigError("followup.top", cfg.followup.top,
                           "follow-up runs re-run the best of a search: use mode=search "
@@ -179,54 +179,21 @@ def prepare(cfg: SweepConfig) -> SweepConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def _npz_shapes(path: str) -> dict[str, tuple]:
-    """Array shapes of a .npz file from its headers, without loading the arrays."""
-    import zipfile
+def data_facts(run: RunConfig) -> dict | None:
+    """Sizes of a run's data (train images after subset and validation split, validation and
+    test images, channels, side, classes), or None where they are unknown without reading
+    every file (the data set's registry entry says)."""
+    from hardmix.datasets import dataset, split_sizes
 
-    import numpy as np
-
-    shapes = {}
-    with zipfile.ZipFile(path) as z:
-        for name in z.namelist():
-            with z.open(name) as f:
-                version = np.lib.format.read_magic(f)
-                # Public readers of the two header layouts (the private one left numpy 2.4).
-                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0)
-                shape = read(f)[0]
-            shapes[name[:-4] if name.endswith(".npy") else name] = shape
-    return shapes
-
-
-def data_facts(cfg: SweepConfig) -> dict | None:
-    """Sizes of the run's data (train images after subset and validation split, test images,
-    channels, side, classes), or None where they are unknown without reading every file."""
-    from hardmix.data import SOURCES, split_sizes
-
-    data = cfg.run.data
-    known = {"cifar10": (50000, 10000, 3, 32, 10), "cifar100": (50000, 10000, 3, 32, 100)}
-    if data.name in known:
-        n_all, n_test, c, s, k = known[data.name]
-    elif data.name == "npz":
-        shapes = _npz_shapes(data.path)
-        x = shapes["x_train"]
-        channels_last = len(x) == 4 and x[-1] in (1, 3) and x[1] not in (1, 3)
-        n_all, n_test = x[0], shapes["x_test"][0]
-        c = (x[-1] if channels_last else x[1]) if len(x) == 4 else 1
-        s = x[2] if len(x) >= 3 else 1
-        k = None
-    elif data.name in ("digits", "synthetic"):
-        raw = SOURCES[data.name](data)
-        n_all, n_test = len(raw.x_train), len(raw.x_test)
-        c, s, k = raw.x_train.shape[1], raw.x_train.shape[2], raw.num_classes
-    else:
+    facts = dataset(run.data.name).facts(run.data)
+    if facts is None:
         return None
-    n_used, n_val = split_sizes(data, n_all)
-    return {"train": n_used - n_val, "val": n_val, "test": n_test, "channels": c, "size": s,
-            "classes": k or 10}
+    n_used, n_val = split_sizes(run.data, facts.train)
+    return {"train": n_used - n_val, "val": n_val, "test": facts.test,
+            "channels": facts.channels, "size": facts.size, "classes": facts.classes or 10}
 
 
-def forward_flops(cfg: SweepConfig, facts: dict) -> float | None:
+def forward_flops(run: RunConfig, facts: dict) -> float | None:
     """FLOPs of one forward pass of one image through the run's model (torch's counter)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -234,13 +201,39 @@ def forward_flops(cfg: SweepConfig, facts: dict) -> float | None:
     from hardmix.models import build_model
 
     try:
-        model = build_model(cfg.run.model, facts["classes"], facts["channels"], facts["size"])
+        model = build_model(run.model, facts["classes"], facts["channels"], facts["size"])
         model.eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, facts["channels"], facts["size"], facts["size"]))
         return float(counter.get_total_flops())
     except Exception:  # an estimate only; never block a sweep on it
         return None
+
+
+def trial_cost(run: RunConfig, flops_cache: dict) -> tuple[int, float | None] | None:
+    """``(image passes, FLOPs)`` of one trial with run config ``run``: training (forward +
+    backward ~ 3 forwards, plus the hardness forward on mixed steps where the method table says
+    there is one) and the validation and test evaluations ``run.eval`` asks for."""
+    from hardmix.methods import extra_forwards
+
+    facts = data_facts(run)
+    if facts is None:
+        return None
+    e = run.optim.epochs
+    passes = e * facts["train"]
+    key = (repr(run.model), tuple(sorted(facts.items())))
+    if key not in flops_cache:
+        flops_cache[key] = forward_flops(run, facts)
+    flops = flops_cache[key]
+    if flops is None:
+        return passes, None
+    aug = to_dict(run.augment)
+    extra = extra_forwards(aug) * (run.augment.prob if aug["method"] != "none" else 0.0)
+    val_evals = len({*range(run.eval.every, e + 1, run.eval.every), e}) if facts["val"] else 0
+    test_evals = len({*range(run.eval.test_every, e + 1, run.eval.test_every), e})
+    total = flops * (e * facts["train"] * (3 + extra) + val_evals * facts["val"]
+                     + test_evals * facts["test"])
+    return passes, total
 
 
 def _fmt_flops(f: float) -> str:
@@ -300,21 +293,21 @@ def plan_text(cfg: SweepConfig) -> str:
     method = "" if varied else f", augment {run.augment.method}"
     lines.append(f"run: {run.model.name} on {describe_data(cfg)}, {run.optim.epochs} epochs, "
                  f"batch {run.data.batch_size}{method}")
-    facts = data_facts(cfg)
-    if facts:
-        epochs = run.optim.epochs
-        passes = n_trials * epochs * facts["train"]
-        text = (f"compute: {n_trials} trials x {epochs} epochs x {facts['train']:,} training "
-                f"images = {passes:,} image passes")
-        flops = forward_flops(cfg, facts)
-        if flops:
-            # forward + backward ~ 3 forwards; the hard-sample signal adds one more forward;
-            # evaluation of validation and test once per epoch.
-            extra_fwd = 1 if (run.augment.method.startswith("hard") and
-                              run.augment.signal == "forward") else 0
-            total = n_trials * epochs * flops * (facts["train"] * (3 + extra_fwd)
-                                                 + facts["val"] + facts["test"])
-            text += f", about {_fmt_flops(total)} ({_fmt_flops(flops)} per image forward)"
+    if cfg.mode == "grid":
+        runs = [trial_config(cfg.run, p, seed) for p, seed in grid_trials(cfg)]
+    else:  # a search's trials are unknown yet: the base run stands for each of them
+        runs = [cfg.run] * n_trials
+    cache: dict = {}
+    costs = [trial_cost(r, cache) for r in runs]
+    if all(c is not None for c in costs):
+        passes = sum(c[0] for c in costs)
+        text = (f"compute: {n_trials} trials, {passes:,} training image passes in all")
+        if all(c[1] is not None for c in costs):
+            total = sum(c[1] for c in costs)
+            text += (f", about {_fmt_flops(total)} (training with the hardness forward where "
+                     "it runs, and the evaluations of eval.every / eval.test_every)")
+        if cfg.mode == "search":
+            text += "; estimated from the base run"
         lines.append(text)
     else:
         lines.append(f"compute: {n_trials} trials x {run.optim.epochs} epochs "
@@ -323,12 +316,9 @@ def plan_text(cfg: SweepConfig) -> str:
 
 
 def describe_data(cfg: SweepConfig) -> str:
-    d = cfg.run.data
-    if d.name == "digits":
-        return "digits (scikit-learn's bundled 8x8 digit images, offline)"
-    if d.name == "synthetic":
-        return "synthetic images (tests only)"
-    return f"{d.name} ({d.path or 'torchvision folder'})"
+    from hardmix.datasets import dataset
+
+    return dataset(cfg.run.data.name).describe(cfg.run.data)
 
 
 def local_cpu_count() -> int:
@@ -371,7 +361,16 @@ def _make_context(cfg: SweepConfig, sweep_dir: str, prefix: str, seeds: list[int
                         resources=cfg.resources, prefix=prefix, points=points,
                         point_seeds=point_seeds,
                         ray_version=ray.__version__, local_runs=not is_uri(sweep_dir),
-                        eval_epochs=tuple(scheduler_epochs(cfg)))
+                        eval_epochs=tuple(scheduler_epochs(cfg)),
+                        hparams=tuple(varying_fields(cfg)))
+
+
+def varying_fields(cfg: SweepConfig) -> list[str]:
+    """Run fields that vary within the sweep: the space's parameters or the arms' fields."""
+    names = list(cfg.space) if cfg.space else []
+    for arm in cfg.arms:
+        names += [k for k in arm if k != "seeds" and k not in names]
+    return names
 
 
 def _trainable(ctx):

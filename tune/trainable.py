@@ -33,9 +33,9 @@ from typing import Any, Mapping, Optional
 
 from ray.tune import Callback as TuneCallback
 
-from hardmix.config import ResourcesConfig, RunConfig
 import hardmix.train
-from hardmix.train import Callback
+from hardmix.config import ResourcesConfig, RunConfig
+from hardmix.metrics import Callback, reported
 from tune.space import ConditionalSpace, seed_major, trial_config
 
 #: Key the search adds to a trial's config: which of the configuration's seeds it runs
@@ -44,8 +44,6 @@ TRIAL_INDEX = "__trial_index__"
 #: Files a trial keeps in its run folder across attempts.
 ATTEMPT_FILE = "attempt.json"
 CKPT_META = "hardmix_checkpoint.json"
-#: Per-epoch metrics that are not scalars stay in Parquet and are not sent to Tune.
-_NOT_REPORTED = ("source_class_counts",)
 #: Reported with every epoch: the trial's own ``optim.epochs`` (it may be a searched parameter).
 EPOCHS_PLANNED = "epochs_planned"
 
@@ -77,6 +75,8 @@ class SweepContext:
     local_runs: bool = True  # run folders under <sweep>/runs (local or network disk)
     #: Epochs where the scheduler decides (ASHA's rungs): the run evaluates validation there too.
     eval_epochs: tuple[int, ...] = ()
+    #: Config fields that vary within the sweep: TensorBoard's HParams view shows these.
+    hparams: tuple[str, ...] = ()
 
     # ---- trial identity ---------------------------------------------------------------------
 
@@ -118,6 +118,10 @@ class SweepContext:
         cfg.output.dir = self.runs_root() or cfg.output.dir
         cfg.output.progress = False  # trial output is not shown; the sweep prints progress
         return cfg
+
+    def hparam_fields(self) -> list[str]:
+        """The fields TensorBoard's HParams view lists: those that vary within the sweep."""
+        return ["seed", *self.hparams]
 
     def runs_root(self) -> str | None:
         return f"{self.sweep_dir}/runs" if self.local_runs else None
@@ -208,10 +212,8 @@ def tune_metrics(metrics: Mapping[str, Any], best: dict[str, float], attempt: in
                  epochs: int) -> dict:
     """The scalar metrics sent to Tune, with the run's best errors so far (kept in ``best``),
     the attempt and the run's planned epochs (a trial that stops before them was pruned)."""
-    out = {k: v for k, v in metrics.items() if k not in _NOT_REPORTED
-           and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for key, src in (("best_top1_err", "test_top1_err"), ("best_top5_err", "test_top5_err"),
-                     ("best_val_top1_err", "val_top1_err")):
+    out = reported(metrics)
+    for key, src in (("best_val_top1_err", "val_top1_err"),):
         value = out.get(src)
         if isinstance(value, (int, float)) and not math.isnan(value):
             best[key] = min(best.get(key, math.inf), float(value))
@@ -280,7 +282,11 @@ class RayReporter(Callback):
         # whose process died.
         self.facts = {"device": str(info.get("device", "")),
                       "git_commit": str(info.get("git_commit", "")),
-                      "versions_json": json.dumps(info.get("versions") or {}, sort_keys=True)}
+                      "versions_json": json.dumps(info.get("versions") or {}, sort_keys=True),
+                      "classes_json": json.dumps(info.get("classes") or []),
+                      "precision": str(info.get("precision", "")),
+                      "threads": int(info.get("threads") or 0),
+                      "hostname": str(info.get("hostname", "")), "node_id": _node_id() or ""}
 
     def on_epoch_end(self, metrics: dict, checkpoint: str | None = None) -> None:
         import ray.train
@@ -304,13 +310,13 @@ class RayReporter(Callback):
 
 
 def trial_callbacks(cfg: RunConfig, store_cb: Callback, run_dir: Path, attempt: int,
-                    train: bool = False) -> list[Callback]:
+                    train: bool = False, hparams: Optional[list[str]] = None) -> list[Callback]:
     """Store, TensorBoard (the run's own logs, in its run folder), then the Ray reporter: an
     epoch's rows are written before Ray hears of it (and possibly stops the trial)."""
     writers = [store_cb]
     if cfg.output.tensorboard:
         from hardmix.tensorboard import TensorBoardCallback
-        writers.append(TensorBoardCallback())
+        writers.append(TensorBoardCallback(hparams=hparams))
     guard = Writers(writers)
     return [guard, RayReporter(run_dir, attempt, guard, train=train)]
 
@@ -359,7 +365,8 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
         resume = restore_checkpoint(ckpt_dir, run_dir)
     store_cb = StoreCallback(ResultStore(ctx.sweep_dir), trial_id, cfg,
                              extra=_extra(ctx, attempt, tctx.get_trial_id()))
-    _run(ctx, cfg, trial_callbacks(cfg, store_cb, run_dir, attempt), run_dir, resume)
+    _run(ctx, cfg, trial_callbacks(cfg, store_cb, run_dir, attempt, hparams=ctx.hparam_fields()),
+         run_dir, resume)
 
 
 def _synced_trial_folder() -> str:
@@ -380,9 +387,25 @@ class _no_dir:
         return None
 
 
-def _extra(ctx: SweepContext, attempt: int, tune_trial_id: str) -> dict:
-    return {"attempt": attempt, "tune_trial_id": tune_trial_id,
-            "versions": {"ray": ctx.ray_version}}
+def _node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - provenance only
+        return None
+
+
+def _extra(ctx: SweepContext, attempt: int, tune_trial_id: str, here: bool = True) -> dict:
+    """Sweep-level columns of a trial row: attempt, Tune's trial id, Ray's version, and (in a
+    trial process, ``here``) the node the attempt runs on; the driver's rows carry the node
+    and host of the trial's last report instead."""
+    extra = {"attempt": attempt, "tune_trial_id": tune_trial_id,
+             "versions": {"ray": ctx.ray_version}}
+    if here:
+        extra["node_id"] = _node_id()
+    return extra
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,8 +466,8 @@ def _worker_loop(config: dict) -> None:
                 restore_checkpoint(None, run_dir)
     store_cb = StoreCallback(ResultStore(ctx.sweep_dir), config["trial_id"], cfg,
                              extra=_extra(ctx, config["attempt"], config["tune_trial_id"]))
-    _run(ctx, cfg, trial_callbacks(cfg, store_cb, run_dir, config["attempt"], train=True),
-         run_dir, resume)
+    _run(ctx, cfg, trial_callbacks(cfg, store_cb, run_dir, config["attempt"], train=True,
+                                   hparams=ctx.hparam_fields()), run_dir, resume)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,17 +476,24 @@ def _worker_loop(config: dict) -> None:
 
 
 def summary_from_result(result: Mapping[str, Any], status: str, error: str = "") -> dict:
-    """A run summary (the keys of ``train()``'s) rebuilt from a trial's last Tune result."""
-    def get(key: str) -> float:
+    """A run summary (:data:`hardmix.metrics.SUMMARY_FIELDS`) rebuilt from a trial's last Tune
+    result (its metrics and the facts :class:`RayReporter` sends along)."""
+    def get(key: str) -> float | None:
         value = result.get(key)
-        return float(value) if isinstance(value, (int, float)) else math.nan
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else None
 
+    try:
+        classes = json.loads(result.get("classes_json") or "null")
+    except ValueError:
+        classes = None
     return {"status": status, "error": error, "epochs_run": int(result.get("epoch", 0) or 0),
-            "wall_seconds": get("time_total_s"), "final_top1_err": get("test_top1_err"),
-            "final_top5_err": get("test_top5_err"), "best_top1_err": get("best_top1_err"),
-            "best_top5_err": get("best_top5_err"),
+            "wall_seconds": get("time_total_s"), "device": result.get("device") or None,
+            "threads": int(result["threads"]) if result.get("threads") else None,
+            "precision": result.get("precision") or None,
+            "final_top1_err": get("test_top1_err"), "final_top5_err": get("test_top5_err"),
             "final_val_top1_err": get("val_top1_err"),
-            "best_val_top1_err": get("best_val_top1_err")}
+            "best_val_top1_err": get("best_val_top1_err"), "classes": classes}
 
 
 class StoreStatusCallback(TuneCallback):
@@ -487,7 +517,8 @@ class StoreStatusCallback(TuneCallback):
         result = dict(trial.last_result or {})
         attempt = (int(getattr(trial, "num_failures", 0) or 0) if status == "failed"
                    else int(result.get("attempt", 1) or 1))
-        extra = _extra(self.ctx, max(1, attempt), trial.trial_id)
+        extra = _extra(self.ctx, max(1, attempt), trial.trial_id, here=False)
+        extra.update(node_id=result.get("node_id") or None, hostname=result.get("hostname") or None)
         try:
             versions = json.loads(result.get("versions_json") or "{}")
         except ValueError:
@@ -499,9 +530,7 @@ class StoreStatusCallback(TuneCallback):
         except Exception as exc:  # the trial's config itself is what failed
             cfg, error = None, error or f"{type(exc).__name__}: {exc}"
         cb = StoreCallback(ResultStore(self.ctx.sweep_dir), str(trial), cfg, extra=extra)
-        summary = summary_from_result(result, status, error)
-        summary["device"] = result.get("device") or None
-        cb.on_run_end(summary)
+        cb.on_run_end(summary_from_result(result, status, error))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from tune.progress import ran_every_epoch

@@ -1,0 +1,108 @@
+"""Environment checks: what a valid config needs from this machine (data on disk, writable
+folders, a GPU, optional packages), run once per entry point before any work starts.
+
+``hardmix train`` and :func:`hardmix.train.train` call :func:`check_run_environment`; the sweep
+driver calls :func:`check_sweep_environment` once before Ray starts (trials do not repeat it);
+``hardmix report --out`` calls :func:`check_writable`. Each raises a ConfigError (one line).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+from hardmix.architectures import TIMM_PREFIX
+from hardmix.config.schema import RunConfig, SweepConfig, to_dict
+from hardmix.datasets import dataset, split_sizes
+from hardmix.errors import ConfigError
+from hardmix.methods import active_fields
+
+#: Optional packages and the extra that installs them.
+EXTRAS = {"cv2": "saliency", "wandb": "wandb", "mlflow": "mlflow", "timm": "timm"}
+
+
+def check_writable(name: str, target: str) -> None:
+    """``target`` is (or can be created as) a folder this process can write into. URIs are
+    checked by the store when it opens them."""
+    if "://" in target and not target.startswith("file://"):
+        return
+    p = Path(os.path.expanduser(target[len("file://"):] if target.startswith("file://")
+                                else target))
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(name, target, f"must be a writable folder ({probe} is a file)")
+    try:  # a real write: permission bits say nothing for root or read-only mounts
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ConfigError(name, target, f"must be a writable folder ({exc.strerror} in "
+                                         f"{probe})") from None
+
+
+def require_package(module: str, field: str, value: object) -> None:
+    """An optional dependency is importable, else one line saying which extra installs it."""
+    if importlib.util.find_spec(module) is None:
+        extra = EXTRAS.get(module, module)
+        raise ConfigError(field, value, f"needs the optional package {module}: "
+                                        f"pip install \"hardmix[{extra}]\"")
+
+
+def check_data(cfg: RunConfig, prefix: str = "") -> None:
+    """The data exist and can be used, and ``subset``/``val_size`` fit their real size."""
+    d = cfg.data
+    spec = dataset(d.name)
+    try:
+        spec.check(d)
+        facts = spec.facts(d)
+        if facts is not None:
+            split_sizes(d, facts.train)
+    except ConfigError as exc:
+        raise ConfigError(prefix + exc.field, exc.value, exc.allowed) from None
+
+
+def check_run_environment(cfg: RunConfig, prefix: str = "", outputs: bool = True) -> None:
+    """Everything a run needs from this machine (``outputs``: the output folder too)."""
+    check_data(cfg, prefix)
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{prefix}device", cfg.device,
+                              "no CUDA device is available here; use auto or cpu")
+    aug = to_dict(cfg.augment)
+    if "saliency" in active_fields(aug) and cfg.augment.saliency == "fine_grained":
+        require_package("cv2", f"{prefix}augment.saliency", "fine_grained")
+        import cv2
+
+        if not hasattr(cv2, "saliency"):
+            raise ConfigError(f"{prefix}augment.saliency", "fine_grained",
+                              "needs OpenCV's contrib modules (cv2.saliency): pip install "
+                              "\"hardmix[saliency]\" (opencv-contrib-python-headless)")
+    if cfg.model.name.startswith(TIMM_PREFIX):
+        require_package("timm", f"{prefix}model.name", cfg.model.name)
+    for logger in cfg.output.loggers:
+        require_package(logger, f"{prefix}output.loggers", logger)
+    if outputs:
+        check_writable(f"{prefix}output.dir", cfg.output.dir)
+
+
+def check_sweep_environment(cfg: SweepConfig) -> None:
+    """Everything a sweep needs before Ray starts: its storage, and the base run's and every
+    arm's data (the trials write into the sweep folder, not ``run.output.dir``)."""
+    from hardmix.config.rules import with_overrides
+
+    check_writable("storage", cfg.storage)
+    check_run_environment(cfg.run, "run.", outputs=False)
+    for i, arm in enumerate(cfg.arms):
+        params = {k: v for k, v in arm.items() if k != "seeds"}
+        if any(k.startswith(("data.", "model.", "augment.", "output.", "device")) for k in params):
+            try:
+                check_run_environment(with_overrides(cfg.run, params), outputs=False)
+            except ConfigError as exc:
+                raise ConfigError(f"arms[{i}].{exc.field}", exc.value, exc.allowed) from None

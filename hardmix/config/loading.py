@@ -1,0 +1,281 @@
+"""Loading configs: YAML presets (with ``base`` inheritance), files, ``--set`` overrides, and
+the mapping -> dataclass conversion that rejects unknown keys and wrong types.
+
+Layers apply in order preset < file < overrides. A preset that names a ``base`` inherits it and
+*replaces* any search ``space`` it defines (a derived preset states its own space); a ``--set
+space.X.Y=...`` override *merges* into the space key by key (``space.augment.k.high=0.4`` changes
+one bound and keeps the rest; ``space.augment.k=null`` removes the parameter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hardmix.config.schema import RunConfig, SweepConfig, strip_optional
+from hardmix.errors import ConfigError
+
+PRESET_PACKAGE = "hardmix.presets"
+#: A YAML config larger than this is not a config (and would only be slow to parse).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _parse_yaml(text: str, where: str, field: str) -> dict:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(field, where, f"is not valid YAML ({first})") from None
+    except (RecursionError, ValueError, OverflowError) as exc:
+        raise ConfigError(field, where, f"is not a usable YAML config ({type(exc).__name__})") \
+            from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(field, where, f"must hold a mapping of config keys, not a "
+                                        f"{type(raw).__name__}")
+    bad = [k for k in raw if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(field, where, f"has a key that is not a name: {bad[0]!r}")
+    return raw
+
+
+def read_preset(name: str) -> dict:
+    """The raw mapping of a preset, with its ``base`` chain merged in."""
+    names = preset_names()
+    if name not in names:
+        raise ConfigError("preset", name, one_of(names, name))
+    text = resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
+    return _resolve_base(_parse_yaml(text, name, "preset"), seen=(name,))
+
+
+def read_yaml_file(path: str) -> dict:
+    """A ``--config`` file: an existing, readable, UTF-8 YAML mapping of config keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", path, "must be an existing YAML file")
+    try:
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError("--config", path, f"is {size:,} bytes: not a config file (at most "
+                                                f"{MAX_CONFIG_BYTES:,})")
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("--config", path, f"is not UTF-8 text ({exc.reason} at byte "
+                                            f"{exc.start})") from None
+    except OSError as exc:
+        raise ConfigError("--config", path, f"cannot be read ({exc.strerror})") from None
+    return _resolve_base(_parse_yaml(text, path, "--config"), seen=(path,))
+
+
+def _resolve_base(raw: dict, seen: tuple) -> dict:
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError("base", base, "must name a preset")
+    if base in seen:
+        raise ConfigError("base", base, f"forms a cycle through {' -> '.join(seen)}")
+    names = preset_names()
+    if base not in names:
+        raise ConfigError("base", base, one_of(names, base))
+    text = resources.files(PRESET_PACKAGE).joinpath(f"{base}.yaml").read_text()
+    return deep_merge(_resolve_base(_parse_yaml(text, base, "base"), seen + (base,)), raw,
+                      replace=("space",))
+
+
+def preset_kind(raw: dict) -> str:
+    """``sweep`` when a mapping describes a sweep (it has sweep-only keys), else ``run``."""
+    sweep_only = {f.name for f in dataclasses.fields(SweepConfig)} - {"name", "description"}
+    return "sweep" if sweep_only & set(raw) else "run"
+
+
+def deep_merge(base: dict, top: dict, replace: tuple[str, ...] = ()) -> dict:
+    """``top`` over ``base``, mappings merged key by key. Keys in ``replace`` are replaced
+    whole; ``when`` conditions are always replaced whole. A None value inside ``space``
+    removes that parameter."""
+    out = dict(base)
+    for key, value in top.items():
+        if key in replace or key == "when":
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            merged = deep_merge(out[key], value)
+            if key == "space":
+                merged = {k: v for k, v in merged.items() if v is not None}
+            out[key] = merged
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(pairs: list[str], cls: type | None = None) -> dict:
+    """``["augment.alpha=0.5", ...]`` -> nested mapping; values are parsed as YAML scalars.
+
+    With ``cls`` the key is read against the schema, so keys of mapping fields may hold dots:
+    ``space.augment.k.high=0.5`` sets ``space["augment.k"]["high"]``.
+    """
+    out: dict = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", pair, "must look like key=value, e.g. augment.alpha=0.5")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        except (RecursionError, ValueError, OverflowError):
+            raise ConfigError("--set", pair, "has a value that is not a YAML scalar or list") \
+                from None
+        parts = _split_key(cls, key.strip().split(".")) if cls else key.strip().split(".")
+        if any(not p for p in parts):
+            raise ConfigError("--set", pair, "has an empty part in its key")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError("--set", pair, f"sets both {part} and a field inside it")
+        node[parts[-1]] = value
+    return out
+
+
+def _split_key(cls: Any, parts: list[str]) -> list[str]:
+    """Group dotted key parts by the schema: a mapping field's key keeps its dots."""
+    if not parts or not dataclasses.is_dataclass(cls):
+        return parts
+    names = {f.name for f in dataclasses.fields(cls)}
+    if parts[0] not in names:
+        return parts
+    tp = strip_optional(typing.get_type_hints(cls)[parts[0]])
+    rest = parts[1:]
+    if typing.get_origin(tp) is dict and rest:
+        inner = typing.get_args(tp)[1]
+        inner_names = ({f.name for f in dataclasses.fields(inner)}
+                       if dataclasses.is_dataclass(inner) else set())
+        for cut in range(len(rest) - 1, 0, -1):  # the longest key whose remainder is a field
+            if rest[cut] in inner_names:
+                return [parts[0], ".".join(rest[:cut])] + _split_key(inner, rest[cut:])
+        return [parts[0], ".".join(rest)]
+    return [parts[0]] + _split_key(tp, rest)
+
+
+def load_config(cls: type, preset: str | None = None, file: str | None = None,
+                overrides: list[str] | None = None) -> Any:
+    """Build and validate a ``RunConfig`` or ``SweepConfig`` from preset < file < overrides.
+
+    A sweep preset given to a run takes its ``run`` section, so ``hardmix train --preset
+    quickstart`` trains the base run of the quickstart sweep. Validation here is pure (no
+    disk, no devices): entry points check the environment once
+    (:mod:`hardmix.config.environment`).
+    """
+    from hardmix.config.rules import validate
+
+    raw: dict = {}
+    layers = [(read_preset(preset) if preset else None, ("space",)),
+              (read_yaml_file(file) if file else None, ("space",)),
+              (parse_overrides(overrides or [], cls), ())]
+    for layer, replace in layers:
+        if layer:
+            if cls is RunConfig and preset_kind(layer) == "sweep":
+                layer = layer.get("run", {}) or {}
+            raw = deep_merge(raw, layer, replace=replace)
+    raw.pop("kind", None)
+    cfg = from_dict(cls, raw)
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Mapping -> dataclass
+# --------------------------------------------------------------------------------------------
+
+
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Turn a mapping into dataclass ``cls``, rejecting unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", raw, "must be a mapping of fields")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(path, value, "unknown field" + did_you_mean(str(key), names, prefix))
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path + ".")
+    if tp is Any:
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, value, "must be a list")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, value, "must be a mapping")
+        return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, value, "must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise ConfigError(path, value, "must be an integer")
+    if tp is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value) if abs(value) < 1e308 or isinstance(value, float) else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is None:
+            raise ConfigError(path, value, "must be a number")
+        if not math.isfinite(number):
+            raise ConfigError(path, value, "must be a finite number")
+        return number
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(path, value, "must be a string")
+    return value
+
+
+def did_you_mean(key: str, names: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else f"; known: {', '.join(names)}"
+
+
+def one_of(choices: Any, value: Any) -> str:
+    text = f"must be one of {', '.join(map(str, choices))}"
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    return text + (f" (did you mean {close[0]}?)" if close else "")

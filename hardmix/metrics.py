@@ -1,0 +1,193 @@
+"""The metrics schema and the run's callback protocol: what a run emits, defined once.
+
+:data:`EPOCH_METRICS` lists every per-epoch metric and :data:`SUMMARY_FIELDS` every field of a
+run's summary, as :class:`Metric` specs. Everything else derives from them: the training loop
+fills them (NULL where a metric does not apply or was not evaluated that epoch), the Parquet
+schema of the ``epochs`` and ``trials`` tables (:mod:`ablations.store`), what a sweep trial
+reports to Ray Tune, the TensorBoard scalar groups, the diagnostic columns of the report's main
+table and which metric shows whether a switch took effect. Adding a metric is one
+:func:`register_epoch_metric` call; one that the loop does not compute itself carries a
+``compute`` function of the running run.
+
+Nothing here imports torch: the store and the analysis read this module too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+from hardmix.methods import METHODS, active_fields, uses_memory
+
+__all__ = ["Metric", "EPOCH_METRICS", "SUMMARY_FIELDS", "KINDS", "register_epoch_metric",
+           "applicable", "Callback", "StopRun", "reported", "diagnostics", "witness_of"]
+
+#: Value kinds of a metric (each maps to one Arrow type in the store).
+KINDS = ("float", "int", "str", "list_int", "list_str")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric.
+
+    ``split``: ``train`` (every epoch), ``val`` or ``test`` (only on the epochs that evaluate
+    that split: ``eval.every`` / ``eval.test_every`` and the last; NULL elsewhere).
+    ``applies``: predicate over the run's ``augment`` fields (a mapping without the prefix);
+    where it is False the value is NULL. ``group``: TensorBoard scalar group (None: not
+    logged as a scalar). ``diagnostic``: its mean over epochs is a column of the report's main
+    table. ``witnesses``: augment fields whose effect this metric shows (a contrast over such a
+    field whose witness is 0 on both sides never took effect). ``compute``: for metrics the
+    loop does not fill itself, ``compute(run) -> value`` at the end of every epoch.
+    """
+
+    name: str
+    kind: str
+    help: str
+    split: str = "train"
+    applies: Optional[Callable[[Mapping[str, Any]], bool]] = None
+    group: Optional[str] = None
+    diagnostic: bool = False
+    witnesses: tuple[str, ...] = ()
+    compute: Optional[Callable[[Any], Any]] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"metric {self.name}: kind {self.kind!r} is not one of {KINDS}")
+
+
+def _method(aug: Mapping[str, Any]):
+    return METHODS.get(aug.get("method"))
+
+
+def _hard(aug: Mapping[str, Any]) -> bool:
+    m = _method(aug)
+    return bool(m and m.hard)
+
+
+def _has_sources(aug: Mapping[str, Any]) -> bool:
+    m = _method(aug)
+    return bool(m and m.source is not None)
+
+
+def _mixes(aug: Mapping[str, Any]) -> bool:
+    m = _method(aug)
+    return bool(m and m.mixer != "none")
+
+
+def _fallback_acts(aug: Mapping[str, Any]) -> bool:
+    return _hard(aug) and "fallback" in active_fields(aug)
+
+
+def _memory(aug: Mapping[str, Any]) -> bool:
+    return _hard(aug) and uses_memory(aug)
+
+
+EPOCH_METRICS: dict[str, Metric] = {}
+
+
+def register_epoch_metric(metric: Metric) -> Metric:
+    """Add a per-epoch metric: a column of ``epochs``, a Tune report key, a TensorBoard
+    scalar (with a ``group``)."""
+    EPOCH_METRICS[metric.name] = metric
+    return metric
+
+
+for _m in (
+    Metric("train_loss", "float", "mean training loss (the mixed loss on mixed steps)", group="loss"),
+    Metric("val_loss", "float", "validation loss", "val", group="loss"),
+    Metric("val_top1_err", "float", "validation top-1 error (%)", "val", group="error"),
+    Metric("val_top5_err", "float", "validation top-5 error (%)", "val", group="error"),
+    Metric("test_loss", "float", "test loss", "test", group="loss"),
+    Metric("test_top1_err", "float", "test top-1 error (%)", "test", group="error"),
+    Metric("test_top5_err", "float", "test top-5 error (%)", "test", group="error"),
+    Metric("lr", "float", "learning rate of the epoch's last step", group="lr"),
+    Metric("images_per_s", "float", "training images per second", group="speed"),
+    Metric("epoch_seconds", "float", "wall time of the epoch, evaluation included", group="speed"),
+    Metric("mixed_rate", "float", "share of steps that were mixed (the prob coin)",
+           applies=_mixes, group="hardmix", witnesses=("prob",)),
+    Metric("hard_share", "float", "share of the batch that was hard (mixed steps)",
+           applies=_hard, group="hardmix", diagnostic=True),
+    Metric("fallback_rate", "float", "share of mixed steps where the fallback fired",
+           applies=_fallback_acts, group="hardmix", diagnostic=True,
+           witnesses=("fallback", "min_hard")),
+    Metric("distinct_sources", "float", "distinct source images per mixed batch",
+           applies=_has_sources, group="hardmix", diagnostic=True),
+    Metric("memory_seen", "float", "share of the training set the per-sample memory has "
+           "observed (cached signal, history criterion)", applies=_memory, group="hardmix"),
+    Metric("source_class_counts", "list_int", "how often each class served as a source",
+           applies=_has_sources),
+):
+    register_epoch_metric(_m)
+
+#: The run summary (the trial row's result columns), in order.
+SUMMARY_FIELDS: dict[str, Metric] = {m.name: m for m in (
+    Metric("status", "str", "running, completed, pruned (stopped early) or failed"),
+    Metric("error", "str", "last line of the error of a failed run, else empty"),
+    Metric("epochs_run", "int", "epochs finished"),
+    Metric("wall_seconds", "float", "wall time of the run (all attempts)"),
+    Metric("device", "str", "the device the run used"),
+    Metric("threads", "int", "torch intra-op threads of the run"),
+    Metric("precision", "str", "numeric policy: bf16 autocast or fp32, memory format, and why"),
+    Metric("final_top1_err", "float", "test top-1 error (%) after the last epoch"),
+    Metric("final_top5_err", "float", "test top-5 error (%) after the last epoch"),
+    Metric("final_val_top1_err", "float", "validation top-1 error (%) after the last epoch"),
+    Metric("best_val_top1_err", "float", "lowest validation top-1 error (%) over the epochs"),
+    Metric("classes", "list_str", "class names of the data set"),
+)}
+
+
+def applicable(metric: Metric, aug: Mapping[str, Any]) -> bool:
+    """Whether ``metric`` means something for a run with augment fields ``aug``."""
+    try:
+        return metric.applies is None or bool(metric.applies(aug))
+    except Exception:  # noqa: BLE001 - an unknown method (old rows): keep the value
+        return True
+
+
+def reported(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar metrics of an epoch (what Ray Tune receives): numbers only, no NULLs."""
+    return {k: v for k, v in metrics.items()
+            if (k == "epoch" or (k in EPOCH_METRICS and EPOCH_METRICS[k].kind in ("float", "int")))
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def diagnostics() -> list[str]:
+    """Metrics whose per-trial mean over epochs the report's main table shows."""
+    return [m.name for m in EPOCH_METRICS.values() if m.diagnostic]
+
+
+def witness_of(field: str) -> Optional[str]:
+    """The metric that shows whether ``augment.<field>`` took effect, if any."""
+    return next((m.name for m in EPOCH_METRICS.values() if field in m.witnesses), None)
+
+
+class StopRun(Exception):
+    """Raise from a callback's ``on_epoch_end`` to end the run early (e.g. ASHA pruning): the
+    run stops after that epoch and its summary has ``status == "pruned"``."""
+
+
+class Callback:
+    """Hooks of a run; every method is optional (the base class does nothing).
+
+    Callbacks are called on every data-parallel rank with identical (all-reduced) metrics;
+    ``info["rank"]`` in ``on_run_start`` says whether this is rank 0. ``on_mixed_preview`` is
+    called on rank 0 only.
+    """
+
+    def on_run_start(self, cfg: Any, info: dict) -> None:
+        """Before the first epoch. ``info``: run_dir, device, versions, git_commit,
+        num_classes, classes, sizes (train/val/test), steps_per_epoch, start_epoch (last
+        finished epoch when resumed, else 0), rank, world_size, threads, precision."""
+
+    def on_epoch_end(self, metrics: dict, checkpoint: Optional[str]) -> None:
+        """After each epoch: ``epoch`` and every :data:`EPOCH_METRICS` name (None where not
+        applicable or not evaluated); ``checkpoint`` is the checkpoint written at this epoch
+        (rank 0), else None."""
+
+    def on_run_end(self, summary: dict) -> None:
+        """Once at the end, whatever the outcome, with the :data:`SUMMARY_FIELDS` summary."""
+
+    def on_mixed_preview(self, images: dict) -> None:
+        """Once, at the first mixed batch of a fresh run: ``images``, ``sources`` (the source
+        image of each), ``mixed`` (B, C, H, W in 0..1, on the CPU), ``lam``, ``labels``,
+        ``source_labels``."""

@@ -1,0 +1,102 @@
+"""Experiment trackers for ``hardmix train``: Weights & Biases and MLflow through their own APIs.
+
+``output.loggers: [wandb, mlflow]`` adds one callback per tracker (optional extras ``[wandb]``,
+``[mlflow]``). Each logs the run's config once, every per-epoch scalar of
+:data:`hardmix.metrics.EPOCH_METRICS` (NULLs skipped) at its epoch, and the summary at the end.
+They use the libraries' own configuration: ``WANDB_PROJECT`` / ``WANDB_MODE=offline`` /
+``WANDB_DIR``; ``MLFLOW_TRACKING_URI`` (a ``file:`` store by default) and
+``MLFLOW_EXPERIMENT_NAME``. Sweeps use Ray Tune's ``WandbLoggerCallback`` and
+``MLflowLoggerCallback`` instead (:mod:`tune.sweep`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from hardmix.config import RunConfig, flatten
+from hardmix.metrics import Callback, reported
+
+DEFAULT_PROJECT = "hardmix"
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in reported(metrics).items()
+            if k != "epoch" and not math.isnan(float(v))}
+
+
+def _summary_scalars(summary: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in summary.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _params(cfg: RunConfig) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+            for k, v in flatten(cfg).items()}
+
+
+class WandbCallback(Callback):
+    """A W&B run per training run (rank 0), named after the run."""
+
+    def __init__(self, name: str):
+        self.name, self.run = name, None
+
+    def on_run_start(self, cfg: RunConfig, info: dict) -> None:
+        if info.get("rank", 0) != 0:
+            return
+        import wandb
+
+        self.run = wandb.init(project=DEFAULT_PROJECT, name=self.name, config=_params(cfg),
+                              reinit="finish_previous", dir=info.get("run_dir"))
+
+    def on_epoch_end(self, metrics: dict, checkpoint: Optional[str]) -> None:
+        if self.run is not None:
+            self.run.log(_scalars(metrics), step=int(metrics["epoch"]))
+
+    def on_run_end(self, summary: dict) -> None:
+        if self.run is None:
+            return
+        self.run.summary.update({**_summary_scalars(summary), "status": summary.get("status")})
+        self.run.finish(exit_code=0 if summary.get("status") != "failed" else 1)
+        self.run = None
+
+
+class MlflowCallback(Callback):
+    """An MLflow run per training run (rank 0): params, per-epoch metrics, summary metrics."""
+
+    def __init__(self, name: str):
+        self.name, self.active = name, False
+
+    def on_run_start(self, cfg: RunConfig, info: dict) -> None:
+        if info.get("rank", 0) != 0:
+            return
+        import mlflow
+
+        mlflow.start_run(run_name=self.name)
+        self.active = True
+        params = {k: ("" if v is None else v) for k, v in _params(cfg).items()}
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+    def on_epoch_end(self, metrics: dict, checkpoint: Optional[str]) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.log_metrics(_scalars(metrics), step=int(metrics["epoch"]))
+
+    def on_run_end(self, summary: dict) -> None:
+        if not self.active:
+            return
+        import mlflow
+
+        mlflow.log_metrics({f"summary_{k}": v for k, v in _summary_scalars(summary).items()})
+        mlflow.set_tag("status", summary.get("status"))
+        mlflow.end_run(status="FAILED" if summary.get("status") == "failed" else "FINISHED")
+        self.active = False
+
+
+TRACKERS = {"wandb": WandbCallback, "mlflow": MlflowCallback}
+
+
+def tracker_callbacks(cfg: RunConfig, name: str) -> list[Callback]:
+    """One callback per tracker named in ``output.loggers``."""
+    return [TRACKERS[logger](name) for logger in cfg.output.loggers]
