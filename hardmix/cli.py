@@ -1,4 +1,4 @@
-"""The ``hardmix`` command: train, eval, sweep, report, presets.
+"""The ``hardmix`` command: train, eval, sweep, report, export, compact, presets.
 
 Parsing and config validation happen here, before any work starts: a bad value prints one line
 (field, value, what is allowed) and exits 2. The heavy modules (torch training, Ray, analysis)
@@ -40,6 +40,11 @@ def _fields_epilog(cls: type, title: str) -> str:
     lines += ["", describe_methods(), "", "Data sets (data.name):"]
     lines += [f"  {d.name:<17} {d.description}" for d in DATASETS.values()]
     return "\n".join(lines)
+
+
+def _paragraphs(*texts: str) -> str:
+    """Help text of wrapped paragraphs (lines starting with spaces are kept as they are)."""
+    return "\n\n".join(t if t.startswith(" ") else textwrap.fill(t, 100) for t in texts)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -106,6 +111,43 @@ def build_parser() -> argparse.ArgumentParser:
                         "answers its own question, and the report says so)")
     p.set_defaults(handler=_report)
 
+    p = sub.add_parser(
+        "export", formatter_class=fmt, help="a sweep's deduplicated results as Parquet or DuckDB",
+        description=_paragraphs(
+            "Write the latest row of every trial and of every trial's epoch (the rows `hardmix "
+            "report` reads; NULL where a field or metric does not apply to a trial's method) "
+            "with `sweep` as a plain column, for sharing or for tools that should not "
+            "deduplicate themselves. The shape follows --out:",
+            "  --out DIR            DIR/trials.parquet and DIR/epochs.parquet\n"
+            "  --out NAME.parquet   NAME.trials.parquet and NAME.epochs.parquet side by side\n"
+            "  --out NAME.duckdb    one DuckDB file with the tables trials and epochs (needs "
+            "duckdb)",
+            "Files appear only once every table is written; existing files are replaced only "
+            "with --force."),
+        epilog="example:  hardmix export sweeps/quickstart --out quickstart.duckdb\n"
+               "then, in Python:  duckdb.connect(\"quickstart.duckdb\").sql(\"FROM trials\")")
+    p.add_argument("path", help="sweep folder or URI (or a folder of sweeps)")
+    p.add_argument("--out", required=True, metavar="FILE_OR_DIR",
+                   help="a folder, NAME.parquet or NAME.duckdb (local path)")
+    p.add_argument("--force", action="store_true", help="replace existing export files")
+    p.set_defaults(handler=_export)
+
+    p = sub.add_parser(
+        "compact", formatter_class=fmt, help="merge a sweep's small Parquet files into a few",
+        description=_paragraphs(
+            "Merge the many small Parquet files a sweep writes (one per trial update and epoch) "
+            "into a few large ones, in place. No row is lost and rows keep their time stamps, "
+            "so the latest row of a trial stays the one readers keep.",
+            "Safe while the sweep is still writing: files that appear meanwhile are left for the "
+            "next compaction, and a merged file is deleted only after the file holding its rows "
+            "is published. Files of older hardmix versions are rewritten in the current layout, "
+            "which pandas, polars and DuckDB read directly."))
+    p.add_argument("path", help="sweep folder or URI (or a folder of sweeps)")
+    p.add_argument("--max-rows", type=int, default=None, metavar="N",
+                   help="rows per compacted file (default 500,000); files that size are left "
+                        "as they are")
+    p.set_defaults(handler=_compact)
+
     p = sub.add_parser("presets", help="list the shipped presets",
                        description="List the presets shipped with hardmix, or print one.")
     p.add_argument("name", nargs="?", help="print this preset's YAML")
@@ -139,6 +181,19 @@ def _report(args: argparse.Namespace) -> int:
     from ablations.report import report_from_cli
     return report_from_cli(args.path, out=args.out, baseline=args.baseline, family=args.family,
                            correction=args.correction)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ablations.export import export_from_cli
+    return export_from_cli(args.path, args.out, force=args.force)
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from hardmix.errors import ConfigError
+    if args.max_rows is not None and args.max_rows < 1:
+        raise ConfigError("--max-rows", args.max_rows, "must be a whole number >= 1")
+    from ablations.export import compact_from_cli
+    return compact_from_cli(args.path, args.max_rows)
 
 
 def _presets(args: argparse.Namespace) -> int:

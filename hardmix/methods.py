@@ -27,7 +27,7 @@ from typing import Any, Mapping, Optional
 from hardmix.errors import ConfigError
 
 __all__ = ["MethodSpec", "Switch", "METHODS", "CRITERIA", "FALLBACKS", "SIGNALS", "SALIENCY",
-           "SWITCHES", "BOXES", "register_method", "active_fields", "effective_augment",
+           "SWITCHES", "BOXES", "DEFAULTS", "register_method", "active_fields", "effective_augment",
            "check_augment", "uses_memory", "extra_forwards", "resolved_box", "describe_methods"]
 
 #: Box modes: one λ and box per batch, or one per sample; ``auto`` = the method's paper.
@@ -137,9 +137,15 @@ _TABLES = {"method": METHODS, "criterion": CRITERIA, "fallback": FALLBACKS, "sig
            "saliency": SALIENCY}
 
 
+#: The paper's setting of each switch: the ``augment.*`` defaults (the schema reads them here),
+#: and what a mapping that leaves a switch out means.
+DEFAULTS = {"method": "hardmix", "criterion": "misclassified", "fallback": "random",
+            "signal": "forward", "saliency": "spectral_residual", "box": "auto"}
+
+
 def _get(aug: Mapping[str, Any], name: str) -> Any:
     table = _TABLES[name]
-    value = aug.get(name)
+    value = aug.get(name, DEFAULTS[name])
     if value not in table:
         raise ConfigError(f"augment.{name}", value, f"must be one of {', '.join(table)}")
     return table[value]
@@ -164,7 +170,7 @@ def resolved_box(aug: Mapping[str, Any]) -> Optional[str]:
     method: MethodSpec = _get(aug, "method")
     if "box" not in method.reads:
         return None
-    box = aug.get("box", "auto")
+    box = aug.get("box", DEFAULTS["box"])
     return method.box if box == "auto" else box
 
 

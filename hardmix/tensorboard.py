@@ -8,10 +8,12 @@
   most 20 classes also how often each class served as a source (``sources/<class name>``);
 * at the first mixed batch, an image grid: originals (top row), their source images, the mixed
   result (bottom row);
-* at the end, the HParams entry of the run: the fields given as ``hparams`` (a sweep passes the
-  fields that vary within it), by default the run's acting augment fields, model, data and seed,
-  with the final validation and test errors as metrics; written with ``run_name="."`` so they
-  land in the same run, not a sub-run.
+* at the end, the HParams entry of the run: exactly the fields given as ``hparams`` (a sweep
+  passes the seed and the fields that vary within it, so the view's columns are the sweep's
+  factors), by default the run's acting augment fields, model, data and seed; augment fields
+  that do not act for the run's method show as ``null``; the final validation and test errors
+  (and the best validation error) are its metrics, absent for a run that ended without them;
+  written with ``run_name="."`` so they land in the same run, not a sub-run.
 
 Point TensorBoard at a folder of runs (``tensorboard --logdir runs``) or of sweep trials.
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hardmix.config import RunConfig, flatten, to_dict, to_yaml
-from hardmix.methods import active_fields
+from hardmix.methods import active_fields, effective_augment
 from hardmix.metrics import EPOCH_METRICS, Callback
 
 #: Summary values shown in the HParams dashboard (as ``hparam/<key>`` scalars).
@@ -42,6 +44,16 @@ def default_hparams(cfg: RunConfig) -> list[str]:
     """A single run's HParams: the augment fields that act, the model, the data, the seed."""
     acting = sorted(active_fields(to_dict(cfg.augment)))
     return ["seed", "data.name", "model.name"] + [f"augment.{f}" for f in acting]
+
+
+def run_hparams(cfg: RunConfig, names: Sequence[str]) -> dict[str, Any]:
+    """The HParams entry of a run: exactly the fields ``names`` (no status or other extras,
+    so the view's columns are the sweep's factors), with augment fields that do not act for
+    the run's method as ``"null"`` (as in the Parquet rows: a ``none`` run has no criterion)."""
+    flat = flatten(cfg)
+    aug = {k[len("augment."):]: v for k, v in flat.items() if k.startswith("augment.")}
+    flat.update({f"augment.{k}": v for k, v in effective_augment(aug).items()})
+    return {k: hparam_value(flat[k]) for k in names if k in flat}
 
 
 class TensorBoardCallback(Callback):
@@ -107,10 +119,8 @@ class TensorBoardCallback(Callback):
     def on_run_end(self, summary: dict) -> None:
         if self.writer is None:
             return
-        flat = flatten(self.cfg)
         names = self.hparams if self.hparams is not None else default_hparams(self.cfg)
-        hparams = {k: hparam_value(flat.get(k)) for k in names if k in flat}
-        hparams["status"] = summary.get("status", "")
+        hparams = run_hparams(self.cfg, names)
         metrics = {f"hparam/{k}": float(summary[k]) for k in HPARAM_METRICS
                    if isinstance(summary.get(k), (int, float))}
         self.writer.add_hparams(hparams, metrics, run_name=".",

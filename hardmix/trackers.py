@@ -2,19 +2,25 @@
 
 ``output.loggers: [wandb, mlflow]`` adds one callback per tracker (optional extras ``[wandb]``,
 ``[mlflow]``). Each logs the run's config once, every per-epoch scalar of
-:data:`hardmix.metrics.EPOCH_METRICS` (NULLs skipped) at its epoch, and the summary at the end.
-They use the libraries' own configuration: ``WANDB_PROJECT`` / ``WANDB_MODE=offline`` /
-``WANDB_DIR``; ``MLFLOW_TRACKING_URI`` (a ``file:`` store by default) and
-``MLFLOW_EXPERIMENT_NAME``. Sweeps use Ray Tune's ``WandbLoggerCallback`` and
-``MLflowLoggerCallback`` instead (:mod:`tune.sweep`).
+:data:`hardmix.metrics.EPOCH_METRICS` (NULLs skipped) at step = epoch, and the summary at the
+end. They use the libraries' own configuration: ``WANDB_PROJECT`` (default ``hardmix``),
+``WANDB_MODE=offline`` (no account needed), ``WANDB_DIR`` (default: the run folder);
+``MLFLOW_TRACKING_URI`` (MLflow's default is ``sqlite:///mlflow.db`` in the working directory)
+and ``MLFLOW_EXPERIMENT_NAME``.
+
+Sweeps log through Ray Tune's ``WandbLoggerCallback`` and ``MLflowLoggerCallback`` on the
+driver instead (:mod:`tune.trackers`); sweep trials never add these callbacks
+(:func:`tune.trainable.trial_callbacks`), so a trial is logged once, not twice.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Optional
 
 from hardmix.config import RunConfig, flatten
+from hardmix.methods import effective_augment
 from hardmix.metrics import Callback, reported
 
 DEFAULT_PROJECT = "hardmix"
@@ -31,8 +37,13 @@ def _summary_scalars(summary: dict) -> dict[str, float]:
 
 
 def _params(cfg: RunConfig) -> dict[str, Any]:
+    """The run config, flattened, as it runs: augment fields that do not act None (as in the
+    Parquet rows), ``box: auto`` resolved; lists and mappings as text."""
+    flat = flatten(cfg)
+    aug = {k[len("augment."):]: v for k, v in flat.items() if k.startswith("augment.")}
+    flat.update({f"augment.{k}": v for k, v in effective_augment(aug).items()})
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
-            for k, v in flatten(cfg).items()}
+            for k, v in flat.items()}
 
 
 class WandbCallback(Callback):
@@ -46,8 +57,10 @@ class WandbCallback(Callback):
             return
         import wandb
 
-        self.run = wandb.init(project=DEFAULT_PROJECT, name=self.name, config=_params(cfg),
-                              reinit="finish_previous", dir=info.get("run_dir"))
+        # WANDB_PROJECT / WANDB_DIR win (wandb.init's arguments would override them).
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+                              name=self.name, config=_params(cfg), reinit="finish_previous",
+                              dir=os.environ.get("WANDB_DIR") or info.get("run_dir"))
 
     def on_epoch_end(self, metrics: dict, checkpoint: Optional[str]) -> None:
         if self.run is not None:

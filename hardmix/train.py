@@ -445,6 +445,7 @@ class _Run:
         show = cfg.output.progress and self.rank == 0
         t_start = time.perf_counter()
         for epoch in range(self.start_epoch + 1, cfg.optim.epochs + 1):
+            self.epoch = epoch  # what a metric's compute(run) may read
             t0 = time.perf_counter()
             with tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{cfg.optim.epochs}",
                       disable=not show, leave=False, dynamic_ncols=True, mininterval=0.5,

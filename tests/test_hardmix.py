@@ -311,7 +311,9 @@ def test_per_step_path_never_syncs(method):
     index = torch.arange(12)
     configs = [dict(box=b, fallback=f) for b in ("batch", "sample") for f in ("random", "skip", "topk_loss")]
     configs += [dict(criterion="topk_loss", k=3), dict(criterion="low_margin", k=0.25),
-                dict(signal="cached", dataset_size=20, prob=0.5), dict(bn_mode="train")]
+                dict(signal="cached", dataset_size=20, prob=0.5), dict(bn_mode="train"),
+                dict(criterion="history", dataset_size=20),
+                dict(criterion="history", signal="cached", dataset_size=20, prob=0.5)]
     for kw in configs:
         mix = HardMix(method=method, seed=0, num_classes=5, **kw)
         with NoHostSync():
@@ -319,7 +321,7 @@ def test_per_step_path_never_syncs(method):
                 out = mix(x.clone(), y, model=model, index=index)
                 out.loss(logits, label_smoothing=0.1)
                 dict(out.stats), out.source_counts_by_class(), out.unmixed, out.target()
-                mix.observe(logits, y, index, mask=out.unmixed)
+                mix.observe(logits, y, index, out)
 
 
 def test_guard_catches_a_sync():

@@ -7,17 +7,20 @@ Two checks, both raising :class:`hardmix.config.ConfigError` (one line: field, v
   (``cluster.yaml``): Ray's own ``prepare_config`` + ``validate_config`` (the installed
   ``ray-schema.json``; no cloud calls, since there is no ``ray up --dry-run``) plus the rules this
   project adds: no negative worker counts (Ray's schema only bounds the global one), the dashboard
-  bound to localhost, no credentials in the file. ``python -m tune.cluster cluster.yaml``.
+  bound to localhost, token authentication on in every ``ray start``, no credentials in the file.
+  ``python -m tune.cluster cluster.yaml``.
 * :func:`check_cluster_resources` — after ``ray.init``, before the first trial: a trial asks for
-  ``resources.workers`` bundles of ``{CPU: resources.cpus, GPU: resources.gpus}``; if no node that
-  exists or that the autoscaler may start can ever place them, say so now instead of leaving Tune
-  pending forever.
+  ``resources.workers`` bundles of ``{CPU: resources.cpus, GPU: resources.gpus, **resources.custom}``;
+  if no node that exists or that the autoscaler may start can ever place them, say so now (and
+  which node type falls short of what) instead of leaving Tune pending forever.
 
 Where the autoscaler's limits come from, in order: the cluster config the autoscaler reported to
 the GCS (KubeRay, autoscaler v2), the launcher's bootstrap file on the head node
 (``~/ray_bootstrap_config.yaml``, written by ``ray up``; a ``ray job submit`` driver runs on the
-head, so it is there), else only the nodes alive now. Limits of the check: it counts CPU and GPU
-(not memory or custom resources), it does not count the small trial driver of a Ray Train trial,
+head, so it is there), else only the nodes alive now. A Ray instance the sweep starts itself
+(no ``address``) is only its nodes alive now, whatever files lie around. Limits of the check: it
+counts CPU, GPU and custom resources (not memory), it does not count the small trial driver of a
+Ray Train trial,
 and it checks that *one* trial fits (how many run at once is Tune's business). On a remote cluster
 whose autoscaler limits it cannot read, and where a node type's resources are unknown (``resources:
 {}`` not yet filled in), it cannot prove a request infeasible and only prints a warning.
@@ -39,8 +42,11 @@ import yaml
 from hardmix.config import ConfigError, SweepConfig
 
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
-# Resources a trial asks for; all else on a node (memory, node:<ip>, accelerator_type:*) is ignored.
+# Built-in resources a trial asks for (plus its custom ones, resources.custom); Ray's own
+# bookkeeping on a node (memory, object_store_memory, node:<ip>, accelerator_type:*) is ignored.
 TRIAL_RESOURCES = ("CPU", "GPU")
+_IGNORED = ("memory", "object_store_memory")
+_IGNORED_PREFIXES = ("node:", "accelerator_type:")
 UNBOUNDED = -1
 _EPS = 1e-9  # Ray stores resources in fixed point (1e-4); 0.25 * 4 must count as 1.0
 
@@ -76,11 +82,21 @@ class ClusterView:
 
 
 def trial_bundle(cfg: SweepConfig) -> dict[str, float]:
-    """The resources of one worker of one trial (the whole trial when ``resources.workers`` is 1)."""
+    """The resources of one worker of one trial (the whole trial when ``resources.workers`` is 1):
+    CPUs, GPUs and the custom resources of ``resources.custom``."""
     bundle = {"CPU": float(cfg.resources.cpus)}
     if cfg.resources.gpus > 0:
         bundle["GPU"] = float(cfg.resources.gpus)
+    for name, amount in sorted(cfg.resources.custom.items()):
+        if amount > 0:
+            bundle[name] = float(amount)
     return bundle
+
+
+def requestable(resources: Mapping[str, Any]) -> dict[str, float]:
+    """A node's resources that a trial can ask for (Ray's bookkeeping entries dropped)."""
+    return {k: float(v) for k, v in resources.items()
+            if k not in _IGNORED and not k.startswith(_IGNORED_PREFIXES)}
 
 
 def per_node(bundle: Mapping[str, float], node: Mapping[str, float]) -> int:
@@ -129,8 +145,33 @@ def max_placeable(bundle: Mapping[str, float], view: ClusterView) -> int | float
 
 
 def _fmt(res: Mapping[str, float]) -> str:
-    keys = [k for k in TRIAL_RESOURCES if k in res] or list(res)
+    res = requestable(res)
+    keys = [k for k in TRIAL_RESOURCES if k in res] + sorted(k for k in res
+                                                            if k not in TRIAL_RESOURCES)
     return "{" + ", ".join(f"{k}: {res.get(k, 0):g}" for k in keys) + "}"
+
+
+def _amount(name: str, value: float) -> str:
+    """``4 CPUs``, ``1 GPU``, ``0 ssd``: a quantity of one resource in words."""
+    plural = name in TRIAL_RESOURCES and abs(value - 1) > _EPS
+    return f"{value:g} {name}{'s' if plural else ''}"
+
+
+def shortfalls(bundle: Mapping[str, float], groups: Iterable[NodeGroup],
+               first: str | None = None) -> str:
+    """Which node type is short of what for one ``bundle``, e.g. ``4 CPUs per worker but
+    cpu-1x has 1 CPU, head has 0 CPUs``: per resource (``first`` first), the node types that
+    have less of it than one worker needs."""
+    groups = list(groups)
+    parts = []
+    for key in sorted(bundle, key=lambda k: k != first):
+        need = bundle[key]
+        short = [g for g in groups if need > 0 and float(g.resources.get(key, 0.0)) + _EPS < need]
+        if short:
+            have = ", ".join(f"{g.name} has {_amount(key, float(g.resources.get(key, 0.0)))}"
+                             for g in short)
+            parts.append(f"{_amount(key, need)} per worker but {have}")
+    return "; ".join(parts)
 
 
 def _describe(view: ClusterView) -> str:
@@ -157,10 +198,10 @@ def assess(cfg: SweepConfig, view: ClusterView) -> Optional[ConfigError]:
         if not view.complete or len(known) < len(view.groups):
             return None
         short = _blocking_resource(bundle, known)
-        field = {"GPU": "resources.gpus", "CPU": "resources.cpus"}.get(short, "resources")
-        value = cfg.resources.gpus if short == "GPU" else cfg.resources.cpus
-        return ConfigError(field, value, f"no node can ever hold one trial worker of "
-                           f"{_fmt(bundle)}; nodes: {_describe(view)}")
+        field, value = _field_of(short, cfg)
+        return ConfigError(field, value, f"no node type can ever hold one trial worker of "
+                           f"{_fmt(bundle)}: {shortfalls(bundle, known, short)}; nodes: "
+                           f"{_describe(view)}")
     possible = max_placeable(bundle, ClusterView(tuple(known), view.source, view.complete,
                                                  view.max_worker_nodes, view.max_resources))
     if possible >= workers:
@@ -173,13 +214,27 @@ def assess(cfg: SweepConfig, view: ClusterView) -> Optional[ConfigError]:
                        f"resources.workers/cpus/gpus or raise max_workers in cluster.yaml")
 
 
-def _blocking_resource(bundle: Mapping[str, float], groups: Iterable[NodeGroup]) -> str:
-    """The resource that keeps the bundle off every node: GPU before CPU when both do."""
-    for key in ("GPU", "CPU"):
+def _blocking_resource(bundle: Mapping[str, float], groups: Iterable[NodeGroup]) -> str | None:
+    """The resource that keeps the bundle off every node (GPU, then custom ones, then CPU when
+    several do); None when no single one does (each node type lacks something else)."""
+    groups = list(groups)
+    custom = sorted(k for k in bundle if k not in TRIAL_RESOURCES)
+    for key in ("GPU", *custom, "CPU"):
         need = bundle.get(key, 0.0)
         if need > 0 and all(float(g.resources.get(key, 0.0)) + _EPS < need for g in groups):
             return key
-    return "CPU"
+    return None
+
+
+def _field_of(resource: str | None, cfg: SweepConfig) -> tuple[str, Any]:
+    """The config field (and its value) that asks for ``resource``."""
+    if resource == "GPU":
+        return "resources.gpus", cfg.resources.gpus
+    if resource == "CPU":
+        return "resources.cpus", cfg.resources.cpus
+    if resource is not None:
+        return f"resources.custom.{resource}", cfg.resources.custom.get(resource)
+    return "resources", trial_bundle(cfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,7 +249,7 @@ def view_from_cluster_config(config: Mapping[str, Any], source: str) -> ClusterV
     head = config.get("head_node_type")
     groups = []
     for name, spec in types.items():
-        resources = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
+        resources = requestable(spec.get("resources") or {})
         known = any(k in resources for k in TRIAL_RESOURCES)
         if name == head:
             groups.append(NodeGroup(name, resources, 1, worker=False, known=known))
@@ -208,16 +263,18 @@ def view_from_cluster_config(config: Mapping[str, Any], source: str) -> ClusterV
 
 
 def view_from_nodes(nodes: Iterable[Mapping[str, Any]], source: str, complete: bool) -> ClusterView:
-    """Alive nodes (``ray.nodes()`` entries), grouped by their CPU/GPU shape."""
+    """Alive nodes (``ray.nodes()`` entries), grouped by their shape (CPU, GPU and custom
+    resources)."""
     shapes: dict[tuple, int] = {}
     for node in nodes:
         if not node.get("Alive", True):
             continue
-        res = node.get("Resources", {})
-        shape = tuple((k, float(res.get(k, 0.0))) for k in TRIAL_RESOURCES)
+        res = requestable(node.get("Resources", {}))
+        shape = tuple((k, float(res.get(k, 0.0))) for k in TRIAL_RESOURCES) + tuple(
+            sorted((k, v) for k, v in res.items() if k not in TRIAL_RESOURCES))
         shapes[shape] = shapes.get(shape, 0) + 1
-    groups = tuple(NodeGroup(f"node{'s' if n > 1 else ''} {_fmt(dict(shape))}", dict(shape), n,
-                             worker=False) for shape, n in shapes.items())
+    groups = tuple(NodeGroup(f"node {_fmt(dict(shape))}", dict(shape), n, worker=False)
+                   for shape, n in shapes.items())
     return ClusterView(groups, source, complete)
 
 
@@ -232,7 +289,7 @@ def _view_from_gcs() -> Optional[ClusterView]:
         return None
     groups = []
     for ngc in cluster_config.node_group_configs:
-        resources = {k: float(v) for k, v in ngc.resources.items()}
+        resources = requestable(dict(ngc.resources))
         groups.append(NodeGroup(ngc.name or "node group", resources, int(ngc.max_count),
                                 known=bool(resources)))
     max_resources = {k: float(v) for k, v in cluster_config.max_resources.items()} or None
@@ -258,16 +315,18 @@ def discover_view(address: Optional[str]) -> ClusterView:
     """What the connected Ray cluster is and may become. Call after ``ray.init``."""
     import ray
 
+    # A Ray instance the sweep started itself (address null, no RAY_ADDRESS of a job) cannot
+    # grow: its nodes are the whole story, even on a machine that once was a cluster's head
+    # (a stale ~/ray_bootstrap_config.yaml there describes another cluster).
+    if address in (None, "", "local") and not os.environ.get("RAY_ADDRESS"):
+        return view_from_nodes(ray.nodes(), "the nodes alive now", complete=True)
     for view in (_view_from_gcs(), _view_from_bootstrap()):
         # A node type whose resources are detected at launch (on-premise clusters: one type
         # with `resources: {}`) tells nothing; the alive nodes tell more.
         if view is not None and all(g.known for g in view.groups):
             return view
-    # No autoscaler limits: the nodes alive now. A Ray instance the sweep started itself
-    # (address null, no RAY_ADDRESS of a job) cannot grow, so that view is complete; a
-    # remote one may autoscale.
-    complete = address in (None, "", "local") and not os.environ.get("RAY_ADDRESS")
-    return view_from_nodes(ray.nodes(), "the nodes alive now", complete)
+    # No autoscaler limits: the nodes alive now; a remote cluster may autoscale beyond them.
+    return view_from_nodes(ray.nodes(), "the nodes alive now", complete=False)
 
 
 def check_cluster_resources(cfg: SweepConfig, view: ClusterView | None = None,
@@ -306,6 +365,10 @@ SECRET_PATTERNS = (
                                        r"token)[\w.-]*\s*:\s*\S")),
 )
 _ALL_INTERFACES = ("0.0.0.0", "::", "[::]")
+#: Providers whose files Ray's autoscaler reads as they are: the wheel ships no defaults file for
+#: them (``prepare_config`` would fail to open ``fake_multi_node/example.yaml``).
+COMPLETE_PROVIDERS = ("fake_multinode",)
+_TOKEN_MODE = re.compile(r"\bRAY_AUTH_MODE=['\"]?token\b")
 
 
 def find_secrets(text: str) -> list[str]:
@@ -325,6 +388,30 @@ def dashboard_hosts(config: Mapping[str, Any]) -> list[str]:
     return hosts
 
 
+def start_commands_without_token_auth(config: Mapping[str, Any]) -> list[str]:
+    """The ``ray start`` commands (head and workers) that do not set ``RAY_AUTH_MODE=token``
+    before it in the same command: each entry of a command list runs in its own shell, so an
+    ``export`` in an earlier entry does not reach it."""
+    bad = []
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in config.get(key) or []:
+            start = command.find("ray start")
+            if start >= 0 and not _TOKEN_MODE.search(command[:start]):
+                bad.append(command)
+    return bad
+
+
+def _prepare(config: dict) -> dict:
+    """Ray's ``prepare_config`` (provider defaults merged in), except for providers whose file
+    must be complete already (:data:`COMPLETE_PROVIDERS`)."""
+    from ray.autoscaler._private.util import prepare_config
+
+    provider = config.get("provider")
+    if isinstance(provider, dict) and provider.get("type") in COMPLETE_PROVIDERS:
+        return copy.deepcopy(config)
+    return prepare_config(copy.deepcopy(config))
+
+
 def validate_cluster_config(config: dict, text: str = "", name: str = "cluster.yaml") -> dict:
     """Validate a parsed cluster launcher config; return Ray's prepared config.
 
@@ -332,12 +419,12 @@ def validate_cluster_config(config: dict, text: str = "", name: str = "cluster.y
     ``--dashboard-host=0.0.0.0``) then ``validate_config`` (the JSON schema in the installed
     wheel), then this project's rules on the prepared result. No cloud calls.
     """
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from ray.autoscaler._private.util import validate_config
 
     if not isinstance(config, dict):
         raise ConfigError(name, type(config).__name__, "must hold a mapping (a Ray cluster config)")
     try:
-        prepared = prepare_config(copy.deepcopy(config))
+        prepared = _prepare(config)
         validate_config(prepared)
     except SystemExit as exc:  # cli_logger.abort() on bad on-premise configs raises this
         raise ConfigError(name, "provider", f"rejected by Ray: {exc}") from None
@@ -364,6 +451,10 @@ def validate_cluster_config(config: dict, text: str = "", name: str = "cluster.y
             raise ConfigError(f"{name}:head_start_ray_commands", f"--dashboard-host={host}",
                               "must bind the dashboard to 127.0.0.1 (reach it with "
                               "`ray dashboard cluster.yaml`), never to all interfaces")
+    for command in start_commands_without_token_auth(prepared)[:1]:
+        raise ConfigError(f"{name}:start_ray_commands", command.strip()[:80],
+                          "must start Ray with token authentication (RAY_AUTH_MODE=token in the "
+                          "same command, e.g. `export RAY_AUTH_MODE=token; ray start ...`)")
     found = find_secrets(text or yaml.safe_dump(config))
     if found:
         raise ConfigError(name, found[0], "must not contain credentials: take them from the AWS "

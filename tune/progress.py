@@ -1,9 +1,12 @@
 """Terse terminal progress for sweeps, and a quiet Ray.
 
 Ray's own console output is a wall of tables, deprecation notes and worker logs. A sweep here
-prints one status line when something changes (trials running / done / pruned / failed, and the
-best validation result so far), plus one line per trial that ends. Everything else Ray would say
-stays in its logs (``/tmp/ray/session_latest/logs``); every result is in Parquet anyway.
+prints one line per trial that ends and a status: trials running / done / pruned / failed, the
+best validation result so far, how many of all trials have ended (done/total), the elapsed time
+and an ETA from the mean trial time. On a terminal the status is one live bar redrawn in place
+(every second); piped, in CI (``CI`` set) or with ``TERM=dumb`` it is a plain line printed when
+a trial ends and once a minute. Everything else Ray would say stays in its logs
+(``/tmp/ray/session_latest/logs``); every result is in Parquet anyway.
 """
 
 from __future__ import annotations
@@ -62,6 +65,39 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def eta_seconds(ended: Sequence[float], running: Sequence[float], pending: int,
+                slots: int) -> float | None:
+    """Seconds until every trial has ended, from the mean time of the trials that ended.
+
+    ``ended``: durations of ended trials; ``running``: how long each running trial has run;
+    ``pending``: trials not started; ``slots``: trials that run at once. The work left is the
+    mean time for each pending trial plus what each running trial still lacks of the mean
+    (none once it has run longer), shared over the slots. None before any trial has ended.
+    """
+    if not ended:
+        return None
+    mean = sum(ended) / len(ended)
+    left = pending * mean + sum(max(0.0, mean - r) for r in running)
+    return left / max(1, slots)
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """``█████░░░░░`` with ``done / total`` of ``width`` cells filled."""
+    filled = 0 if total <= 0 else min(width, round(width * done / total))
+    return "█" * filled + "░" * (width - filled)
+
+
+def is_live(stream: TextIO) -> bool:
+    """A live (redrawn) status on a terminal; plain lines when piped, in CI or on a dumb
+    terminal."""
+    if os.environ.get("CI") or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def ran_every_epoch(result: dict | None, epochs: int) -> bool:
     """Whether a trial's last result is its planned last epoch. The trial's own planned epochs
     (reported as ``epochs_planned``) win over the sweep's ``epochs``, which may be searched."""
@@ -103,14 +139,21 @@ class SweepProgress(ProgressReporter):
     """
 
     def __init__(self, metric: str, epochs: int, total: int, label: str = "sweep",
-                 out: TextIO | None = None, every_s: float = 60.0):
+                 out: TextIO | None = None, every_s: float = 60.0, live: bool | None = None,
+                 refresh_s: float = 1.0, clock=time.time):
         self.metric, self.epochs, self.total, self.label = metric, epochs, total, label
         self.out = out
         self.every_s = every_s
-        self.start = time.time()
+        self.live = live            # None: decided by the stream (is_live)
+        self.refresh_s = refresh_s  # how often a live bar is redrawn
+        self.clock = clock
+        self.start = clock()
         self._seen: dict[str, str] = {}
+        self._running_since: dict[Any, float] = {}
+        self._slots = 1
         self._last_line = ""
         self._last_time = 0.0
+        self._drawn = False         # a live bar is on the screen (no newline after it yet)
 
     # Tune calls setup() before the first report; the sweep already knows what it needs.
     def setup(self, start_time: float | None = None, total_samples: int | None = None,
@@ -121,6 +164,41 @@ class SweepProgress(ProgressReporter):
 
     def _stream(self) -> TextIO:
         return self.out or sys.stdout
+
+    def _is_live(self) -> bool:
+        return is_live(self._stream()) if self.live is None else self.live
+
+    def _timing(self, trials: Sequence[Any]) -> tuple[int, int, float, float | None]:
+        """``(ended, total, elapsed seconds, ETA seconds or None)``. A trial's time is Tune's
+        ``time_total_s`` (kept across resumes); a running trial without a report yet counts
+        from when this reporter first saw it running."""
+        now = self.clock()
+        ended, running, pending = [], [], 0
+        for t in trials:
+            state = trial_state(t, self.epochs)
+            key = getattr(t, "trial_id", id(t))
+            spent = (getattr(t, "last_result", None) or {}).get("time_total_s")
+            if state == "running":
+                since = self._running_since.setdefault(key, now)
+                running.append(float(spent) if isinstance(spent, (int, float)) else now - since)
+            elif state == "pending":
+                pending += 1
+            elif isinstance(spent, (int, float)):
+                ended.append(float(spent))
+        n_ended = sum(1 for t in trials
+                      if trial_state(t, self.epochs) in ("done", "pruned", "failed"))
+        total = max(self.total or 0, len(trials))
+        pending += max(0, total - len(trials))  # trials the searcher has not created yet
+        self._slots = max(self._slots, len(running))
+        eta = eta_seconds(ended, running, pending, self._slots)
+        return n_ended, total, now - self.start, eta
+
+    @staticmethod
+    def timing_text(timing: tuple[int, int, float, float | None]) -> str:
+        """``3/5 ended, elapsed 1m02s, ETA 0m40s`` of a :meth:`_timing` tuple."""
+        ended, total, elapsed, eta = timing
+        left = "ETA —" if eta is None else f"ETA {_fmt_seconds(eta)}"
+        return f"{ended}/{total} ended, elapsed {_fmt_seconds(elapsed)}, {left}"
 
     @staticmethod
     def name_of(trial: Any) -> str:
@@ -187,22 +265,50 @@ class SweepProgress(ProgressReporter):
         return False
 
     def should_report(self, trials: Sequence[Any], done: bool = False) -> bool:
-        # Starts and stops of running trials alone are not news; ends are, and a heartbeat.
+        # Starts and stops of running trials alone are not news; ends are, and a heartbeat
+        # (a live bar's clock ticks every refresh_s).
+        every = self.refresh_s if self._is_live() else self.every_s
         return (done or not self._last_time or self._ended(trials)
-                or time.time() - self._last_time >= self.every_s)
+                or self.clock() - self._last_time >= every)
 
     def report(self, trials: Sequence[Any], done: bool, *sys_info: str) -> None:
         out = self._stream()
+        live = self._is_live()
         if not self._last_time:
             # Trials that ended before a resumed sweep started are counted, not listed again.
             self._events(trials)
-        for line in self._events(trials):
-            print(line, file=out)
+        events = self._events(trials)
         line = self._status_line(trials)
+        timing = self._timing(trials)
+        self._last_time = self.clock()
+        if live:
+            self._draw(out, events, line, timing, done)
+            return
+        for event in events:
+            print(event, file=out)
         if done and line == self._last_line:
             return  # the final call repeats the last status
-        elapsed = _fmt_seconds(time.time() - self.start)
-        print(f"{line} | {elapsed}", file=out)
+        print(f"{line} | {self.timing_text(timing)}", file=out)
         self._last_line = line
-        self._last_time = time.time()
         out.flush()
+
+    def _draw(self, out: TextIO, events: list[str], line: str,
+              timing: tuple[int, int, float, float | None], done: bool) -> None:
+        """Event lines above, the status bar redrawn in place on the last line."""
+        import shutil
+
+        clear = "\r\x1b[K" if self._drawn else ""
+        for event in events:
+            out.write(f"{clear}{event}\n")
+            clear = ""
+        prefix = f"[{self.label}] "
+        bar = (f"{prefix}{progress_bar(timing[0], timing[1])} {self.timing_text(timing)} | "
+               f"{line[len(prefix):]}")
+        width = shutil.get_terminal_size((100, 20)).columns
+        out.write("\r\x1b[K" + (bar if len(bar) < width else bar[:max(10, width - 2)] + "…"))
+        self._drawn = True
+        if done:
+            out.write("\n")
+            self._drawn = False
+        out.flush()
+        self._last_line = line

@@ -179,6 +179,27 @@ class ConditionalSpace:
         """Run-config overrides from what Optuna suggested (JSON-encoded choices decoded)."""
         return {k: _decode(v) for k, v in suggested.items()}
 
+    def encode(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Run-config overrides as Optuna stores them (the inverse of :meth:`params`)."""
+        return {k: (_encode(v) if self.space[k].values is not None else v)
+                for k, v in params.items() if k in self.space}
+
+    def distributions(self, encoded: Mapping[str, Any]) -> dict[str, Any]:
+        """The Optuna distribution of each parameter in ``encoded`` (to add finished trials to
+        a study by hand, e.g. when a sweep resumes)."""
+        import optuna.distributions as od
+
+        out = {}
+        for name in encoded:
+            spec = self.space[name]
+            if spec.values is not None:
+                out[name] = od.CategoricalDistribution([_encode(v) for v in spec.values])
+            elif spec.type == "int":
+                out[name] = od.IntDistribution(int(spec.low), int(spec.high), log=spec.log)
+            else:
+                out[name] = od.FloatDistribution(float(spec.low), float(spec.high), log=spec.log)
+        return out
+
 
 def grid_points(cfg: SweepConfig) -> list[dict[str, Any]]:
     """Every valid combination of the space (without seeds), conditional parameters included

@@ -4,6 +4,8 @@ A sweep is one folder, ``<storage>/<name>`` (a local or network path, or a URI s
 ``s3://bucket/sweeps/name``)::
 
     sweep.yaml              the resolved sweep config (``--resume`` reads it back)
+    sweep_state.json        runs of the driver and their total wall time
+    followup.json           the follow-up configurations of a search
     trials/ epochs/         Parquet rows of every trial and epoch (ablations.store)
     runs/<trial>/           each trial's run folder: TensorBoard logs, run checkpoints
     tune/ tune-followup/    Ray Tune's experiment state and Ray checkpoints (for --resume)
@@ -148,14 +150,50 @@ def resolve_config(preset: str | None, file: str | None, overrides: list[str] | 
                           f"is not a sweep folder (no {SWEEP_FILE} in {folder})")
     import yaml
 
-    raw = yaml.safe_load(_read_text(saved)) or {}
+    try:
+        raw = yaml.safe_load(_read_text(saved)) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError("--resume", saved, f"is not a readable {SWEEP_FILE} "
+                                             f"({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("--resume", saved, f"is not a sweep config ({SWEEP_FILE} must hold a "
+                                             "mapping)")
     storage, name = (folder.rstrip("/").rsplit("/", 1) if is_uri(folder)
                      else os.path.split(folder.rstrip(os.sep)))
-    raw = deep_merge(raw, parse_overrides(overrides, SweepConfig))
     raw.update(storage=storage, name=name)  # the folder being resumed wins
-    cfg = from_dict(SweepConfig, raw)
+    try:
+        saved_cfg = from_dict(SweepConfig, raw)
+        validate(saved_cfg)
+    except ConfigError as exc:
+        raise ConfigError("--resume", saved, f"holds an invalid sweep config ({exc})") from None
+    cfg = from_dict(SweepConfig, deep_merge(raw, parse_overrides(overrides, SweepConfig)))
     validate(cfg)
+    check_resume_changes(saved_cfg, cfg)
     return cfg, True
+
+
+#: Sweep fields a resume may change: how and where it runs, not which trials it has.
+RESUMABLE = ("address", "local_cpus", "max_concurrent_trials", "max_failures", "report",
+             "storage", "name", "description")
+
+
+def check_resume_changes(saved: SweepConfig, new: SweepConfig) -> None:
+    """A resume continues the saved sweep. It may change how it runs (address, concurrency,
+    retries, report) and, in a grid, add seeds (their trials run as part of the sweep);
+    anything else would silently mix two sweeps: one line, nothing started."""
+    from hardmix.config import flatten
+
+    before, after = flatten(saved), flatten(new)
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) == after.get(key) or key.split(".")[0] in RESUMABLE:
+            continue
+        if key == "seeds" and new.mode == "grid" and not new.arms \
+                and set(before["seeds"]) <= set(after["seeds"]):
+            continue  # added seeds: new cells of the grid
+        raise ConfigError(key, after.get(key),
+                          f"cannot change on --resume (the sweep was started with "
+                          f"{before.get(key)!r}); start a new sweep with --set name=... "
+                          + ("or add seeds to a grid without arms" if key == "seeds" else ""))
 
 
 def prepare(cfg: SweepConfig) -> SweepConfig:
@@ -347,12 +385,27 @@ def _start_ray(cfg: SweepConfig) -> bool:
         ray.init(address=cfg.address, runtime_env={"env_vars": env}, **common)
     else:
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-        ray.init(num_cpus=cfg.local_cpus or local_cpu_count(), **common)
+        # A local instance serves this sweep alone: nothing of it may be reachable from the
+        # network (anyone who reaches a Ray port can run code). Ray's servers listen on
+        # loopback only when the node's IP is exactly 127.0.0.1, but ray.init rewrites
+        # _node_ip_address="127.0.0.1" to the machine's external IP
+        # (services.resolve_ip_for_localhost) unless ENABLE_RAY_CLUSTER is off, as Ray has it
+        # on macOS and Windows. Private constant: ray is pinned (requirements-cluster.txt).
+        import ray._private.ray_constants as ray_constants
+
+        cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(num_cpus=cfg.local_cpus or local_cpu_count(), _node_ip_address="127.0.0.1",
+                     **common)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
     return True
 
 
 def _make_context(cfg: SweepConfig, sweep_dir: str, prefix: str, seeds: list[int],
-                  points: list[dict] | None, point_seeds: list[list[int]] | None = None):
+                  points: list[dict] | None, point_seeds: list[list[int]] | None = None,
+                  resuming: bool = False, index_offset: int = 0):
     import ray
 
     from tune.trainable import SweepContext
@@ -362,7 +415,8 @@ def _make_context(cfg: SweepConfig, sweep_dir: str, prefix: str, seeds: list[int
                         point_seeds=point_seeds,
                         ray_version=ray.__version__, local_runs=not is_uri(sweep_dir),
                         eval_epochs=tuple(scheduler_epochs(cfg)),
-                        hparams=tuple(varying_fields(cfg)))
+                        hparams=tuple(varying_fields(cfg)), resuming=resuming,
+                        index_offset=index_offset)
 
 
 def varying_fields(cfg: SweepConfig) -> list[str]:
@@ -380,10 +434,14 @@ def _trainable(ctx):
 
     r = ctx.resources
     if r.workers > 1:
-        # The trial only drives a TorchTrainer whose workers reserve their own resources.
+        # The trial only drives a TorchTrainer whose workers reserve their own resources
+        # (custom ones included: they steer the workers, the driver may run anywhere).
         resources = {"cpu": 0.5}
     else:
-        resources = {"cpu": r.cpus, "gpu": r.gpus}
+        # Under "custom_resources", not as top-level keys: Tune would read a custom resource
+        # named "cpu" or "gpu" as the built-in one.
+        resources = {"cpu": r.cpus, "gpu": r.gpus,
+                     "custom_resources": {k: v for k, v in r.custom.items() if v > 0}}
     return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
 
 
@@ -409,16 +467,19 @@ def make_sampler(cfg: SweepConfig):
         return samplers[cfg.sampler]()
 
 
-def make_searcher(cfg: SweepConfig):
+def make_searcher(cfg: SweepConfig, warm: tuple | None = None):
     """OptunaSearch over the define-by-run space, each suggestion repeated once per seed; Optuna
-    is told the mean over the seeds."""
+    is told the mean over the seeds. ``warm``: ``(storage, study_name)`` of a study that
+    already holds the finished configurations (a resumed search)."""
     from ray.tune.search import Repeater
     from ray.tune.search.optuna import OptunaSearch
 
     from tune.space import ConditionalSpace
 
+    storage, name = warm or (None, None)
     search = OptunaSearch(space=ConditionalSpace(cfg.space, cfg.run), metric=cfg.metric,
-                          mode="min", sampler=make_sampler(cfg))
+                          mode="min", sampler=make_sampler(cfg), storage=storage,
+                          study_name=name)
     return Repeater(search, repeat=len(cfg.seeds), set_index=True)
 
 
@@ -454,26 +515,26 @@ def make_scheduler(cfg: SweepConfig):
                          reduction_factor=s.reduction_factor)
 
 
-def _tuner(cfg: SweepConfig, ctx, phase: str, restore: bool, label: str):
-    """A new or restored Tuner for one phase of the sweep."""
+def _tuner(cfg: SweepConfig, ctx, phase: str, label: str, cells: list[dict] | None = None,
+           samples: int = 0, warm: tuple | None = None):
+    """A new Tuner for one phase of the sweep: the fixed ``cells`` (a grid, a follow-up, the
+    unfinished seeds of a resumed search), or ``samples`` configurations from Optuna (warm
+    started with ``warm``). Tune's own saved state is never restored (see tune.resume)."""
     from ray import tune
 
     from tune.progress import SweepProgress
+    from tune.trackers import tracker_callbacks
     from tune.trainable import StoreStatusCallback, TrialNamer
 
-    path = join(ctx.sweep_dir, phase)
     trainable = _trainable(ctx)
-    if restore:
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    if ctx.points is not None:
-        cells = ctx.cells()
+    if cells is not None:
         param_space = {"cell": tune.grid_search(cells)}
         search_alg, scheduler, num_samples = None, None, 1
         total = len(cells)
     else:
         param_space = {}
-        search_alg, scheduler = make_searcher(cfg), make_scheduler(cfg)
-        num_samples = total = cfg.num_samples * len(ctx.seeds)
+        search_alg, scheduler = make_searcher(cfg, warm), make_scheduler(cfg)
+        num_samples = total = samples * len(ctx.seeds)
     namer = TrialNamer(ctx)
     tune_config = tune.TuneConfig(
         search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
@@ -487,54 +548,74 @@ def _tuner(cfg: SweepConfig, ctx, phase: str, restore: bool, label: str):
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         sync_config=tune.SyncConfig(sync_artifacts=not ctx.local_runs),
-        callbacks=[StoreStatusCallback(ctx)],
+        callbacks=[StoreStatusCallback(ctx), *tracker_callbacks(cfg, ctx)],
         progress_reporter=SweepProgress(cfg.metric, cfg.run.optim.epochs, total, label=label),
         verbose=1)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                       run_config=run_config)
 
 
-def _can_restore(path: str) -> bool:
-    from ray import tune
-    return _exists(path) and tune.Tuner.can_restore(path)
+def _metric_of(cfg: SweepConfig):
+    """The searched metric of a trial row: the run's last validation value (the trials table
+    carries top-1; other metrics come from the trial's last epoch row)."""
+    def get(row: dict) -> float | None:
+        value = row.get("final_val_top1_err") if cfg.metric == "val_top1_err" else \
+            row.get(f"_last_{cfg.metric}")
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+    return get
 
 
-def _outcomes(path: str, ctx, epochs: int, total: int) -> tuple[list[dict], bool]:
-    """One entry per trial of a phase (id, state, last validation value, params, seed), read
-    back from the saved experiment state, and whether the phase is unfinished (interrupted).
+def _rows_with_metric(cfg: SweepConfig, sweep_dir: str) -> dict[str, dict]:
+    """Latest trial rows, with the last epoch's ``cfg.metric`` attached when it is not the
+    trials table's own validation column."""
+    from tune.resume import trial_rows
 
-    The saved state is what ``--resume`` will see: trials that were running when the sweep was
-    interrupted are pending there (in memory Tune has already marked them terminated).
-    """
-    from ray.tune import ExperimentAnalysis
+    rows = trial_rows(sweep_dir)
+    if cfg.metric != "val_top1_err" and rows:
+        from ablations.store import read_results
 
-    from tune.progress import trial_state
-
-    trials = ExperimentAnalysis(path).trials
-    states = {"done": "completed", "pruned": "pruned", "failed": "failed"}
-    out = []
-    for trial in trials:
-        params, seed = ctx.params_and_seed(trial.config or {})
-        out.append({"trial": str(trial), "status": states.get(trial_state(trial, epochs),
-                                                              "unfinished"),
-                    "value": (trial.last_result or {}).get(ctx.metric),
-                    "params": params, "seed": seed})
-    unfinished = len(out) < total or any(o["status"] == "unfinished" for o in out)
-    return out, unfinished
+        epochs = read_results(sweep_dir, on_corrupt="skip").epochs.to_pylist()
+        last: dict[str, tuple] = {}
+        for e in epochs:
+            if e.get(cfg.metric) is not None and e["epoch"] >= last.get(e["trial_id"], (0,))[0]:
+                last[e["trial_id"]] = (e["epoch"], e[cfg.metric])
+        for t, (_, v) in last.items():
+            if t in rows:
+                rows[t][f"_last_{cfg.metric}"] = v
+    return rows
 
 
-def best_configurations(outcomes: list[dict], top: int) -> list[dict]:
-    """The ``top`` parameter sets with the lowest mean validation value over their seeds, from
-    trials that ran every epoch (early values of pruned trials would flatter them)."""
-    groups: dict[str, list] = {}
-    for o in outcomes:
-        v = o["value"]
-        if o["status"] != "completed" or not isinstance(v, (int, float)) or math.isnan(v):
-            continue
-        key = json.dumps(o["params"], sort_keys=True)
-        groups.setdefault(key, []).append(float(v))
-    ranked = sorted(groups.items(), key=lambda kv: sum(kv[1]) / len(kv[1]))
-    return [json.loads(k) for k, _ in ranked[:top]]
+def best_configurations(cfg: SweepConfig, rows: dict[str, dict], top: int) -> list[dict]:
+    """The ``top`` configurations of the search with the lowest mean validation value over
+    their seeds, from trials that completed every epoch (early values of pruned trials would
+    flatter them)."""
+    from tune.resume import stored_configurations
+
+    metric = _metric_of(cfg)
+    ranked = []
+    for entry in stored_configurations(rows, cfg.space).values():
+        values = [metric(r) for r in entry["rows"].values() if r.get("status") == "completed"]
+        values = [v for v in values if v is not None]
+        if values:
+            ranked.append((sum(values) / len(values), entry["params"]))
+    ranked.sort(key=lambda kv: kv[0])
+    return [params for _, params in ranked[:top]]
+
+
+def planned_trials(cfg: SweepConfig, followup: list[dict] | None = None) -> list[str]:
+    """Every trial id the sweep will have once it ends (main phase, then follow-up)."""
+    from tune.resume import trial_name
+
+    if cfg.mode == "grid":
+        ids = [trial_name("c", i, s) for i, (_, seeds) in enumerate(zip(grid_points(cfg),
+                                                                         point_seeds(cfg)))
+               for s in seeds]
+    else:
+        ids = [trial_name("c", i, s) for i in range(cfg.num_samples) for s in cfg.seeds]
+    if followup:
+        ids += [trial_name("f", i, s) for i in range(len(followup)) for s in cfg.followup.seeds]
+    return ids
 
 
 def _print_paths(cfg: SweepConfig, outcome: SweepOutcome, out: TextIO) -> None:
@@ -543,7 +624,8 @@ def _print_paths(cfg: SweepConfig, outcome: SweepOutcome, out: TextIO) -> None:
     print(f"\nsweep {cfg.name}: {sum(c.values())} trials: {c.get('completed', 0)} completed, "
           f"{c.get('pruned', 0)} pruned, {c.get('failed', 0)} failed"
           + (f", {c['unfinished']} unfinished" if c.get("unfinished") else "")
-          + f" ({outcome.wall_seconds / 60:.1f} min)", file=out)
+          + (f", {c['not started']} not started" if c.get("not started") else "")
+          + f" ({outcome.wall_seconds / 60:.1f} min in all)", file=out)
     if outcome.best:
         b = outcome.best
         params = ", ".join(f"{k}={v}" for k, v in b["params"].items())
@@ -575,80 +657,148 @@ def _build_report(sweep_dir: str, out: TextIO) -> str | None:
     return report.path
 
 
+def _fit(tuner) -> None:
+    tuner.fit()
+
+
+def _run_phases(cfg: SweepConfig, sweep_dir: str, state, resume: bool, out: TextIO) -> None:
+    """Run what the sweep still lacks: the main phase (grid cells, or the unfinished seeds of
+    started configurations and then new Optuna suggestions), then the follow-up. What is done
+    comes from the store; nothing of Tune's saved state is read."""
+    from tune.resume import finished, stored_configurations, trial_name, warm_study
+
+    suffix = "" if state.runs <= 1 else f"-r{state.runs - 1}"
+    rows = _rows_with_metric(cfg, sweep_dir) if resume else {}
+    done = finished(rows)
+    if cfg.mode == "grid":
+        points = grid_points(cfg)
+        ctx = _make_context(cfg, sweep_dir, "c", cfg.seeds, points, point_seeds(cfg),
+                            resuming=resume)
+        cells = [c for c in ctx.cells() if trial_name("c", c["index"], c["seed"]) not in done]
+        if cells:
+            _fit(_tuner(cfg, ctx, MAIN_PHASE + suffix, cfg.name, cells=cells))
+    else:
+        configs = stored_configurations(rows, cfg.space) if resume else {}
+        partial = {k: e for k, e in configs.items()
+                   if any(trial_name("c", k, s) not in done for s in cfg.seeds)}
+        if partial:  # finish the seeds of configurations the last run had started
+            indices = list(partial)
+            ctx = _make_context(cfg, sweep_dir, "c", cfg.seeds,
+                                [partial[k]["params"] for k in indices], resuming=True)
+            cells = [c for c in ctx.cells(indices)
+                     if trial_name("c", c["index"], c["seed"]) not in done]
+            print(f"resume: finishing {len(cells)} trials of {len(indices)} started "
+                  "configurations", file=out)
+            _fit(_tuner(cfg, ctx, MAIN_PHASE + suffix + "-started", cfg.name, cells=cells))
+            rows = _rows_with_metric(cfg, sweep_dir)
+            configs = stored_configurations(rows, cfg.space)
+        remaining = cfg.num_samples - len(configs)
+        if remaining > 0:
+            warm = warm_study(cfg, configs, _metric_of(cfg)) if configs else None
+            offset = max(configs) + 1 if configs else 0
+            ctx = _make_context(cfg, sweep_dir, "c", cfg.seeds, None, resuming=resume,
+                                index_offset=offset)
+            _fit(_tuner(cfg, ctx, MAIN_PHASE + suffix, cfg.name, samples=remaining, warm=warm))
+
+    if cfg.followup.top and cfg.mode == "search":
+        rows = _rows_with_metric(cfg, sweep_dir)
+        main = [t for t in planned_trials(cfg) if t not in finished(rows)]
+        if main:
+            return  # interrupted before the main phase ended: no follow-up yet
+        points_file = join(sweep_dir, FOLLOWUP_FILE)
+        if _exists(points_file):
+            top = json.loads(_read_text(points_file))
+            if not isinstance(top, list) or not all(isinstance(p, dict) for p in top):
+                raise ConfigError("--resume", points_file, "is not a list of configurations")
+        else:
+            top = best_configurations(cfg, rows, cfg.followup.top)
+            _write_text(points_file, json.dumps(top, indent=1))
+        if top:
+            fctx = _make_context(cfg, sweep_dir, "f", cfg.followup.seeds, top, resuming=resume)
+            done = finished(rows)
+            cells = [c for c in fctx.cells() if trial_name("f", c["index"], c["seed"]) not in done]
+            if cells:
+                print(f"follow-up: best {len(top)} configurations x seeds "
+                      f"{cfg.followup.seeds}", file=out)
+                _fit(_tuner(cfg, fctx, FOLLOWUP_PHASE + suffix, f"{cfg.name} follow-up",
+                            cells=cells))
+
+
+def _outcome(cfg: SweepConfig, sweep_dir: str, wall: float) -> SweepOutcome:
+    """Counts over the whole sweep (every planned trial, including those not started) and the
+    best trial by validation, read from the store."""
+    rows = _rows_with_metric(cfg, sweep_dir)
+    followup = None
+    if cfg.followup.top and _exists(join(sweep_dir, FOLLOWUP_FILE)):
+        followup = json.loads(_read_text(join(sweep_dir, FOLLOWUP_FILE)))
+    planned = planned_trials(cfg, followup)
+    if cfg.followup.top and followup is None:
+        planned += [f"f-planned-{i}" for i in range(cfg.followup.top * len(cfg.followup.seeds))]
+    outcome = SweepOutcome(sweep_dir, wall_seconds=wall)
+    for t in planned:
+        status = rows.get(t, {}).get("status", "not started")
+        status = "unfinished" if status == "running" else status
+        outcome.counts[status] = outcome.counts.get(status, 0) + 1
+    outcome.interrupted = any(k in outcome.counts for k in ("unfinished", "not started"))
+    metric = _metric_of(cfg)
+    done = [(metric(r), t, r) for t, r in rows.items()
+            if r.get("status") == "completed" and metric(r) is not None]
+    if done:
+        value, trial, row = min(done, key=lambda x: x[0])
+        params = {k: row.get(k) for k in (list(cfg.space) or varying_fields(cfg))
+                  if row.get(k) is not None}
+        outcome.best = {"trial": trial, "value": value, "params": params}
+    return outcome
+
+
 def run_sweep(cfg: SweepConfig, resume: bool = False, dry_run: bool = False,
               out: TextIO | None = None) -> SweepOutcome:
     """Run (or resume, or only plan) a sweep; see the module docstring.
 
     Raises ConfigError before Ray starts when the config cannot work. Trial failures do not
-    raise: they are retried ``max_failures`` times, recorded as failed, and counted.
+    raise: they are retried ``max_failures`` times, recorded as failed, and counted. An
+    interrupted sweep (Ctrl+C, SIGTERM) leaves what it finished in the store; ``resume=True``
+    continues it from there (:mod:`tune.resume`).
     """
+    from tune.resume import SweepState
+
     out = out or sys.stdout
     cfg = prepare(cfg)
     sweep_dir = sweep_dir_of(cfg)
     if dry_run:
         print(plan_text(cfg), file=out)
         return SweepOutcome(sweep_dir, dry_run=True)
-    main_path = join(sweep_dir, MAIN_PHASE)
-    if not resume and _exists(main_path):
+    if not resume and _exists(join(sweep_dir, SWEEP_FILE)):
         raise ConfigError("name", cfg.name,
                           f"a sweep of this name already exists in {sweep_dir}: continue it "
                           f"with `hardmix sweep --resume {sweep_dir}` or pick another name "
                           "(--set name=...)")
     if resume and not _exists(join(sweep_dir, SWEEP_FILE)):
         raise ConfigError("--resume", sweep_dir, f"holds no sweep ({SWEEP_FILE} is missing)")
+    state = SweepState.load(sweep_dir) if resume else SweepState()
 
     from tune.progress import quiet_ray
     quiet_ray()
     t0 = time.time()
-    if not resume:
-        _write_text(join(sweep_dir, SWEEP_FILE), to_yaml(cfg))
+    _write_text(join(sweep_dir, SWEEP_FILE), to_yaml(cfg))  # a resume may add seeds
+    state.runs += 1
+    state.save(sweep_dir)  # a driver killed now still counts as a run
     started = _start_ray(cfg)
     try:
         from tune.cluster import check_cluster_resources
         check_cluster_resources(cfg)  # a trial no node can ever hold would wait forever
         print(f"hardmix sweep {cfg.name}: {describe_data(cfg)}; results in {sweep_dir}"
               + (" (resuming)" if resume else ""), file=out)
-        points = grid_points(cfg) if cfg.mode == "grid" else None
-        ctx = _make_context(cfg, sweep_dir, "c", cfg.seeds, points,
-                            point_seeds(cfg) if points is not None else None)
-        tuner = _tuner(cfg, ctx, MAIN_PHASE, restore=resume and _can_restore(main_path),
-                       label=cfg.name)
-        tuner.fit()
-        outcomes, interrupted = _outcomes(main_path, ctx, cfg.run.optim.epochs,
-                                          num_trials(cfg))
-
-        if cfg.followup.top and not interrupted:
-            follow_path = join(sweep_dir, FOLLOWUP_PHASE)
-            points_file = join(sweep_dir, FOLLOWUP_FILE)
-            if _exists(points_file):
-                top = json.loads(_read_text(points_file))
-            else:
-                top = best_configurations(outcomes, cfg.followup.top)
-                _write_text(points_file, json.dumps(top, indent=1))
-            if top:
-                print(f"follow-up: best {len(top)} configurations x seeds "
-                      f"{cfg.followup.seeds}", file=out)
-                fctx = _make_context(cfg, sweep_dir, "f", cfg.followup.seeds, top)
-                ftuner = _tuner(cfg, fctx, FOLLOWUP_PHASE, restore=_can_restore(follow_path),
-                                label=f"{cfg.name} follow-up")
-                ftuner.fit()
-                more, interrupted = _outcomes(follow_path, fctx, cfg.run.optim.epochs,
-                                              len(top) * len(cfg.followup.seeds))
-                outcomes += more
+        _run_phases(cfg, sweep_dir, state, resume, out)
     finally:
         if started:
             import ray
             ray.shutdown()
+        state.wall_seconds += time.time() - t0
+        state.save(sweep_dir)
 
-    outcome = SweepOutcome(sweep_dir, interrupted=interrupted, wall_seconds=time.time() - t0)
-    for o in outcomes:
-        outcome.counts[o["status"]] = outcome.counts.get(o["status"], 0) + 1
-    done = [o for o in outcomes if o["status"] == "completed"
-            and isinstance(o["value"], (int, float)) and not math.isnan(o["value"])]
-    if done:
-        b = min(done, key=lambda o: o["value"])
-        outcome.best = {"trial": b["trial"], "value": b["value"], "params": b["params"]}
-    if cfg.report and not interrupted and done:
+    outcome = _outcome(cfg, sweep_dir, state.wall_seconds)
+    if cfg.report and not outcome.interrupted and outcome.counts.get("completed"):
         outcome.report = _build_report(sweep_dir, out)
     _print_paths(cfg, outcome, out)
     return outcome
@@ -660,7 +810,27 @@ def sweep_from_cli(preset: str | None, file: str | None, overrides: list[str],
     1 when every trial failed, 130 when interrupted (resume it with ``--resume``). A bad config
     raises ConfigError before Ray starts (the CLI prints one line, exit 2)."""
     cfg, resuming = resolve_config(preset, file, overrides, resume)
+    terminated = _stop_on_sigterm()
     outcome = run_sweep(cfg, resume=resuming, dry_run=dry_run)
     if outcome.interrupted:
-        return 130
+        return 143 if terminated else 130
     return 0 if outcome.ok else 1
+
+
+def _stop_on_sigterm() -> list:
+    """SIGTERM (what a cluster scheduler or ``kill`` sends) stops a sweep as Ctrl+C does: Tune
+    winds down its trials and the sweep can be resumed. Returns a list that holds the signal
+    once it arrived (the exit code then says "terminated", 143)."""
+    import signal
+
+    got: list = []
+
+    def handler(signum, frame):  # noqa: ARG001
+        got.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (called from Python): leave it alone
+        pass
+    return got

@@ -77,13 +77,22 @@ class SweepContext:
     eval_epochs: tuple[int, ...] = ()
     #: Config fields that vary within the sweep: TensorBoard's HParams view shows these.
     hparams: tuple[str, ...] = ()
+    #: Search phases of a resumed sweep number their configurations from here on.
+    index_offset: int = 0
+    #: The sweep is being resumed: a trial without a Ray checkpoint continues from the newest
+    #: checkpoint it left (its run folder, or its Ray checkpoints in the sweep's storage).
+    resuming: bool = False
 
     # ---- trial identity ---------------------------------------------------------------------
 
-    def cells(self) -> list[dict[str, Any]]:
-        """The fixed trials of the phase, ``{"point": ..., "seed": ...}``, seed-major."""
-        seeds = self.point_seeds or [self.seeds] * len(self.points or [])
-        return [{"point": p, "seed": s} for p, s in seed_major(self.points or [], seeds)]
+    def cells(self, indices: Optional[list[int]] = None) -> list[dict[str, Any]]:
+        """The fixed trials of the phase, ``{"point", "seed", "index"}``, seed-major;
+        ``indices`` numbers the points (default 0, 1, ...)."""
+        points = self.points or []
+        seeds = self.point_seeds or [self.seeds] * len(points)
+        index = {id(p): i for i, p in zip(indices or range(len(points)), points)}
+        return [{"point": p, "seed": s, "index": index[id(p)]}
+                for p, s in seed_major(points, seeds)]
 
     def params_and_seed(self, config: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
         """The run-config overrides and the seed of a trial, from its Tune config."""
@@ -97,13 +106,15 @@ class SweepContext:
     def config_index(self, trial: Any) -> int:
         """Which configuration of the phase a Tune trial runs (0-based)."""
         config = trial.config
+        if "cell" in config and "index" in config["cell"]:
+            return int(config["cell"]["index"])
         if self.points is not None and ("cell" in config or "point" in config):
             point = config["cell"]["point"] if "cell" in config else config["point"]
             return self.points.index(point)
         # The searcher numbers its trials 1, 2, ... in the experiment tag; Repeater hands out
         # len(seeds) consecutive trials per configuration.
         number = int(str(trial.experiment_tag).split("_", 1)[0])
-        return (number - 1) // max(1, len(self.seeds))
+        return self.index_offset + (number - 1) // max(1, len(self.seeds))
 
     def trial_id(self, trial: Any) -> str:
         """The sweep's id of a Tune trial: ``c007-s1`` = configuration 7, seed 1. No timestamp,
@@ -177,8 +188,17 @@ def restore_checkpoint(checkpoint_dir: str | None, run_dir: Path) -> bool:
     """
     meta_file = Path(checkpoint_dir) / CKPT_META if checkpoint_dir else None
     if meta_file is not None and meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        _atomic_copy(Path(checkpoint_dir) / meta["file"], run_dir / meta["relpath"])
+        from tune.resume import safe_relpath
+
+        meta = json.loads(meta_file.read_text())  # from storage: checked before it is used
+        name = safe_relpath(meta.get("file"), "checkpoint file")
+        if "/" in name:
+            raise ValueError(f"checkpoint file {name!r} is not a plain file name")
+        rel = safe_relpath(meta.get("relpath"))
+        target = (run_dir / rel).resolve()
+        if run_dir.resolve() not in target.parents:
+            raise ValueError(f"checkpoint relpath {rel!r} leaves the run folder")
+        _atomic_copy(Path(checkpoint_dir) / name, target)
         return True
     if run_dir.is_dir():
         for child in run_dir.iterdir():
@@ -360,13 +380,37 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
         return
 
     checkpoint = ray.tune.get_checkpoint()
-    with (checkpoint.as_directory() if checkpoint else _no_dir()) as ckpt_dir:
-        attempt = next_attempt(run_dir, ckpt_dir)
-        resume = restore_checkpoint(ckpt_dir, run_dir)
+    if checkpoint is None and ctx.resuming:
+        resume = _resume_from_storage(ctx, trial_id, run_dir)
+        attempt = next_attempt(run_dir, None)
+    else:
+        with (checkpoint.as_directory() if checkpoint else _no_dir()) as ckpt_dir:
+            attempt = next_attempt(run_dir, ckpt_dir)
+            resume = restore_checkpoint(ckpt_dir, run_dir)
     store_cb = StoreCallback(ResultStore(ctx.sweep_dir), trial_id, cfg,
                              extra=_extra(ctx, attempt, tctx.get_trial_id()))
     _run(ctx, cfg, trial_callbacks(cfg, store_cb, run_dir, attempt, hparams=ctx.hparam_fields()),
          run_dir, resume)
+
+
+def _resume_from_storage(ctx: SweepContext, trial_id: str, run_dir: Path) -> bool:
+    """A resumed sweep's trial that Ray gives no checkpoint: continue from the newest one it
+    left -- its own run folder's (local runs), else its Ray checkpoints in the sweep's
+    storage. True when there is one to continue from."""
+    from hardmix.checkpoint import checkpoint_path
+
+    if ctx.local_runs:
+        if checkpoint_path(run_dir).is_file():
+            return True
+        return restore_checkpoint(None, run_dir)  # a fresh start in a clean folder
+    from tune.resume import stored_checkpoint
+
+    folder = stored_checkpoint(ctx.sweep_dir, trial_id)
+    try:
+        return restore_checkpoint(folder, run_dir) if folder else False
+    finally:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _synced_trial_folder() -> str:
@@ -425,7 +469,8 @@ def _fit_data_parallel(ctx: SweepContext, cfg: RunConfig, trial_id: str, run_dir
     from ray.tune.integration.ray_train import TuneReportCallback
 
     res = ctx.resources
-    per_worker = {"CPU": res.cpus}
+    # Custom resources (resources.custom) steer each worker to nodes that have them.
+    per_worker = {**{k: v for k, v in res.custom.items() if v > 0}, "CPU": res.cpus}
     if res.gpus:
         per_worker["GPU"] = res.gpus
     trainer = TorchTrainer(

@@ -20,7 +20,7 @@ import yaml
 from hardmix.architectures import ARCHITECTURES, check_model_name
 from hardmix.datasets import DATASETS
 from hardmix.errors import ConfigError
-from hardmix.methods import BOXES, CRITERIA, FALLBACKS, METHODS, SALIENCY, SIGNALS
+from hardmix.methods import BOXES, CRITERIA, DEFAULTS, FALLBACKS, METHODS, SALIENCY, SIGNALS
 
 STEMS = ("auto", "cifar", "imagenet")
 SCHEDULES = ("multistep", "cosine", "constant")
@@ -121,16 +121,16 @@ class EvalConfig:
 
 @dataclass
 class AugmentConfig:
-    method: str = opt("hardmix", "mixing method (the method table below says what each reads)",
+    method: str = opt(DEFAULTS["method"], "mixing method (the method table below says what each reads)",
                       choices=METHODS)
     alpha: float = opt(1.0, "lambda ~ Beta(alpha, alpha)", gt=0, le=1e4)
     prob: float = opt(1.0, "probability that a batch is mixed at all (paper: 1.0; CutMix on "
                       "CIFAR: 0.5)", ge=0, le=1)
-    criterion: str = opt("misclassified", "hard-sample criterion of hard-source methods",
+    criterion: str = opt(DEFAULTS["criterion"], "hard-sample criterion of hard-source methods",
                          choices=CRITERIA)
     k: float = opt(0.25, "size of a top-k hard set (topk_loss, low_margin, topk_loss fallback): "
                    "a count (>= 1) or a fraction of the batch (< 1)", gt=0)
-    fallback: str = opt("random", "when a thresholded criterion (misclassified, history) finds "
+    fallback: str = opt(DEFAULTS["fallback"], "when a thresholded criterion (misclassified, history) finds "
                         "fewer than min_hard hard samples: random (plain CutMix), skip (no "
                         "mixing this step) or topk_loss", choices=FALLBACKS)
     min_hard: int = opt(1, "the fallback applies below this many hard samples (thresholded "
@@ -140,14 +140,14 @@ class AugmentConfig:
     history_min_wrong: int = opt(2, "history criterion: hard when misclassified in at least M "
                                  "of them (as a rate while fewer than N were seen)", ge=1,
                                  le=MAX_HISTORY)
-    signal: str = opt("forward", "hardness from an extra no-grad forward of the clean batch, or "
+    signal: str = opt(DEFAULTS["signal"], "hardness from an extra no-grad forward of the clean batch, or "
                       "cached from earlier clean forwards", choices=SIGNALS)
     bn_mode: str = opt("eval", "BatchNorm mode of the extra forward (running stats never change)",
                        choices=BN_MODES)
-    box: str = opt("auto", "one box (and lambda) per batch or per sample; auto = the method's "
+    box: str = opt(DEFAULTS["box"], "one box (and lambda) per batch or per sample; auto = the method's "
                    "paper: per sample for Cutout, per batch for the others", choices=BOXES)
     cutout_size: float = opt(0.5, "Cutout square side as a fraction of the image side", gt=0, le=1)
-    saliency: str = opt("spectral_residual", "SaliencyMix's detector: spectral_residual (torch, "
+    saliency: str = opt(DEFAULTS["saliency"], "SaliencyMix's detector: spectral_residual (torch, "
                         "on the device) or fine_grained (OpenCV, the authors'; extra "
                         "[saliency])", choices=SALIENCY)
 
@@ -207,6 +207,29 @@ class SchedulerConfig:
     reduction_factor: float = opt(3.0, "ASHA reduction factor", gt=1, le=1000)
 
 
+#: Resource names Ray reserves: CPUs and GPUs have their own fields, the rest Ray sets itself.
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+#: Ray keeps resource quantities in fixed point with this step; a finer request cannot be met.
+RESOURCE_STEP = 1e-4
+
+
+def check_custom_resources(value: Any, path: str) -> None:
+    """``resources.custom``: Ray resource names (not the built-in ones) to non-negative, finite
+    quantities Ray can represent (steps of 1e-4, at most 1e9)."""
+    for name, amount in (value or {}).items():
+        if not name.strip() or name in RESERVED_RESOURCES or name.startswith(("node:",
+                                                                             "accelerator_type:")):
+            raise ConfigError(f"{path}.{name}", amount,
+                              "must name a custom Ray resource (not CPU/GPU/memory/"
+                              "object_store_memory/node:*/accelerator_type:*: use "
+                              "resources.cpus/gpus for those)")
+        if not 0 <= amount <= 1e9:  # also false for NaN
+            raise ConfigError(f"{path}.{name}", amount, "must be a finite number in [0, 1e9]")
+        if amount and round(amount / RESOURCE_STEP) == 0:
+            raise ConfigError(f"{path}.{name}", amount,
+                              f"must be 0 or >= {RESOURCE_STEP:g} (Ray's resource precision)")
+
+
 @dataclass
 class ResourcesConfig:
     cpus: float = opt(1.0, "CPUs per trial (per worker when workers > 1); also the trial's "
@@ -215,6 +238,10 @@ class ResourcesConfig:
                       ge=0, le=64)
     workers: int = opt(1, "data-parallel Ray Train workers per trial (1 = plain Tune trial)",
                        ge=1, le=4096)
+    custom: dict[str, float] = opt(
+        help="custom Ray resources per trial (per worker when workers > 1), e.g. {ssd: 1}: the "
+             "trial runs only on nodes started with them (`ray start --resources`, a node type's "
+             "`resources` in cluster.yaml)", factory=dict, check=check_custom_resources)
 
 
 @dataclass

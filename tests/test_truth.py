@@ -1,0 +1,336 @@
+"""Every switch does what its name says, and the report says only what the data show.
+
+One test per finding of the "ablations that cannot lie" review; each failed on the code before
+it. Small data made here; the report tests write synthetic sweeps through the real store.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ablations.report import build_report
+from ablations.store import ResultStore, read_results
+from hardmix import HardMix
+from hardmix.config import AugmentConfig, ConfigError, RunConfig, load_config
+from hardmix.hardness import LogitScores, history_hard
+from hardmix.methods import active_fields, effective_augment
+from results_fixtures import config, write_run
+
+
+def _logits(b: int, classes: int, wrong: torch.Tensor, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (b,), generator=g)
+    logits = torch.randn(b, classes, generator=g)
+    logits[torch.arange(b), y] += torch.where(wrong, -10.0, 10.0)
+    return logits, y
+
+
+# ---- 1. min_hard and top-k criteria ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("fallback", ["random", "skip", "topk_loss"])
+def test_topk_criterion_never_falls_back_whatever_min_hard_says(fallback):
+    """k = 0.1 of a batch of 64 with min_hard 8 (the quickstart's): the top-k set always has
+    its 6 samples, so no fallback fires, sources are exactly that set, and mixing happens."""
+    b = 64
+    x = torch.randn(b, 3, 8, 8)
+    mix = HardMix(method="hardmix", criterion="topk_loss", k=0.1, min_hard=8, fallback=fallback,
+                  seed=0)
+    for step in range(5):
+        logits, y = _logits(b, 10, torch.zeros(b, dtype=torch.bool), seed=step)
+        out = mix(x.clone(), y, logits=logits)
+        loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        top = set(loss.topk(6).indices.tolist())
+        assert out.stats["fallback"] == 0 and out.stats["n_hard"] == 6
+        assert set(out.source_index.tolist()) == top  # not a permutation of the batch
+        assert (out.lam < 1).any()  # skip would leave every lam at 1
+    # ... and the report, validation and the sweep space agree: the fallback does not act
+    assert "fallback" not in active_fields({"method": "hardmix", "criterion": "topk_loss"})
+    assert "min_hard" not in active_fields({"method": "hardmix", "criterion": "low_margin"})
+    eff = effective_augment(AugmentConfig(criterion="topk_loss", min_hard=8).__dict__)
+    assert eff["fallback"] is None and eff["min_hard"] is None and eff["k"] == 0.25
+
+
+def test_search_preset_never_samples_a_fallback_for_a_topk_criterion():
+    from tune.space import ConditionalSpace
+    import optuna
+
+    from hardmix.config import SweepConfig
+
+    cfg = load_config(SweepConfig, "search-hardmix")
+    space = ConditionalSpace(cfg.space, cfg.run)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    kinds = set()
+    for _ in range(60):
+        t = study.ask()
+        space(t)
+        topk = t.params["augment.criterion"] in ("topk_loss", "low_margin")
+        kinds.add(topk)
+        if topk:
+            assert "augment.fallback" not in t.params and "augment.min_hard" not in t.params
+        else:
+            assert "augment.fallback" in t.params
+        study.tell(t, 1.0)
+    assert kinds == {True, False}
+
+
+# ---- 2. the cached signal cannot work with prob 1 ------------------------------------------------
+
+
+def test_cached_signal_with_prob_one_is_a_config_error_not_plain_cutmix():
+    with pytest.raises(ConfigError) as err:
+        load_config(RunConfig, overrides=["augment.signal=cached", "augment.prob=1.0"])
+    assert err.value.field == "augment.signal" and "prob < 1" in str(err.value)
+    with pytest.raises(ConfigError, match="prob < 1"):
+        HardMix(signal="cached", prob=1.0, dataset_size=10)
+    # a method that has no signal does not care
+    load_config(RunConfig, overrides=["augment.method=cutmix", "augment.signal=cached",
+                                      "augment.prob=1.0"])
+
+
+# ---- 3. each method's paper box ---------------------------------------------------------------
+
+
+def test_cutout_draws_one_square_per_image_by_default_as_its_paper():
+    x = torch.ones(16, 1, 16, 16)
+    out = HardMix(method="cutout", seed=3)(x.clone(), torch.zeros(16, dtype=torch.long))
+    holes = (out.x == 0)[:, 0]
+    assert len({tuple(h.flatten().tolist()) for h in holes}) > 1  # different squares
+    for method, box in (("cutmix", "batch"), ("hardmix", "batch"), ("saliencymix", "batch"),
+                        ("cutout", "sample")):
+        assert effective_augment({**AugmentConfig().__dict__, "method": method})["box"] == box
+
+
+def test_help_states_each_methods_paper_box(capsys):
+    from hardmix.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "cutout" in text and "paper box: sample" in text and "paper box: batch" in text
+
+
+# ---- 4. SaliencyMix with the authors' detector --------------------------------------------------
+
+
+def test_fine_grained_saliency_is_opencvs_detector_and_is_recorded(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    if not hasattr(cv2, "saliency"):
+        pytest.skip("OpenCV without its contrib modules")
+    from hardmix.mix import fine_grained_points
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g) * 0.1
+    x[1, :, 20:24, 5:9] = 1.0
+    points = fine_grained_points(x, 32, 32)
+    det = cv2.saliency.StaticSaliencyFineGrained_create()
+    for i in range(3):
+        ok, sal = det.computeSaliency(np.ascontiguousarray(x[i].numpy().transpose(1, 2, 0)))
+        want = np.unravel_index(np.argmax((sal * 255).astype("uint8")), sal.shape)
+        assert tuple(points[:, i].tolist()) == tuple(int(v) for v in want)
+    mix = HardMix(method="saliencymix", saliency="fine_grained", seed=0)
+    out = mix(x.clone(), torch.tensor([0, 1, 2]))
+    assert out.mixed and out.lam.shape == (3,)
+    with pytest.raises(ConfigError, match="box=batch"):
+        HardMix(method="saliencymix", saliency="fine_grained", box="sample")
+    # recorded with the results: a column that is NULL where no saliency detector runs
+    st = ResultStore(str(tmp_path / "s"))
+    write_run(st, "sal", config(augment__method="saliencymix", augment__saliency="fine_grained"),
+              top1=10.0)
+    write_run(st, "cut", config(augment__method="cutmix", augment__saliency="fine_grained"),
+              top1=10.0)
+    t = read_results(str(tmp_path / "s")).trials.to_pandas().set_index("trial_id")
+    assert t.loc["sal", "augment.saliency"] == "fine_grained"
+    assert pd.isna(t.loc["cut", "augment.saliency"])
+
+
+# ---- 5. the paper's own criterion: frequently misclassified --------------------------------------
+
+
+def test_history_of_one_observation_is_the_misclassified_criterion():
+    b = 16
+    wrong = torch.rand(b, generator=torch.Generator().manual_seed(1)) < 0.4
+    wrong[0] = True
+    logits, y = _logits(b, 5, wrong)
+    idx = torch.arange(b)
+    hist = HardMix(criterion="history", history_window=1, history_min_wrong=1, dataset_size=b,
+                   seed=0)
+    mis = HardMix(criterion="misclassified", seed=0)
+    a, c = hist(torch.randn(b, 3, 4, 4), y, logits=logits, index=idx), \
+        mis(torch.randn(b, 3, 4, 4), y, logits=logits)
+    assert int(a.stats["n_hard"]) == int(c.stats["n_hard"]) == int(wrong.sum())
+
+
+def test_history_counts_the_last_observations_and_reads_a_rate_before_the_window_fills():
+    b = 4
+    idx = torch.arange(b)
+    mix = HardMix(criterion="history", history_window=4, history_min_wrong=2, dataset_size=b,
+                  seed=0)
+    # never seen: hard
+    assert mix.memory.history(idx, 4, 2).all()
+    pattern = [[True, False, True, False],   # sample 0 wrong in obs 1, 3: 2 of 4 -> hard
+               [True, False, False, False],  # sample 1 wrong once: 1 of 4 -> not hard
+               [False, False, False, True],  # sample 2 wrong in the newest only -> not hard
+               [True, True, True, True]]     # sample 3 always wrong -> hard
+    for step in range(4):
+        wrong = torch.tensor([pattern[i][step] for i in range(b)])
+        logits, y = _logits(b, 3, wrong, seed=step)
+        mix.memory.observe(logits, y, idx)
+        if step == 0:  # one observation: a rate of 1 wrong in 1 >= 2/4 -> hard
+            assert mix.memory.history(idx, 4, 2).tolist() == [True, True, False, True]
+    assert mix.memory.history(idx, 4, 2).tolist() == [True, False, False, True]
+    # the window slides: a fifth, correct observation drops sample 0's first wrong
+    logits, y = _logits(b, 3, torch.tensor([False, False, False, True]), seed=9)
+    mix.memory.observe(logits, y, idx)
+    assert mix.memory.history(idx, 4, 2).tolist() == [False, False, False, True]
+    bits = torch.tensor([0b1010, 0b1], dtype=torch.uint8)
+    assert history_hard(bits, torch.tensor([4, 1], dtype=torch.uint8), 4, 2).tolist() == \
+        [True, True]
+
+
+def test_history_criterion_trains_and_reports_its_memory(tmp_path):
+    from hardmix.train import train
+
+    cfg = load_config(RunConfig, overrides=[
+        "data.name=synthetic", "model.name=smallnet", "model.width=8", "data.batch_size=64",
+        "optim.epochs=2", "output.progress=false", "augment.criterion=history",
+        f"output.dir={tmp_path}"])
+    seen = []
+
+    class Rec:
+        def on_run_start(self, cfg, info): pass
+        def on_epoch_end(self, m, c): seen.append(m)
+        def on_run_end(self, s): pass
+        def on_mixed_preview(self, i): pass
+
+    train(cfg, [Rec()], tmp_path / "h")
+    assert seen[-1]["memory_seen"] == pytest.approx(1.0)  # forward probes observed every sample
+    assert 0 < seen[-1]["hard_share"] < 1
+
+
+# ---- 6-10. what the report is willing to say ---------------------------------------------------
+
+
+def _study(tmp_path, arms: dict, seeds=(0, 1, 2), fallback_rate=None):
+    st = ResultStore(str(tmp_path / "study"))
+    for name, (changes, errs) in arms.items():
+        fb = (fallback_rate or {}).get(name, 0.1)
+        for seed, err in zip(seeds, errs):
+            write_run(st, f"{name}-s{seed}", config(seed=seed, optim__epochs=3, **changes),
+                      top1=err, fallback_rate=fb)
+    return str(tmp_path / "study")
+
+
+def test_identical_variants_and_switches_that_never_acted_are_left_out(tmp_path):
+    """Three fallback variants that trained identically (fallback rate 0): flagged, out of the
+    family, and the CutMix -> HardMix interval is the one of a family without them."""
+    same = [27.0, 27.9, 27.5]
+    arms = {"cutmix": (dict(augment__method="cutmix"), [28.0, 28.4, 27.9]),
+            "random": (dict(augment__method="hardmix", augment__min_hard=8), same),
+            "skip": (dict(augment__method="hardmix", augment__min_hard=8,
+                          augment__fallback="skip"), same),
+            "topk": (dict(augment__method="hardmix", augment__min_hard=8,
+                          augment__fallback="topk_loss"), same)}
+    rep = build_report(_study(tmp_path, arms, fallback_rate={n: 0.0 for n in arms}))
+    flagged = set(rep.main_table.loc[rep.main_table["identical_to"] != "", "variant"])
+    assert len(flagged) == 2
+    members = [c for c in rep.contrasts if not c.excluded]
+    assert len(members) == 1 and members[0].difference.m == 1  # CutMix -> HardMix alone
+    excluded = [c.excluded for c in rep.contrasts if c.excluded]
+    assert excluded and all("identically" in e or "never acted" in e for e in excluded)
+    assert "[+0.00, +0.00]" not in rep.text and "Identical variants" in rep.text
+
+
+def test_a_fallback_that_never_fired_is_not_a_finding(tmp_path):
+    arms = {"random": (dict(augment__method="hardmix", augment__min_hard=8), [27.0, 27.9, 27.5]),
+            "skip": (dict(augment__method="hardmix", augment__min_hard=8,
+                          augment__fallback="skip"), [27.1, 27.7, 27.6])}
+    rep = build_report(_study(tmp_path, arms, fallback_rate={"random": 0.0, "skip": 0.0}))
+    (c,) = rep.contrasts
+    assert c.excluded == "fallback never acted (fallback_rate 0 on both sides)"
+    rep = build_report(_study(tmp_path / "b", arms, fallback_rate={"random": 0.2, "skip": 0.2}))
+    assert not rep.contrasts[0].excluded
+
+
+def test_differences_compare_only_matched_variants(tmp_path):
+    """HardMix at prob 0.5 is never compared with CutMix at prob 1."""
+    arms = {"cutmix1": (dict(augment__method="cutmix"), [28.0, 28.4, 27.9]),
+            "hard05": (dict(augment__method="hardmix", augment__prob=0.5), [26.0, 26.1, 25.9])}
+    rep = build_report(_study(tmp_path, arms))
+    assert rep.differences == [] and not [c for c in rep.contrasts if not c.excluded]
+    assert "no `cutmix` variant matches it on every shared factor" in rep.text
+
+
+def test_one_interval_per_question_with_its_family_stated(tmp_path):
+    arms = {"none": (dict(augment__method="none"), [30.0, 31.0, 29.5]),
+            "cutmix": (dict(augment__method="cutmix"), [28.0, 28.4, 27.9]),
+            "hardmix": (dict(augment__method="hardmix"), [27.0, 27.9, 27.5])}
+    rep = build_report(_study(tmp_path, arms))
+    pair = [c for c in rep.contrasts if c.difference.variant.startswith("hardmix")
+            and c.difference.baseline.startswith("cutmix")][0].difference
+    (diff,) = [c.difference for c in rep.differences if c.difference.variant == pair.variant]
+    assert (diff.ci_low, diff.ci_high) == (pair.ci_low, pair.ci_high)
+    assert "Holm-corrected over the 3 comparisons" in rep.text
+    only = build_report(_study(tmp_path / "m", arms), family=["method"], correction="none")
+    assert "uncorrected: each 95% interval answers its own question" in only.text
+
+
+def test_importance_is_not_printed_for_a_grid_or_too_few_trials(tmp_path):
+    from ablations.importance import factor_importance
+
+    arms = {"a": (dict(augment__method="hardmix"), [27.0, 27.9, 27.5]),
+            "b": (dict(augment__method="hardmix", augment__alpha=0.5), [27.2, 27.1, 27.6])}
+    rep = build_report(_study(tmp_path, arms))
+    assert rep.tables["importance"].empty and "grid (or arms) design" in rep.text
+    rows = pd.DataFrame([{**config(augment__alpha=a), "status": "completed", "epochs_run": 200,
+                          "final_val_top1_err": 20 + a} for a in (0.2, 0.5, 1.0)])
+    table, note = factor_importance(rows, ["augment.alpha"], "search")
+    assert table.empty and "needs at least 20" in note
+    rng = np.random.default_rng(0)
+    rows = pd.DataFrame([{**config(augment__alpha=float(a), augment__prob=float(p)),
+                          "status": "completed", "epochs_run": 200,
+                          "final_val_top1_err": 20 + 5 * a + 0.1 * rng.normal()}
+                         for a, p in zip(rng.uniform(0.1, 2, 30), rng.uniform(0.2, 1, 30))])
+    table, note = factor_importance(rows, ["augment.alpha", "augment.prob"], "search", boot=20)
+    assert list(table["factor"])[0] == "augment.alpha" and (table["n"] == 30).all()
+    assert (table["ci_low"] <= table["importance"]).all() and "bootstrap" in note
+
+
+def test_no_test_selected_number_anywhere(tmp_path):
+    from ablations.store import trial_schema
+
+    assert "best_top1_err" not in trial_schema().names
+    arms = {"a": (dict(augment__method="cutmix"), [27.0, 27.9, 27.5])}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    st = ResultStore(str(tmp_path / "old"))
+    write_run(st, "x", config(augment__method="cutmix"), top1=20.0)
+    for f in (tmp_path / "old" / "trials").rglob("*.parquet"):  # as version 2 wrote it
+        t = pq.read_table(f)
+        t = t.set_column(t.column_names.index("schema_version"), "schema_version",
+                         pa.array([2] * t.num_rows, pa.int64()))
+        pq.write_table(t.append_column("best_top1_err", pa.array([12.0] * t.num_rows)), f)
+    old = read_results(str(tmp_path / "old")).trials
+    assert "best_top1_err" not in old.column_names and old.num_rows == 1
+    rep = build_report(_study(tmp_path, arms))
+    for df in rep.tables.values():
+        assert not any("best_top1" in str(c) for c in df.columns)
+    assert "best_top1" not in rep.text
+
+
+def test_figures_share_one_colour_per_variant_and_label_their_bands(tmp_path):
+    from ablations import plots
+
+    arms = {"none": (dict(augment__method="none"), [30.0, 31.0, 29.5]),
+            "cutmix": (dict(augment__method="cutmix"), [28.0, 28.4, 27.9])}
+    rep = build_report(_study(tmp_path, arms))
+    colors = plots.variant_colors(list(rep.main_table["variant"]))
+    assert len(set(colors.values())) == len(colors)
+    assert {"error_by_variant", "learning_curves", "contrasts"} <= set(rep.plots)
+    assert "box" not in " ".join(rep.plots)  # points with intervals, not box plots
