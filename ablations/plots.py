@@ -216,11 +216,16 @@ def source_classes(trials: pd.DataFrame, epochs: pd.DataFrame, path: Path) -> Pa
                 names = [str(x) for x in c]
                 break
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * width + 4), 0.45 * len(rows) + 2.2))
-    im = ax.imshow(mat, aspect="auto", cmap="viridis")
+    # Centred on the uniform share 1/C, on a scale of at least +-2 points: random sources read
+    # as uniform (white), not as a pattern blown up from noise.
+    uniform = 1.0 / width
+    spread = max(float(np.abs(mat - uniform).max()), 0.02)
+    im = ax.imshow(mat, aspect="auto", cmap="RdBu_r", vmin=uniform - spread,
+                   vmax=uniform + spread)
     ax.set_yticks(range(len(rows)), [_wrap(v, 55) for v in rows], fontsize=7)
     ax.set_xticks(range(width), names or [str(i) for i in range(width)], rotation=45,
                   ha="right", fontsize=8)
     ax.set(xlabel="class of the source image", title="Share of mixing sources per class "
-           "(all mixed steps of all seeds)")
+           f"(all mixed steps of all seeds; white = uniform, 1/{width})")
     fig.colorbar(im, ax=ax, label="share of sources")
     return _save(fig, path)

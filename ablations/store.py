@@ -30,6 +30,23 @@ Rules that make many writers on many nodes safe without any coordination:
   the epoch row with the latest ``written_at`` per (sweep, trial_id, epoch). A trial is therefore
   written once as ``running`` when it starts and again with its final status when it ends.
 
+Compaction (:meth:`ResultStore.compact`, ``hardmix compact``) merges the small files into
+``compacted-*.parquet`` files of up to :data:`COMPACT_MAX_ROWS` rows, safe while writers run: a
+file is deleted only after a published file holds its rows, and a reader whose listed file
+vanished lists again (:func:`read_results`); duplicates in between are absorbed by the
+deduplication. Compacted rows keep their ``written_at`` and are stored in the current schema.
+
+Reading the folders directly (``pd.read_parquet(<sweep>/trials)``, polars ``read_parquet`` /
+``scan_parquet(..., hive_partitioning=True)``, DuckDB ``read_parquet('<sweep>/trials/*/*.parquet',
+hive_partitioning = true)``, ``pyarrow.dataset``) works when every file has the same columns,
+which holds for files of one hardmix version without extra columns. These readers take the
+schema of one file: files of an older version (a ``sweep`` column inside the file, other
+columns) make them fail, and extra columns written by a caller are dropped or refused;
+``hardmix compact`` rewrites such a folder in the current layout (extras kept), and
+``hardmix export`` writes the deduplicated rows as plain files. Direct readers do not
+deduplicate: keep the latest ``written_at`` per key (in DuckDB: ``QUALIFY row_number() OVER
+(PARTITION BY sweep, trial_id ORDER BY written_at DESC) = 1``).
+
 Schema versions: every row carries the ``schema_version`` it was written with. Files written by an
 older known version are migrated when read (see ``MIGRATIONS``); a file with a version this code
 does not know stops the reader with an error naming the file.
@@ -1015,7 +1032,8 @@ def _compact_partition(store: ResultStore, kind: str, folder: str,
         chunk = table.slice(start, max_rows)
         if chunk.num_rows == 0:
             break
-        path = store._publish(folder, f"{COMPACTED_PREFIX}{stamp}-{uuid.uuid4().hex}.parquet", chunk)
+        name = f"{COMPACTED_PREFIX}{stamp}-{uuid.uuid4().hex}.parquet"
+        path = store._publish(folder, name, chunk)
         if _num_rows(store.fs, path) != chunk.num_rows:  # never delete what is not safely there
             raise ResultsError(path, f"compacted file does not read back {chunk.num_rows} "
                                      "rows; the merged files were kept")

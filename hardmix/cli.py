@@ -56,9 +56,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                         "applied last)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too (and exit code 2), like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"hardmix: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hardmix", formatter_class=fmt,
         description="HardMix (CutMix with sources cut from the batch's hard samples) and its "
                     "baselines: train one run, sweep and ablate on Ray, report from Parquet.")
@@ -223,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hardmix: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `hardmix report ... | head`: the reader left, not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

@@ -128,6 +128,46 @@ def test_dashboard_is_bound_to_localhost_only(name):
 
 
 @pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_cluster_files_turn_token_authentication_on(name):
+    """Every `ray start` runs with RAY_AUTH_MODE=token, and every node gets the same token (the
+    launching machine's ~/.ray/auth_token) before Ray starts; the file says how to make it and
+    which ports the firewall opens to whom."""
+    prepared = _ray_validate(_raw(name))
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
+              for c in prepared[key] if "ray start" in c]
+    assert len(starts) == 2 and tc.start_commands_without_token_auth(prepared) == []
+    assert prepared["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert any("chmod 600 ~/.ray/auth_token" in c for c in prepared["setup_commands"])
+    text = (REPO / name).read_text()
+    assert "ray get-auth-token --generate" in text and "export RAY_AUTH_MODE=token" in text
+    for port in ("6379", "8076", "8265", "SSH 22", "10002-19999"):
+        assert port in text, port  # the firewall rules name Ray's ports
+    assert "Firewall" in text or "firewall" in text
+
+
+def test_fake_multinode_variant_is_complete_and_valid_offline(no_network):
+    """cluster-fake-multinode.yaml: read by Ray's autoscaler as it is (the wheel has no defaults
+    file for this provider, so prepare_config cannot run), so it must pass Ray's schema alone."""
+    from ray.autoscaler._private.util import validate_config
+
+    raw = _raw("cluster-fake-multinode.yaml")
+    with pytest.raises(FileNotFoundError):  # why Ray's usual offline path cannot be used here
+        _ray_validate(raw)
+    validate_config(copy.deepcopy(raw))
+    assert tc.validate_cluster_file(REPO / "cluster-fake-multinode.yaml") == raw
+    assert raw["provider"]["type"] == "fake_multinode" and raw["provider"]["disable_node_updaters"]
+    # The provider calls the node it runs on ray.head.default; it holds no trial.
+    assert raw["head_node_type"] == "ray.head.default"
+    view = tc.view_from_cluster_config(raw, "fake")
+    groups = {g.name: g for g in view.groups}
+    assert groups["ray.head.default"].resources == {"CPU": 0} and not groups["ray.head.default"].worker
+    assert groups["cpu-1x"].resources == {"CPU": 1} and groups["cpu-1x"].count == 2
+    assert 0 < raw["idle_timeout_minutes"] < 1  # a test watches idle nodes go
+    assert tc.find_secrets((REPO / "cluster-fake-multinode.yaml").read_text()) == []
+    assert not no_network
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
 def test_no_credentials_in_cluster_files(name):
     text = (REPO / name).read_text()
     assert tc.find_secrets(text) == []
@@ -169,6 +209,14 @@ BROKEN = [
         "ray stop", "ray start --head --port=6379 --dashboard-host=0.0.0.0"]), False),
     # Without its own start commands the file inherits Ray's AWS defaults, which open the dashboard.
     ("head start commands left to Ray's defaults", _drop(["head_start_ray_commands"]), False),
+    ("workers started without token auth", _set(["worker_start_ray_commands"], [
+        "ray stop", "ray start --address=$RAY_HEAD_IP:6379"]), False),
+    # Each entry runs in a shell of its own: an export one entry earlier does not reach ray start.
+    ("token auth exported by an earlier command", _set(["head_start_ray_commands"], [
+        "export RAY_AUTH_MODE=token", "ray start --head --port=6379 --dashboard-host=127.0.0.1"]),
+     False),
+    ("token auth set after ray start", _set(["head_start_ray_commands"], [
+        "ray start --head --dashboard-host=127.0.0.1; export RAY_AUTH_MODE=token"]), False),
 ]
 
 
@@ -276,10 +324,11 @@ def test_cluster_yaml_can_hold_every_cluster_preset(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def _cfg(cpus=1.0, gpus=0.0, workers=1, address=None) -> SweepConfig:
+def _cfg(cpus=1.0, gpus=0.0, workers=1, address=None, custom=None) -> SweepConfig:
     base = load_config(SweepConfig, overrides=["run.data.name=synthetic"])
     return with_overrides(base, {"resources.cpus": cpus, "resources.gpus": gpus,
-                                 "resources.workers": workers, "address": address})
+                                 "resources.workers": workers, "address": address,
+                                 "resources.custom": custom or {}})
 
 
 def _view(*groups, max_workers=None, complete=True, max_resources=None):
@@ -308,6 +357,107 @@ def test_cpu_shortage_names_cpus():
     with pytest.raises(ConfigError) as info:
         tc.check_cluster_resources(_cfg(cpus=64, gpus=1), _view(HEAD, ONE_GPU, FOUR_GPU))
     assert info.value.field == "resources.cpus"
+
+
+CPU_HEAD = tc.NodeGroup("head", {"CPU": 0}, 1, worker=False)
+ONE_CPU = tc.NodeGroup("cpu-1x", {"CPU": 1}, 4)
+
+
+def test_cpus_no_node_type_has_are_refused_naming_the_short_type():
+    """Item 5: 4 CPUs per worker on 1-CPU nodes: one line, the field, and which node type has
+    how much of what is missing."""
+    with pytest.raises(ConfigError) as info:
+        tc.check_cluster_resources(_cfg(cpus=4, workers=2), _view(CPU_HEAD, ONE_CPU))
+    err = info.value
+    assert (err.field, err.value) == ("resources.cpus", 4)
+    text = str(err)
+    assert len(text.splitlines()) == 1
+    assert "4 CPUs per worker but head has 0 CPUs, cpu-1x has 1 CPU" in text
+    assert "cpu-1x {CPU: 1} x <= 4" in text and "(from test)" in text
+    # The GPU that no type has is named first when both are short.
+    with pytest.raises(ConfigError) as info:
+        tc.check_cluster_resources(_cfg(cpus=4, gpus=1), _view(CPU_HEAD, ONE_CPU))
+    assert info.value.field == "resources.gpus"
+    assert str(info.value).index("1 GPU per worker") < str(info.value).index("4 CPUs per worker")
+    tc.check_cluster_resources(_cfg(cpus=1, workers=4), _view(CPU_HEAD, ONE_CPU))  # fits
+
+
+def test_custom_resources_are_part_of_the_request_and_of_the_check():
+    cfg = _cfg(cpus=1, custom={"slot": 1, "unused": 0})
+    assert tc.trial_bundle(cfg) == {"CPU": 1.0, "slot": 1.0}
+    assert tc.per_node({"CPU": 1, "slot": 1}, {"CPU": 8, "slot": 2}) == 2
+    assert tc.per_node({"CPU": 1, "slot": 1}, {"CPU": 8}) == 0
+    with pytest.raises(ConfigError) as info:  # no node type has the resource
+        tc.check_cluster_resources(cfg, _view(CPU_HEAD, ONE_CPU))
+    assert (info.value.field, info.value.value) == ("resources.custom.slot", 1)
+    assert "1 slot per worker but head has 0 slot, cpu-1x has 0 slot" in str(info.value)
+    slotted = tc.NodeGroup("cpu-slot", {"CPU": 2, "slot": 1}, 2)
+    tc.check_cluster_resources(_cfg(cpus=1, workers=2, custom={"slot": 1}), _view(CPU_HEAD, slotted))
+    with pytest.raises(ConfigError) as info:  # one slot per node, two nodes: not three workers
+        tc.check_cluster_resources(_cfg(cpus=1, workers=3, custom={"slot": 1}),
+                                   _view(CPU_HEAD, slotted))
+    assert info.value.field == "resources.workers" and "at most 2" in str(info.value)
+    # Alive nodes are grouped by their custom resources too; Ray's bookkeeping is left out.
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0, "slot": 1.0, "node:127.0.0.1": 1.0,
+                                           "memory": 1e9, "object_store_memory": 1e8}},
+             {"Alive": True, "Resources": {"CPU": 2.0, "node:127.0.0.2": 1.0}}]
+    view = tc.view_from_nodes(nodes, "nodes", complete=True)
+    assert sorted(g.resources.get("slot", 0) for g in view.groups) == [0, 1]
+    assert all("node:" not in k and "memory" not in k for g in view.groups for k in g.resources)
+    assert tc.max_placeable({"CPU": 1, "slot": 1}, view) == 1
+
+
+@pytest.mark.parametrize("bad, field", [
+    ("resources.custom={CPU: 1}", "resources.custom.CPU"),
+    ("resources.custom={node:127.0.0.1: 1}", "resources.custom.node:127.0.0.1"),
+    ("resources.custom={slot: -1}", "resources.custom.slot"),
+    ("resources.custom={slot: .inf}", "resources.custom.slot"),
+    ("resources.custom={slot: .nan}", "resources.custom.slot"),
+    ("resources.custom={slot: 0.00001}", "resources.custom.slot"),
+    ("resources.custom={slot: many}", "resources.custom.slot"),
+    ("resources.custom=[slot]", "resources.custom"),
+])
+def test_bad_custom_resources_are_one_line_naming_the_field(bad, field):
+    with pytest.raises(ConfigError) as info:
+        load_config(SweepConfig, overrides=["run.data.name=synthetic", bad])
+    assert info.value.field == field and len(str(info.value).splitlines()) == 1
+
+
+def test_custom_resources_reach_the_trial_and_each_data_parallel_worker(monkeypatch, tmp_path):
+    """tune.sweep._trainable (a plain trial) and tune.trainable._fit_data_parallel (every Ray
+    Train worker) ask Ray for the custom resources; zero amounts are left out."""
+    import ray.train.torch
+
+    from tune.sweep import _trainable
+    from tune.trainable import SweepContext, _fit_data_parallel
+
+    def ctx(*overrides):
+        cfg = load_config(SweepConfig, overrides=["run.data.name=synthetic", *overrides])
+        return SweepContext(sweep_dir=str(tmp_path), run=cfg.run, seeds=[0],
+                            metric="val_top1_err", resources=cfg.resources)
+
+    plain = _trainable(ctx("resources.cpus=2", "resources.custom={slot: 1, none: 0}"))
+    assert plain._resources.bundles == [{"CPU": 2.0, "slot": 1.0}]
+    # A data-parallel trial's own process asks for a little CPU only; its workers ask for more.
+    ddp = ctx("resources.workers=2", "resources.custom={slot: 1, none: 0}")
+    assert _trainable(ddp)._resources.bundles == [{"CPU": 0.5}]
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, *args, scaling_config, **kwargs):
+            seen["scaling"] = scaling_config
+
+        def fit(self):
+            return None
+
+    import ray.tune.integration.ray_train as tune_train
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
+    # The real one needs a Tune session; any Train callback stands in for it.
+    monkeypatch.setattr(tune_train, "TuneReportCallback", ray.train.UserCallback)
+    _fit_data_parallel(ddp, ddp.run, "c000-s0", tmp_path / "run", 1, "t0")
+    scaling = seen["scaling"]
+    assert scaling.num_workers == 2 and scaling.resources_per_worker == {"CPU": 1.0, "slot": 1.0}
 
 
 def test_fractional_gpus_pack_several_trials_per_node():
@@ -372,10 +522,16 @@ def test_views_from_nodes_and_from_the_bootstrap_file(tmp_path):
 
 @pytest.mark.ray
 def test_check_against_local_ray(ray_local, monkeypatch, tmp_path):
-    monkeypatch.setattr(tc, "BOOTSTRAP_CONFIG", str(tmp_path / "none.yaml"))
+    # A machine that once was a cluster's head keeps that cluster's bootstrap file: a sweep's
+    # own local Ray instance must not take its limits from it.
+    import json
+    stale = tmp_path / "ray_bootstrap_config.yaml"
+    stale.write_text(json.dumps(_ray_validate(_raw())))
+    monkeypatch.setattr(tc, "BOOTSTRAP_CONFIG", str(stale))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     view = tc.discover_view(None)
     assert view.complete and view.source == "the nodes alive now"
+    monkeypatch.setattr(tc, "BOOTSTRAP_CONFIG", str(tmp_path / "none.yaml"))
     cpus = ray_local.cluster_resources()["CPU"]
     assert sum(g.resources["CPU"] * g.count for g in view.groups) == cpus
     tc.check_cluster_resources(_cfg(cpus=cpus / 2, workers=2))
@@ -389,6 +545,83 @@ def test_check_against_local_ray(ray_local, monkeypatch, tmp_path):
     stream = io.StringIO()
     tc.check_cluster_resources(_cfg(cpus=1, gpus=1, address="auto"), stream=stream)
     assert "warning" in stream.getvalue()
+
+
+#: Run in a fresh interpreter: start Ray the way a local sweep does, run one task (so a worker
+#: process listens too), and list every listening TCP socket of this process and its
+#: descendants (read from /proc: no psutil, no ss).
+_LISTENERS = r"""
+import json, os, socket, sys
+from hardmix.config import SweepConfig, load_config
+from tune.sweep import _start_ray
+
+def listening():
+    inodes = {}
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in open(f"/proc/net/{name}").read().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A":  # LISTEN
+                continue
+            hexip, port = f[1].split(":")
+            raw = bytes.fromhex(hexip)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            inodes[f[9]] = f"{socket.inet_ntop(family, raw)}:{int(port, 16)}"
+    children = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
+        except OSError:
+            continue
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = [], [str(os.getpid())]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    found = []
+    for pid in tree:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                found.append(inodes[link[8:-1]])
+    return sorted(set(found))
+
+cfg = load_config(SweepConfig, None, None, ["run.data.name=synthetic", "local_cpus=1"])
+assert _start_ray(cfg)
+import ray
+ray.get(ray.remote(lambda: os.getpid()).remote())
+import time; time.sleep(3)  # the agents open their ports a moment later
+print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "listening": listening()}))
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc (Linux)")
+def test_local_sweep_ray_listens_on_loopback_only(tmp_path):
+    """Issue 15 item 4: the Ray instance a local sweep starts (GCS, raylet, agents, workers,
+    the driver) is reachable from this machine only."""
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", _LISTENERS], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["gcs"].startswith("127.0.0.1:")
+    ports = seen["listening"]
+    assert len(ports) >= 4, ports  # GCS, raylet (2), the driver, a worker: really looked
+    loopback = ("127.", "::1:", "::ffff:127.")
+    assert [p for p in ports if not p.startswith(loopback)] == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,7 +649,7 @@ def test_readme_cluster_commands_match_the_cli_and_files():
     from hardmix.cli import build_parser
     from hardmix.config import preset_names
 
-    section = _readme_section("cluster")
+    section = (REPO / "docs" / "cluster-setup.md").read_text()
     commands = _commands(section)
     hardmix_calls = [c[c.index("hardmix "):] for c in commands if re.search(r"\bhardmix (sweep|report)", c)]
     assert len(hardmix_calls) >= 4

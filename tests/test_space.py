@@ -200,3 +200,31 @@ def test_a_bad_arm_is_one_config_error_naming_its_field(overrides, field):
     with pytest.raises(ConfigError) as err:
         sweep(*overrides)
     assert err.value.field == field, err.value
+
+
+def test_a_resumed_search_tells_optuna_what_it_finished_without_any_pickle():
+    """Configurations read back from the store (one per index, all seeds final) go into a
+    fresh study as COMPLETE trials with the mean over seeds; the searcher loads that study."""
+    from tune.resume import stored_configurations, warm_study
+    from tune.sweep import make_searcher
+
+    cfg = with_default_space(sweep("seeds=[0, 1]", "num_samples=6"))
+    rows = {
+        "c000-s0": {"status": "completed", "augment.alpha": 0.5, "augment.criterion": "topk_loss",
+                    "augment.k": 0.2, "augment.fallback": None, "final_val_top1_err": 10.0},
+        "c000-s1": {"status": "completed", "augment.alpha": 0.5, "augment.criterion": "topk_loss",
+                    "augment.k": 0.2, "augment.fallback": None, "final_val_top1_err": 14.0},
+        "c001-s0": {"status": "running", "augment.alpha": 1.5,
+                    "augment.criterion": "misclassified", "augment.k": None,
+                    "augment.fallback": "skip", "final_val_top1_err": None},
+    }
+    configs = stored_configurations(rows, cfg.space)
+    assert configs[0]["params"] == {"augment.alpha": 0.5, "augment.criterion": "topk_loss",
+                                    "augment.k": 0.2}
+    assert set(configs[1]["rows"]) == {0}
+    storage, name = warm_study(cfg, configs, lambda r: r["final_val_top1_err"])
+    study = optuna.load_study(study_name=name, storage=storage)
+    (t,) = study.trials  # the unfinished configuration is not told
+    assert t.value == 12.0 and t.params["augment.k"] == 0.2
+    searcher = make_searcher(cfg, (storage, name))
+    assert len(searcher.searcher._ot_study.trials) == 1

@@ -13,8 +13,8 @@ import glob
 import io
 import json
 import multiprocessing as mp
-import os
 import struct
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +27,7 @@ from ablations import store as store_mod
 from ablations.store import SCHEMA_VERSION, ResultStore, read_results
 from hardmix.cli import main
 from hardmix.config import RunConfig, SweepConfig, load_config
+from test_store import _concurrent_writer  # the writer process of both concurrency tests
 
 TINY = ["data.name=synthetic", "model.name=smallnet", "model.width=8", "data.batch_size=64",
         "optim.epochs=2", "output.progress=false", "optim.lr=0.05", "device=cpu",
@@ -373,19 +374,6 @@ def test_reader_lists_again_when_a_compaction_removes_files_under_it(tmp_path, m
     assert set(res.trials.column("status").to_pylist()) == {"completed"}
 
 
-def _writer(args):
-    root, worker, n = args
-    st = ResultStore(root)
-    for i in range(n):
-        tid = f"w{worker}-t{i}"
-        st.write_trial({"trial_id": tid, "status": "running", "seed": i})
-        for e in (1, 2, 3):
-            st.write_epochs(tid, [{"epoch": e, "test_top1_err": 100.0 * worker + i + e}])
-        st.write_trial({"trial_id": tid, "status": "completed", "seed": i,
-                        "final_top1_err": 100.0 * worker + i})
-    return worker
-
-
 def _compactor(root, stop, merged) -> None:
     st = ResultStore(root)
     while not stop.is_set():
@@ -412,7 +400,7 @@ def test_concurrent_writers_readers_and_compactions_never_lose_a_row(tmp_path):
     reads = 0
     try:
         with ctx.Pool(workers) as pool:
-            job = pool.map_async(_writer, [(root, w, n) for w in range(workers)])
+            job = pool.map_async(_concurrent_writer, [(root, w, n) for w in range(workers)])
             while not job.ready() or reads < 3:
                 res = read_results(root)
                 epochs = set(zip(res.epochs.column("trial_id").to_pylist(),
@@ -789,7 +777,12 @@ def test_sweep_logs_each_trial_once_to_mlflow_and_wandb(ray_sweep):
     assert ml["c000-s0"]["params"]["augment.criterion"] == ""  # `none` has no criterion
     assert "mixed_rate" not in ml["c000-s0"]["metrics"] and "mixed_rate" in ml["c001-s0"]["metrics"]
 
+    # Ray's W&B logging actors flush their offline files after the sweep returns: wait for them
+    deadline = time.time() + 60
     wb = wandb_runs(wb_dir)
+    while (None in wb or len(wb) < 2) and time.time() < deadline:
+        time.sleep(1)
+        wb = wandb_runs(wb_dir)
     assert sorted(wb) == ["c000-s0", "c001-s0"]
     for name, run in wb.items():
         history = [(h["training_iteration"], h["val_top1_err"]) for h in run["history"]]

@@ -308,9 +308,11 @@ def plan_text(cfg: SweepConfig) -> str:
         lines += [f"  {describe_param(n, s)}" for n, s in cfg.space.items()]
     n_trials = num_trials(cfg)
     if cfg.followup.top:
-        extra = cfg.followup.top * len(cfg.followup.seeds)
-        lines.append(f"follow-up: best {cfg.followup.top} configurations x seeds "
-                     f"{cfg.followup.seeds} = {extra} more trials")
+        per = 2 if cfg.followup.baseline else 1
+        extra = cfg.followup.top * per * len(cfg.followup.seeds)
+        matched = f" (each with {cfg.followup.baseline} matched to it)" if per == 2 else ""
+        lines.append(f"follow-up: best {cfg.followup.top} configurations{matched} x seeds "
+                     f"{cfg.followup.seeds} = up to {extra} more trials")
         n_trials += extra
     sched = cfg.scheduler
     asha = (f" on {cfg.metric} (grace {sched.grace_period} epochs, reduction "
@@ -345,7 +347,9 @@ def plan_text(cfg: SweepConfig) -> str:
             text += (f", about {_fmt_flops(total)} (training with the hardness forward where "
                      "it runs, and the evaluations of eval.every / eval.test_every)")
         if cfg.mode == "search":
-            text += "; estimated from the base run"
+            text += "; estimated from the base run" + (
+                ", an upper bound: ASHA stops trials early" if cfg.scheduler.type == "asha"
+                else "")
         lines.append(text)
     else:
         lines.append(f"compute: {n_trials} trials x {run.optim.epochs} epochs "
@@ -391,13 +395,15 @@ def _start_ray(cfg: SweepConfig) -> bool:
         # _node_ip_address="127.0.0.1" to the machine's external IP
         # (services.resolve_ip_for_localhost) unless ENABLE_RAY_CLUSTER is off, as Ray has it
         # on macOS and Windows. Private constant: ray is pinned (requirements-cluster.txt).
+        # address="local": a new instance, never one that /tmp/ray/ray_current_cluster names
+        # (ray.init(address=None) joins the last `ray start` cluster of the machine).
         import ray._private.ray_constants as ray_constants
 
         cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
         ray_constants.ENABLE_RAY_CLUSTER = False
         try:
-            ray.init(num_cpus=cfg.local_cpus or local_cpu_count(), _node_ip_address="127.0.0.1",
-                     **common)
+            ray.init(address="local", num_cpus=cfg.local_cpus or local_cpu_count(),
+                     _node_ip_address="127.0.0.1", **common)
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
     return True
@@ -603,6 +609,21 @@ def best_configurations(cfg: SweepConfig, rows: dict[str, dict], top: int) -> li
     return [params for _, params in ranked[:top]]
 
 
+def matched_baseline(cfg: SweepConfig, point: dict) -> dict:
+    """``followup.baseline`` matched to a configuration: the baseline method with the
+    configuration's value of every augment field the baseline reads too (α, prob, box, ...),
+    and every other run field as in the configuration."""
+    from hardmix.methods import active_fields
+
+    aug = {**to_dict(cfg.run.augment), "method": cfg.followup.baseline}
+    acts = active_fields(aug)
+    out = {"augment.method": cfg.followup.baseline}
+    for k, v in point.items():
+        if not k.startswith("augment.") or k[len("augment."):] in acts:
+            out.setdefault(k, v)
+    return out
+
+
 def planned_trials(cfg: SweepConfig, followup: list[dict] | None = None) -> list[str]:
     """Every trial id the sweep will have once it ends (main phase, then follow-up)."""
     from tune.resume import trial_name
@@ -712,6 +733,10 @@ def _run_phases(cfg: SweepConfig, sweep_dir: str, state, resume: bool, out: Text
                 raise ConfigError("--resume", points_file, "is not a list of configurations")
         else:
             top = best_configurations(cfg, rows, cfg.followup.top)
+            if cfg.followup.baseline:  # the matched baseline of each, once
+                for m in [matched_baseline(cfg, p) for p in top]:
+                    if m not in top:
+                        top.append(m)
             _write_text(points_file, json.dumps(top, indent=1))
         if top:
             fctx = _make_context(cfg, sweep_dir, "f", cfg.followup.seeds, top, resuming=resume)
@@ -733,7 +758,8 @@ def _outcome(cfg: SweepConfig, sweep_dir: str, wall: float) -> SweepOutcome:
         followup = json.loads(_read_text(join(sweep_dir, FOLLOWUP_FILE)))
     planned = planned_trials(cfg, followup)
     if cfg.followup.top and followup is None:
-        planned += [f"f-planned-{i}" for i in range(cfg.followup.top * len(cfg.followup.seeds))]
+        n = cfg.followup.top * (2 if cfg.followup.baseline else 1) * len(cfg.followup.seeds)
+        planned += [f"f-planned-{i}" for i in range(n)]
     outcome = SweepOutcome(sweep_dir, wall_seconds=wall)
     for t in planned:
         status = rows.get(t, {}).get("status", "not started")
@@ -784,6 +810,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, dry_run: bool = False,
     state.runs += 1
     state.save(sweep_dir)  # a driver killed now still counts as a run
     started = _start_ray(cfg)
+    _stop_on_sigterm()
     try:
         from tune.cluster import check_cluster_resources
         check_cluster_resources(cfg)  # a trial no node can ever hold would wait forever
@@ -810,27 +837,28 @@ def sweep_from_cli(preset: str | None, file: str | None, overrides: list[str],
     1 when every trial failed, 130 when interrupted (resume it with ``--resume``). A bad config
     raises ConfigError before Ray starts (the CLI prints one line, exit 2)."""
     cfg, resuming = resolve_config(preset, file, overrides, resume)
-    terminated = _stop_on_sigterm()
+    _TERMINATED.clear()
     outcome = run_sweep(cfg, resume=resuming, dry_run=dry_run)
     if outcome.interrupted:
-        return 143 if terminated else 130
+        return 143 if _TERMINATED else 130
     return 0 if outcome.ok else 1
 
 
-def _stop_on_sigterm() -> list:
+#: Holds the signal once a SIGTERM arrived (the exit code then says "terminated", 143).
+_TERMINATED: list = []
+
+
+def _stop_on_sigterm() -> None:
     """SIGTERM (what a cluster scheduler or ``kill`` sends) stops a sweep as Ctrl+C does: Tune
-    winds down its trials and the sweep can be resumed. Returns a list that holds the signal
-    once it arrived (the exit code then says "terminated", 143)."""
+    winds down its trials and the sweep can be resumed. Installed after ``ray.init``, whose
+    C++ handler would otherwise abort the driver with a stack dump."""
     import signal
 
-    got: list = []
-
     def handler(signum, frame):  # noqa: ARG001
-        got.append(signum)
+        _TERMINATED.append(signum)
         os.kill(os.getpid(), signal.SIGINT)
 
     try:
         signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread (called from Python): leave it alone
         pass
-    return got

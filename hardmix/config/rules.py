@@ -16,7 +16,7 @@ from hardmix.config.loading import from_dict, one_of
 from hardmix.config.schema import ParamSpec, RunConfig, SweepConfig, field_type, to_dict
 from hardmix.datasets import dataset
 from hardmix.errors import ConfigError
-from hardmix.methods import active_fields, check_augment
+from hardmix.methods import METHODS, active_fields, check_augment
 
 #: Integers are stored as int64 Parquet columns.
 INT_LIMIT = 2 ** 63 - 1
@@ -193,6 +193,9 @@ def check_sweep(cfg: SweepConfig) -> None:
     if cfg.scheduler.type == "asha" and cfg.scheduler.grace_period > cfg.run.optim.epochs:
         raise ConfigError("scheduler.grace_period", cfg.scheduler.grace_period,
                           f"must be <= run.optim.epochs ({cfg.run.optim.epochs})")
+    if cfg.followup.baseline is not None and cfg.followup.baseline not in METHODS:
+        raise ConfigError("followup.baseline", cfg.followup.baseline,
+                          f"must be one of {', '.join(METHODS)}")
     if cfg.mode == "search" and cfg.arms:
         raise ConfigError("arms", f"{len(cfg.arms)} arms", "arms need mode=grid (a search "
                           "explores `space`)")

@@ -249,6 +249,9 @@ class FollowupConfig:
     top: int = opt(0, "re-run the best N configurations with `seeds` after the search", ge=0,
                    le=1000)
     seeds: list[int] = opt(help="seeds of the follow-up runs", factory=lambda: [1, 2, 3, 4])
+    baseline: Optional[str] = opt(None, "also run this method (e.g. cutmix) matched to each "
+                                  "follow-up configuration on every field both read (alpha, "
+                                  "prob, box, ...), with the same seeds", choices=None)
 
 
 @dataclass
