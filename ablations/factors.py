@@ -10,7 +10,7 @@ splitting a variant and give Optuna's importance evaluator truly conditional par
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import pandas as pd
 

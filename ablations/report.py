@@ -35,7 +35,6 @@ report wrote before (listed in its manifest, ``.hardmix-report.json``); nothing 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -314,14 +313,15 @@ def one_factor_contrasts(used: pd.DataFrame, factors: list[str], same: dict[str,
 
 def differences_from(contrasts: list[Contrast], used: pd.DataFrame, baseline: str
                      ) -> tuple[list[Contrast], list[str]]:
-    """The method contrasts whose reference is a ``baseline`` variant (same intervals as in the
-    contrasts), and a note for every other variant that has no matched baseline."""
+    """The method contrasts with a ``baseline`` variant on either side (the same intervals as
+    in the contrasts; ``none -> cutmix`` keeps its direction), and a note for every other
+    variant that has no matched baseline."""
     if not (used["augment.method"] == baseline).any():
         return [], [f"No completed `{baseline}` trials: nothing to compare against {baseline}."]
     base_variants = set(used.loc[used["augment.method"] == baseline, "variant"])
     diffs = [c for c in contrasts if c.factor == "augment.method"
-             and c.difference.baseline in base_variants]
-    matched = {c.difference.variant for c in diffs}
+             and base_variants & {c.difference.baseline, c.difference.variant}]
+    matched = {v for c in diffs for v in (c.difference.variant, c.difference.baseline)}
     notes = []
     for v in dict.fromkeys(used.loc[used["augment.method"] != baseline, "variant"]):
         if v not in matched:

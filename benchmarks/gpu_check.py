@@ -114,7 +114,7 @@ def step_ratios() -> tuple[float, float]:
 def packed_trials(data_path: str | None) -> int:
     step("four trials packed on one GPU (resources.gpus=0.25)")
     out = tempfile.mkdtemp(prefix="gpu-pack-")
-    data = ([f"run.data.name=npz", f"run.data.path={data_path}", "run.data.subset=5000"]
+    data = (["run.data.name=npz", f"run.data.path={data_path}", "run.data.subset=5000"]
             if data_path else ["run.data.name=synthetic"])
     sets = ["name=pack", f"storage={out}", "mode=grid", "seeds=[0, 1, 2, 3]",
             "resources.gpus=0.25", "resources.cpus=1", "max_concurrent_trials=4",

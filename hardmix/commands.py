@@ -103,16 +103,14 @@ def run_callbacks(cfg: RunConfig, store_dir: str, trial_id: str,
 
 
 def train_from_cli(cfg: RunConfig, resume: bool = False) -> int:
-    """``hardmix train``: check the environment, then train with the store, TensorBoard,
-    trackers and console. Returns 0 when the run completes, 1 when it fails (the failure is
+    """``hardmix train``: train with the store, TensorBoard, trackers and console. Returns 0 when the run completes, 1 when it fails (the failure is
     recorded in the store); a config the machine cannot serve raises ConfigError before
     anything is written (the CLI prints one line and exits 2)."""
-    from hardmix.train import check_resumable, train
+    from hardmix.train import train
 
-    check_run_environment(cfg)
+    # train() checks the environment and a resumed checkpoint once, before any callback (and
+    # so the store) sees the run: a run that cannot start writes nothing.
     run_dir, name = run_folder(cfg, resume)
-    if resume:
-        check_resumable(cfg, run_dir)  # before any callback could write a row
     results = (f"{cfg.output.dir.rstrip('/')}/{name}" if "://" in cfg.output.dir else str(run_dir))
     callbacks = run_callbacks(cfg, results, name) + [ConsoleCallback()]
     try:

@@ -61,6 +61,7 @@ def test_a_toy_method_and_metric_reach_validation_space_store_and_report(tmp_pat
     base = ["data.name=synthetic", "model.name=smallnet", "model.width=8", "data.batch_size=64",
             "optim.epochs=2", "output.progress=false", f"output.dir={tmp_path}"]
     cfg = load_config(RunConfig, overrides=base + ["augment.method=toy_mix"])
+    assert cfg.augment.method == "toy_mix"
     with pytest.raises(ConfigError):
         load_config(RunConfig, overrides=base + ["augment.method=toy_mixx"])
     # the sweep space: a hard-source method, so criterion exists for it and not for CutMix

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 
-import pytest
 import torch
 
 from hardmix.config import OptimConfig, RunConfig, load_config

@@ -275,6 +275,8 @@ def test_optuna_search_end_to_end_writes_every_trial_and_epoch(tmp_path, ray_loc
     assert sorted(main.trial_id) == ["c000-s0", "c000-s1", "c001-s0", "c001-s1"]
     assert set(trials.status) <= {"completed", "pruned"}
     assert (trials.attempt == 1).all() and trials.tune_trial_id.str.len().gt(0).all()
+    # each trial's torch threads follow its CPU resources (two trials must not each take all)
+    assert (trials.threads == int(cfg.resources.cpus)).all() and trials.precision.notna().all()
     for _, group in main.groupby(main.trial_id.str[:4]):
         assert sorted(group.seed) == [0, 1]                      # seeds are a factor
         assert group["augment.alpha"].nunique() == 1             # of one configuration

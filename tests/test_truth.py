@@ -6,7 +6,6 @@ it. Small data made here; the report tests write synthetic sweeps through the re
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
@@ -17,7 +16,7 @@ from ablations.report import build_report
 from ablations.store import ResultStore, read_results
 from hardmix import HardMix
 from hardmix.config import AugmentConfig, ConfigError, RunConfig, load_config
-from hardmix.hardness import LogitScores, history_hard
+from hardmix.hardness import history_hard
 from hardmix.methods import active_fields, effective_augment
 from results_fixtures import config, write_run
 

@@ -282,4 +282,6 @@ def describe_param(name: str, spec: ParamSpec) -> str:
     if spec.when:
         cond = "  only when " + " and ".join(
             f"{k} in {{{', '.join(map(str, v))}}}" for k, v in spec.when.items())
+    if name.startswith("augment.") and name != "augment.method":
+        cond += "  (only where it acts: the method table)"
     return f"{name} {dom}{cond}"
