@@ -186,7 +186,8 @@ def _concurrent_writer(args):
 def test_concurrent_writers_every_row_read_back_once(tmp_path):
     root = str(tmp_path / "sw")
     workers, n = 4, 6
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # spawn, not fork: the test process may hold Ray's threads (a forked child can deadlock)
+    ctx = mp.get_context("spawn")
     with ctx.Pool(workers) as pool:
         assert sorted(pool.map(_concurrent_writer, [(root, w, n) for w in range(workers)])) == \
             list(range(workers))

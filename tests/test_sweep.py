@@ -218,6 +218,26 @@ def test_driver_records_pruned_and_failed_trials_with_their_last_report(tmp_path
     assert p["tune_trial_id"] == "t1"
 
 
+def test_a_resumed_trial_with_nothing_left_to_run_keeps_its_completed_row(tmp_path):
+    """Resumed from its last epoch's checkpoint, a trial reports nothing to Tune before it
+    completes; the row it wrote itself ("completed") must not be superseded by "pruned"."""
+    from ablations.store import ResultStore, StoreCallback
+    from tune.trainable import StoreStatusCallback, SweepContext
+
+    run = load_config(RunConfig, None, None, ["optim.epochs=6", "output.dir=" + str(tmp_path)])
+    ctx = SweepContext(sweep_dir=str(tmp_path / "s"), run=run, seeds=[0], metric="val_top1_err",
+                       resources=ResourcesConfig())
+    own = StoreCallback(ResultStore(ctx.sweep_dir), "c000-s0", ctx.run_config(
+        {"__trial_index__": 0}, "c000-s0"))
+    own.on_run_end({"status": "completed", "epochs_run": 6, "wall_seconds": 30.0,
+                    "best_val_top1_err": 20.0, "final_top1_err": 21.0})
+    resumed = FakeTrial(name="c000-s0", trial_id="t9", num_failures=0, error=None,
+                        config={"__trial_index__": 0}, last_result={})
+    StoreStatusCallback(ctx).on_trial_complete(0, [], resumed)
+    trials, _ = results(tmp_path / "s")
+    assert trials.set_index("trial_id").loc["c000-s0", "status"] == "completed"
+
+
 def test_progress_prints_each_ending_once_with_counts_and_best(tmp_path):
     import io
 

@@ -389,7 +389,8 @@ def test_concurrent_writers_readers_and_compactions_never_lose_a_row(tmp_path):
     there exactly once."""
     root = str(tmp_path / "sw")
     workers, n = 3, 5
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # spawn, not fork: the test process may hold Ray's threads (a forked child can deadlock)
+    ctx = mp.get_context("spawn")
     stop, merged = ctx.Event(), ctx.Value("i", 0)
     compactors = [ctx.Process(target=_compactor, args=(root, stop, merged)) for _ in range(2)]
     ResultStore(root).write_trial({"trial_id": "first", "status": "completed"})

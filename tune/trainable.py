@@ -580,6 +580,11 @@ class StoreStatusCallback(TuneCallback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from tune.progress import ran_every_epoch
 
+        # Tune can stop a trial only after a report: one that completes without reporting this
+        # attempt (resumed from its last epoch's checkpoint, nothing left to run) ended its loop
+        # itself and wrote its own final row, which must stand.
+        if "epoch" not in (trial.last_result or {}):
+            return
         # (Tune marks the trial terminated only after its callbacks ran: look at the result.)
         done = ran_every_epoch(trial.last_result, self.ctx.run.optim.epochs)
         self._write(trial, "completed" if done else "pruned")
