@@ -127,8 +127,9 @@ def _mean_band(ax, epochs: pd.DataFrame, column: str, variants: list[str], color
         mean, std, n = g.mean(), g.std().fillna(0.0), g.count()
         ax.plot(mean.index, mean.values, label=f"{v} (n={int(n.max())})", lw=1.4,
                 color=colors.get(v), marker="." if len(mean) < 12 else None)
-        ax.fill_between(mean.index, (mean - std).values, (mean + std).values, alpha=0.15,
-                        color=colors.get(v))
+        # The band never leaves what some seed showed (a rate never drawn below 0).
+        low, high = np.maximum(mean - std, g.min()), np.minimum(mean + std, g.max())
+        ax.fill_between(mean.index, low.values, high.values, alpha=0.15, color=colors.get(v))
         drawn = True
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return drawn
@@ -142,6 +143,7 @@ def learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, colors: dict,
         return None
     variants = _best_variants(trials)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig.subplots_adjust(wspace=0.3)  # room for each panel's y label beside its neighbour
     ok = _mean_band(axes[0], epochs, "test_top1_err", variants, colors)
     _mean_band(axes[1], epochs, "val_top1_err", variants, colors)
     _mean_band(axes[2], epochs, "train_loss", variants, colors)
@@ -174,6 +176,7 @@ def hardness_dynamics(trials: pd.DataFrame, epochs: pd.DataFrame, colors: dict,
         return None
     variants = _best_variants(hard)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig.subplots_adjust(wspace=0.3)  # room for each panel's y label beside its neighbour
     for ax, (col, label) in zip(axes, cols):
         if col in epochs:
             _mean_band(ax, epochs, col, variants, colors)

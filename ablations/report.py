@@ -359,7 +359,11 @@ def _fmt(v: Any, digits: int = 2) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "—"
     if isinstance(v, (float, np.floating)):
-        return f"{v:.{digits}f}"
+        text = f"{v:.{digits}f}"
+        # A small positive rate is not zero: a fallback that fired once must not read "never".
+        if 0 < abs(v) < 0.5 * 10 ** -digits:
+            return ("<" if v > 0 else ">-") + f"{10 ** -digits:.{digits}f}"
+        return text
     return str(v)
 
 

@@ -410,3 +410,13 @@ def test_arms_contrasts_name_the_settings_that_come_with_a_switch(tmp_path):
     assert "1 → 40" in changes and "random → skip" in changes
     assert "## Comparisons" in rep.text
     assert (tmp_path / "study" / "report" / "contrasts.csv").exists()
+
+
+def test_a_rate_that_is_small_but_not_zero_never_prints_as_zero():
+    """A fallback that fired on one step in 5,000 must not read as "never fired"."""
+    import pandas as pd
+
+    from ablations.report import md_table
+
+    table = md_table(pd.DataFrame({"fallback rate": [0.0002, 0.0, 0.25]}), digits=3)
+    assert table.splitlines()[2:] == ["| <0.001 |", "| 0.000 |", "| 0.250 |"]

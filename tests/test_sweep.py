@@ -453,3 +453,23 @@ def test_grid_trials_are_cells_and_grids_started_before_arms_still_resume():
     legacy = SimpleNamespace(config={"point": {"optim.lr": 0.1}, "seed": 1}, experiment_tag="3")
     assert ctx.params_and_seed(legacy.config) == ({"optim.lr": 0.1}, 1)
     assert ctx.trial_id(legacy) == "c000-s1"
+
+
+def test_sweep_clock_keeps_the_state_current_while_the_driver_runs(tmp_path):
+    """A driver killed outright (SIGKILL, a lost machine) never reaches its final save: the
+    sweep's wall time must already hold what it ran, not only the runs that ended."""
+    from tune.resume import STATE_FILE, SweepState
+
+    state = SweepState(runs=2, wall_seconds=100.0)
+    seen = []
+    with state.clock(str(tmp_path), every=0.05):
+        deadline = time.time() + 5
+        while time.time() < deadline and len(seen) < 3:
+            path = tmp_path / STATE_FILE
+            if path.is_file():
+                seen.append(json.loads(path.read_text())["wall_seconds"])
+            time.sleep(0.06)
+    assert len(seen) >= 3 and seen[0] > 100.0 and seen == sorted(seen)
+    final = json.loads((tmp_path / STATE_FILE).read_text())
+    assert final["runs"] == 2 and final["wall_seconds"] >= seen[-1]
+    assert SweepState.load(str(tmp_path)).wall_seconds == pytest.approx(state.wall_seconds)

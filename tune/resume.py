@@ -22,9 +22,13 @@ import math
 import os
 import posixpath
 import re
+import sys
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from hardmix.config import ParamSpec, SweepConfig
 from hardmix.errors import ConfigError
@@ -48,7 +52,8 @@ def trial_name(prefix: str, index: int, seed: int) -> str:
 @dataclass
 class SweepState:
     """Bookkeeping of a sweep across runs of the driver: ``runs`` (how many times it was
-    started) and ``wall_seconds`` (driver time of the runs that ended)."""
+    started) and ``wall_seconds`` (driver time of all its runs, kept current by
+    :meth:`clock`, so that a driver killed outright still counts)."""
 
     runs: int = 0
     wall_seconds: float = 0.0
@@ -74,6 +79,36 @@ class SweepState:
         from tune.sweep import _write_text, join
 
         _write_text(join(sweep_dir, STATE_FILE), json.dumps(asdict(self)))
+
+    @contextmanager
+    def clock(self, sweep_dir: str, every: float = 60.0) -> Iterator[None]:
+        """Counts the time inside the block into ``wall_seconds``, saved every ``every``
+        seconds and at the end: a driver lost to SIGKILL or a dead machine loses at most
+        ``every`` seconds of the sweep's time instead of its whole run."""
+        base, t0 = self.wall_seconds, time.time()
+        stop = threading.Event()
+
+        def tick() -> None:
+            warned = False
+            while not stop.wait(every):
+                self.wall_seconds = base + time.time() - t0
+                try:
+                    self.save(sweep_dir)
+                except OSError as exc:  # the final save raises; say it once meanwhile
+                    if not warned:
+                        print(f"hardmix sweep: cannot update {STATE_FILE}: {exc}",
+                              file=sys.stderr)
+                        warned = True
+
+        thread = threading.Thread(target=tick, name="hardmix-sweep-clock", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.wall_seconds = base + time.time() - t0
+            self.save(sweep_dir)
 
 
 def trial_rows(sweep_dir: str) -> dict[str, dict]:

@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Optional, TextIO
 
@@ -805,24 +804,22 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, dry_run: bool = False,
 
     from tune.progress import quiet_ray
     quiet_ray()
-    t0 = time.time()
     _write_text(join(sweep_dir, SWEEP_FILE), to_yaml(cfg))  # a resume may add seeds
     state.runs += 1
     state.save(sweep_dir)  # a driver killed now still counts as a run
-    started = _start_ray(cfg)
-    _stop_on_sigterm()
-    try:
-        from tune.cluster import check_cluster_resources
-        check_cluster_resources(cfg)  # a trial no node can ever hold would wait forever
-        print(f"hardmix sweep {cfg.name}: {describe_data(cfg)}; results in {sweep_dir}"
-              + (" (resuming)" if resume else ""), file=out)
-        _run_phases(cfg, sweep_dir, state, resume, out)
-    finally:
-        if started:
-            import ray
-            ray.shutdown()
-        state.wall_seconds += time.time() - t0
-        state.save(sweep_dir)
+    with state.clock(sweep_dir):
+        started = _start_ray(cfg)
+        _stop_on_sigterm()
+        try:
+            from tune.cluster import check_cluster_resources
+            check_cluster_resources(cfg)  # a trial no node can ever hold would wait forever
+            print(f"hardmix sweep {cfg.name}: {describe_data(cfg)}; results in {sweep_dir}"
+                  + (" (resuming)" if resume else ""), file=out)
+            _run_phases(cfg, sweep_dir, state, resume, out)
+        finally:
+            if started:
+                import ray
+                ray.shutdown()
 
     outcome = _outcome(cfg, sweep_dir, state.wall_seconds)
     if cfg.report and not outcome.interrupted and outcome.counts.get("completed"):
