@@ -100,9 +100,7 @@ def contrast_forest(contrasts: Sequence, family: str, path: Path) -> Path | None
         ax.errorbar(d.diff, i, xerr=[[d.diff - d.ci_low], [d.ci_high - d.diff]], fmt="o",
                     color=color, capsize=3, ms=5)
         name = c.factor.rsplit(".", 1)[-1]
-        labels.append(_wrap(f"{name}: {c.reference_value} → {c.value}"
-                            + (f" ({c.dependents})" if c.dependents else "")
-                            + f"  [{d.baseline}], n={d.n}", 70))
+        labels.append(_wrap(f"{name}: {c.change}  [{d.baseline}], n={d.n}", 70))
     ax.axvline(0, color="0.2", lw=0.8)
     ax.set_yticks(range(len(items)), labels, fontsize=7)
     ax.set(xlabel="Δ final test top-1 error (points); green: lower error, red: higher",

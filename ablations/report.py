@@ -80,6 +80,13 @@ class Contrast:
     dependents: str = ""
     excluded: str = ""  # why it is not in the family ("" = in it)
 
+    @property
+    def change(self) -> str:
+        """``1 → 16 (fallback=random)``: the values as the tables print them, with the settings
+        that come with the changed switch."""
+        text = f"{fmt_value(self.reference_value)} → {fmt_value(self.value)}"
+        return text + (f" ({self.dependents})" if self.dependents else "")
+
 
 @dataclass
 class Report:
@@ -335,9 +342,7 @@ def contrast_table(contrasts: list[Contrast]) -> pd.DataFrame:
     rows = []
     for c in contrasts:
         d = c.difference
-        change = f"{fmt_value(c.reference_value)} → {fmt_value(c.value)}"
-        rows.append({"factor": names.get(c.factor, c.factor),
-                     "change": change + (f" ({c.dependents})" if c.dependents else ""),
+        rows.append({"factor": names.get(c.factor, c.factor), "change": c.change,
                      "variant": d.variant, "reference": d.baseline, "n": d.n,
                      "delta_top1": d.diff, "ci_low": d.ci_low, "ci_high": d.ci_high,
                      "p": d.p, "p_adjusted": d.p_holm, "comparisons": d.m if not c.excluded else 0,
@@ -441,8 +446,7 @@ def _comparison_rows(items: list[Contrast], with_factor: bool = True) -> pd.Data
         row = {}
         if with_factor:
             row["factor"] = names.get(c.factor, c.factor)
-        row.update({"change": f"{fmt_value(c.reference_value)} → {fmt_value(c.value)}"
-                    + (f" ({c.dependents})" if c.dependents else ""),
+        row.update({"change": c.change,
                     "with the rest as in": d.baseline, "n": d.n, "Δ top-1 (points)": d.diff,
                     "95% CI": _ci_text(d),
                     "distinguishable": ("n too small" if not d.tested else

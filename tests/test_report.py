@@ -420,3 +420,24 @@ def test_a_rate_that_is_small_but_not_zero_never_prints_as_zero():
 
     table = md_table(pd.DataFrame({"fallback rate": [0.0002, 0.0, 0.25]}), digits=3)
     assert table.splitlines()[2:] == ["| <0.001 |", "| 0.000 |", "| 0.250 |"]
+
+
+def test_a_contrast_reads_the_same_in_the_tables_and_the_plot(tmp_path, monkeypatch):
+    """Parquet hands integers of a mixed column back as floats (min_hard 1.0): the change is
+    printed once, as the tables print values, and the forest plot's labels use that text."""
+    from ablations import plots
+    from ablations.report import Contrast, contrast_table
+    from ablations.stats import Difference
+
+    d = Difference("hardmix (min_hard=16)", "hardmix", "paired", 5, 5, diff=-0.2, se=0.1,
+                   df=4.0, p=0.1, p_holm=0.2, ci_low=-0.5, ci_high=0.1, m=2,
+                   distinguishable=False)
+    c = Contrast("augment.min_hard", 1.0, 16.0, d, dependents="fallback=random")
+    assert c.change == "1 → 16 (fallback=random)"
+    assert contrast_table([c])["change"].tolist() == [c.change]
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(
+        [t.get_text() for t in fig.axes[0].get_yticklabels()]) or path)
+    plots.contrast_forest([c], "family", tmp_path / "c.png")
+    assert len(seen) == 1 and "1 → 16 (fallback=random)" in seen[0][0].replace("\n", " ")
+    assert "1.0" not in seen[0][0]

@@ -629,6 +629,18 @@ def test_eta_is_the_work_left_at_the_mean_trial_time_over_the_slots():
     assert eta_seconds([10.0], [], pending=0, slots=4) == 0.0
 
 
+def test_a_resumed_trial_counts_as_the_whole_run_it_stands_for():
+    """Resumed at epoch 50 of 60, a trial reports 10 epochs in 60 s: as a full run that is
+    360 s, so 3 pending trials after it are 3 x 360 s of work, not 3 x 60 s."""
+    from tune.progress import eta_seconds, seconds_from_start
+
+    resumed = {"time_total_s": 60.0, "epoch": 60, "training_iteration": 10}
+    assert seconds_from_start(resumed) == 360.0
+    assert seconds_from_start({"time_total_s": 30.0, "epoch": 3, "training_iteration": 3}) == 30.0
+    assert seconds_from_start({"epoch": 3}) is None
+    assert eta_seconds([seconds_from_start(resumed)], [], pending=3, slots=1) == 1080.0
+
+
 class _Named(SimpleNamespace):
     def __str__(self) -> str:
         return self.name

@@ -81,6 +81,20 @@ def eta_seconds(ended: Sequence[float], running: Sequence[float], pending: int,
     return left / max(1, slots)
 
 
+def seconds_from_start(result: dict) -> float | None:
+    """Tune's ``time_total_s`` of a trial, as if this attempt had run every epoch the trial
+    reached. A trial resumed from a checkpoint at epoch 50 of 60 reports only the epochs of its
+    new attempt: its time is scaled by ``epoch / training_iteration`` (each report is one
+    epoch), so that a resumed sweep's few quick endings do not promise an early finish."""
+    spent = result.get("time_total_s")
+    if not isinstance(spent, (int, float)):
+        return None
+    epoch, reports = result.get("epoch"), result.get("training_iteration")
+    if isinstance(epoch, (int, float)) and isinstance(reports, (int, float)) and 0 < reports < epoch:
+        return float(spent) * float(epoch) / float(reports)
+    return float(spent)
+
+
 def progress_bar(done: int, total: int, width: int = 20) -> str:
     """``█████░░░░░`` with ``done / total`` of ``width`` cells filled."""
     filled = 0 if total <= 0 else min(width, round(width * done / total))
@@ -169,22 +183,22 @@ class SweepProgress(ProgressReporter):
         return is_live(self._stream()) if self.live is None else self.live
 
     def _timing(self, trials: Sequence[Any]) -> tuple[int, int, float, float | None]:
-        """``(ended, total, elapsed seconds, ETA seconds or None)``. A trial's time is Tune's
-        ``time_total_s`` (kept across resumes); a running trial without a report yet counts
-        from when this reporter first saw it running."""
+        """``(ended, total, elapsed seconds, ETA seconds or None)``. A trial's time is
+        :func:`seconds_from_start`; a running trial without a report yet counts from when this
+        reporter first saw it running."""
         now = self.clock()
         ended, running, pending = [], [], 0
         for t in trials:
             state = trial_state(t, self.epochs)
             key = getattr(t, "trial_id", id(t))
-            spent = (getattr(t, "last_result", None) or {}).get("time_total_s")
+            spent = seconds_from_start(getattr(t, "last_result", None) or {})
             if state == "running":
                 since = self._running_since.setdefault(key, now)
-                running.append(float(spent) if isinstance(spent, (int, float)) else now - since)
+                running.append(spent if spent is not None else now - since)
             elif state == "pending":
                 pending += 1
-            elif isinstance(spent, (int, float)):
-                ended.append(float(spent))
+            elif spent is not None:
+                ended.append(spent)
         n_ended = sum(1 for t in trials
                       if trial_state(t, self.epochs) in ("done", "pruned", "failed"))
         total = max(self.total or 0, len(trials))
