@@ -320,20 +320,32 @@ def one_factor_contrasts(used: pd.DataFrame, factors: list[str], same: dict[str,
 
 def differences_from(contrasts: list[Contrast], used: pd.DataFrame, baseline: str
                      ) -> tuple[list[Contrast], list[str]]:
-    """The method contrasts with a ``baseline`` variant on either side (the same intervals as
-    in the contrasts; ``none -> cutmix`` keeps its direction), and a note for every other
-    variant that has no matched baseline."""
+    """The method contrasts of the family with a ``baseline`` variant on either side (the same
+    intervals as in the contrasts; ``none -> cutmix`` keeps its direction), and a note for
+    every other variant: matched but left out of the family (and why), or not matched."""
     if not (used["augment.method"] == baseline).any():
         return [], [f"No completed `{baseline}` trials: nothing to compare against {baseline}."]
     base_variants = set(used.loc[used["augment.method"] == baseline, "variant"])
-    diffs = [c for c in contrasts if c.factor == "augment.method"
+    pairs = [c for c in contrasts if c.factor == "augment.method"
              and base_variants & {c.difference.baseline, c.difference.variant}]
+    diffs = [c for c in pairs if not c.excluded]
     matched = {v for c in diffs for v in (c.difference.variant, c.difference.baseline)}
+    # A matched pair left out of the family has a match: say why it is not tested here rather
+    # than claim there is nothing to compare it with.
+    why = {}
+    for c in pairs:
+        for v in (c.difference.variant, c.difference.baseline):
+            if v not in matched and v not in base_variants:
+                other = c.difference.baseline if v == c.difference.variant else \
+                    c.difference.variant
+                why.setdefault(v, f"matched by {other}, but not tested here ({c.excluded}"
+                               + ("; `--family method` tests it" if c.excluded ==
+                                  "outside the family" else "") + ").")
     notes = []
     for v in dict.fromkeys(used.loc[used["augment.method"] != baseline, "variant"]):
         if v not in matched:
-            notes.append(f"{v}: no `{baseline}` variant matches it on every shared factor "
-                         "(prob, α, box, ...): not compared.")
+            notes.append(f"{v}: " + why.get(v, f"no `{baseline}` variant matches it on every "
+                                             "shared factor (prob, α, box, ...): not compared."))
     return diffs, notes
 
 
@@ -364,6 +376,8 @@ def _fmt(v: Any, digits: int = 2) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "—"
     if isinstance(v, (float, np.floating)):
+        if abs(v) < 1e-9:  # rounding residue of a mean of equal numbers, not a small value
+            v = 0.0
         text = f"{v:.{digits}f}"
         # A small positive rate is not zero: a fallback that fired once must not read "never".
         if 0 < abs(v) < 0.5 * 10 ** -digits:
@@ -643,8 +657,8 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
     tables: dict[str, pd.DataFrame] = {"main_table": table}
     contrasts = one_factor_contrasts(used, factors, same, family, correction)
     tables["contrasts"] = contrast_table(contrasts)
-    diffs, diff_notes = (differences_from([c for c in contrasts if not c.excluded], used,
-                                          baseline) if not used.empty else ([], []))
+    diffs, diff_notes = (differences_from(contrasts, used, baseline) if not used.empty
+                         else ([], []))
     tables["differences"] = contrast_table(diffs)
     tables.update(factor_tables(used, factors) if not used.empty else {})
     imp_factors = factors + (["augment.method"] if used["augment.method"].nunique() > 1 else [])

@@ -441,3 +441,29 @@ def test_a_contrast_reads_the_same_in_the_tables_and_the_plot(tmp_path, monkeypa
     plots.contrast_forest([c], "family", tmp_path / "c.png")
     assert len(seen) == 1 and "1 → 16 (fallback=random)" in seen[0][0].replace("\n", " ")
     assert "1.0" not in seen[0][0]
+
+
+def test_a_matched_baseline_outside_the_family_is_named_not_called_missing(sweep, tmp_path):
+    """With ``--family criterion`` the method contrasts are not tested, but the CutMix variant
+    that matches HardMix is there: the report says why it is not compared, never that no
+    CutMix variant matches."""
+    rep = build_report(str(sweep), out=str(tmp_path / "r"), family=["criterion"])
+    assert rep.differences == []
+    md = rep.text
+    matched = "hardmix (alpha=1, criterion=misclassified): matched by cutmix (alpha=1), " \
+              "but not tested here (outside the family; `--family method` tests it)."
+    assert matched in md
+    assert "hardmix (alpha=1, criterion=misclassified): no `cutmix` variant" not in md
+    assert "hardmix (alpha=0.5, criterion=misclassified): no `cutmix` variant matches" in md
+
+
+def test_a_mean_of_equal_numbers_prints_as_zero_not_as_a_small_value():
+    """Equal errors on every seed leave a rounding residue (1e-15), which is zero, not <0.001."""
+    import pandas as pd
+
+    from ablations.report import md_table
+
+    residue = float(np.mean(np.array([22.81, 23.07, 22.69]) - np.array([22.81, 23.07, 22.69])
+                            + 1e-15))
+    table = md_table(pd.DataFrame({"Δ": [residue, -residue]}), digits=3)
+    assert table.splitlines()[2:] == ["| 0.000 |", "| 0.000 |"]
