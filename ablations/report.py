@@ -21,8 +21,11 @@ writes into ``<sweep>/report/`` (or ``out``):
   each variant against the CutMix variant that matches it on every shared factor (prob, α, box,
   ...), with the family's interval; a variant without such a match is listed as unmatched;
 * ``factor_<name>.csv`` -- marginal means per factor (descriptive, no test);
-* ``importance.csv`` -- Optuna's factor importance, only for an Optuna search with enough
-  full-length trials, with bootstrap intervals (:mod:`ablations.importance`);
+* ``search.csv`` -- a followed-up search's exploration (:func:`search_phase`): every
+  configuration it tried, how far it ran and its validation error; the tables above use only
+  the follow-up's re-runs, since the exploration chose them;
+* ``importance.csv`` -- Optuna's factor importance over a search's exploration, only with
+  enough full-length trials, with bootstrap intervals (:mod:`ablations.importance`);
 * ``left_out.csv`` / ``skipped_files.csv`` -- every trial not in the tables and why;
 * PNG plots (:mod:`ablations.plots`), one colour per variant across all of them.
 
@@ -52,7 +55,7 @@ from ablations.factors import (INERT, factor_frame, fmt_value, hashable, is_rele
                                varying_factors)
 from ablations.importance import factor_importance
 from ablations.stats import Difference, difference, holm, mean_std_text, summarize, verdict
-from ablations.store import _resolve, read_results
+from ablations.store import FOLLOWUP_PREFIX, MAIN_PREFIX, _resolve, parse_trial_id, read_results
 from hardmix.config import RunConfig, flatten
 from hardmix.config.environment import check_writable
 from hardmix.errors import ConfigError
@@ -115,18 +118,62 @@ class Report:
 # --------------------------------------------------------------------------------------------
 
 
-def split_trials(trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(used, left_out)``: completed trials with a final error, and the rest with a reason."""
+def search_phase(trials: pd.DataFrame) -> pd.Series:
+    """The exploration of a search whose sweep has follow-up trials (``c…`` ids where ``f…`` ids
+    exist). Its configurations ran one seed each and the best were chosen by that run's
+    validation error, so a chosen run is not evidence for itself: the comparisons use the
+    follow-up's re-runs, which took no part in the choice."""
+    prefix = trials["trial_id"].map(lambda t: (parse_trial_id(t) or ("",))[0])
+    followed = prefix.eq(FOLLOWUP_PREFIX).groupby(trials["sweep"]).transform("any")
+    return followed & prefix.eq(MAIN_PREFIX)
+
+
+def split_trials(trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``(used, left_out, search)``: completed trials with a final error, the rest with a
+    reason, and a followed-up search's exploration (:func:`search_phase`), which has its own
+    section."""
+    search = search_phase(trials)
     finite = np.isfinite(pd.to_numeric(trials["final_top1_err"], errors="coerce").astype(float))
-    used_mask = (trials["status"] == "completed") & finite
-    left = trials.loc[~used_mask, ["sweep", "trial_id", "status", "error"]].copy()
+    used_mask = (trials["status"] == "completed") & finite & ~search
+    left = trials.loc[~used_mask & ~search, ["sweep", "trial_id", "status", "error"]].copy()
     left["reason"] = [
         LEFT_OUT_REASONS.get(s, f"status {s}") if s != "completed"
         else "completed without a final test error"
         for s in left["status"]]
     left["error"] = [(str(e).splitlines() or [""])[0] if isinstance(e, str) else ""
                      for e in left["error"]]
-    return trials.loc[used_mask].copy(), left[["sweep", "trial_id", "status", "reason", "error"]]
+    return (trials.loc[used_mask].copy(), left[["sweep", "trial_id", "status", "reason", "error"]],
+            trials.loc[search].copy())
+
+
+def search_table(search: pd.DataFrame, used: pd.DataFrame) -> pd.DataFrame:
+    """The configurations a search tried, best validation error first among those that ran
+    longest (ASHA stops most early: an error at epoch 6 is not comparable with one at 60), with
+    the searched factors where they act and whether the follow-up re-ran the configuration."""
+    if search.empty:
+        return pd.DataFrame()
+    factors = varying_factors(search)
+    shown = factor_frame(search, factors)
+    followed = set()
+    if factors and not used.empty:
+        cols = [c for c in factors if c in used]
+        if len(cols) == len(factors):
+            again = factor_frame(used, factors)
+            followed = set(map(tuple, again[factors].itertuples(index=False)))
+    out = pd.DataFrame({
+        "trial": search["trial_id"].to_numpy(), "status": search["status"].to_numpy(),
+        "epochs": pd.to_numeric(search["epochs_run"], errors="coerce").to_numpy(),
+        "val top-1 err (%)": pd.to_numeric(search["final_val_top1_err"],
+                                           errors="coerce").to_numpy()})
+    names = short_names(factors)
+    for f in factors:
+        out[names[f]] = shown[f].to_numpy()
+    out["followed up"] = ["yes" if tuple(r) in followed else ""
+                          for r in shown[factors].itertuples(index=False)] if factors else ""
+    out = out.sort_values(["epochs", "val top-1 err (%)"], ascending=[False, True],
+                          na_position="last", kind="stable")
+    out["epochs"] = out["epochs"].map(lambda e: "—" if pd.isna(e) else str(int(e)))
+    return out.reset_index(drop=True)
 
 
 def _epoch_means(epochs: pd.DataFrame) -> pd.DataFrame:
@@ -436,6 +483,13 @@ def _left_out_summary(left: pd.DataFrame, skipped: list[tuple[str, str]]) -> str
     return ", ".join(parts) if parts else "none"
 
 
+def _search_count(search: Optional[pd.DataFrame]) -> str:
+    if search is None:
+        return ""
+    return (f" The {len(search)} trials of the search phase are under \"Search\": the "
+            "comparisons use the follow-up's re-runs of the configurations it chose.")
+
+
 def _ci_text(d: Difference) -> str:
     return "—" if not d.tested else f"[{d.ci_low:+.2f}, {d.ci_high:+.2f}]"
 
@@ -478,7 +532,7 @@ def _markdown(ctx: dict) -> str:
              f"Source: `{ctx['path']}` · generated {now}", "",
              f"**{len(ctx['used'])} of {len(ctx['trials'])} trials used.** Left out: "
              f"{_left_out_summary(ctx['left'], ctx['skipped'])} (details at the end and in "
-             "`left_out.csv`).", ""]
+             "`left_out.csv`)." + _search_count(ctx["tables"].get("search")), ""]
     lines += ["Errors are final test errors in percent (lower is better) at the last epoch, "
               "mean ± sample std over the seeds of a variant (n). No number in this report is "
               "selected on the test set. A variant is the method plus the factors that vary in "
@@ -542,6 +596,16 @@ def _markdown(ctx: dict) -> str:
             lines += [f"### {name.replace('factor_', '').replace('_', ' ')}", "",
                       md_table(ctx["tables"][name]), ""]
 
+    search = ctx["tables"].get("search")
+    if search is not None:
+        lines += ["## Search", "", f"The configurations the search tried, one run each "
+                  f"(seed {_seeds_text(ctx['search_seeds'])}), longest-running first, then by "
+                  "validation error at the epoch each reached: ASHA stops most of them early, "
+                  "and an error at an early rung is not comparable with a final one. No test "
+                  "error is shown: these runs chose the follow-up's configurations (by the "
+                  "validation error of the full-length runs), and the tables above use only "
+                  "the follow-up's re-runs, which took no part in that choice.", "",
+                  md_table(search, 2), ""]
     lines += ["## Factor importance", "", ctx["importance_note"], ""]
     if not ctx["tables"]["importance"].empty:
         lines += [md_table(ctx["tables"]["importance"], 3), ""]
@@ -639,7 +703,7 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
             extra = f"; {len(res.skipped)} corrupt file(s), e.g. {f}: {why}"
         raise ConfigError("path", path, "holds no trial results yet (empty sweep)" + extra)
 
-    used, left = split_trials(trials)
+    used, left, search = split_trials(trials)
     used = used.merge(_epoch_means(epochs), on=["sweep", "trial_id"], how="left")
     used.index = range(len(used))
     factors = varying_factors(used) if not used.empty else []
@@ -661,8 +725,14 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
                          else ([], []))
     tables["differences"] = contrast_table(diffs)
     tables.update(factor_tables(used, factors) if not used.empty else {})
-    imp_factors = factors + (["augment.method"] if used["augment.method"].nunique() > 1 else [])
-    importance, importance_note = factor_importance(trials, imp_factors, _sweep_mode(path))
+    if not search.empty:
+        tables["search"] = search_table(search, used)
+    # Importance explains the exploration: the follow-up's few configurations x seeds would
+    # only restate how they differ.
+    explored = search if not search.empty else trials
+    imp_factors = (varying_factors(search) if not search.empty else
+                   factors + (["augment.method"] if used["augment.method"].nunique() > 1 else []))
+    importance, importance_note = factor_importance(explored, imp_factors, _sweep_mode(path))
     tables["importance"] = importance
     tables["left_out"] = left
     skipped = list(res.skipped)
@@ -704,7 +774,8 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
     summary = _left_out_summary(left, skipped)
     sweeps = ", ".join(res.sweeps)
     terminal = "\n".join([
-        f"hardmix report: {sweeps} — {len(used)} of {len(trials)} trials used; left out: {summary}",
+        f"hardmix report: {sweeps} — {len(used)} of {len(trials)} trials used; left out: {summary}"
+        + (f"; {len(search)} of the search phase (see Search)" if not search.empty else ""),
         shown.to_string(index=False) if not shown.empty else "(no completed trials yet)",
         f"report: {out.rstrip('/')}/report.md"])
 
@@ -712,6 +783,7 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
                         skipped=skipped, factors=factors, shown=shown, same=same,
                         contrasts=contrasts, family_text=family_text, diffs=diffs,
                         diff_notes=diff_notes, tables=tables, importance_note=importance_note,
+                        search_seeds=search["seed"] if not search.empty else pd.Series([]),
                         made=made, baseline=baseline))
     _atomic_write(out_dir / "report.md", lambda p: p.write_text(md))
     written = ["report.md"] + [f"{n}.csv" for n in tables] + [Path(p).name for p in made.values()]

@@ -200,6 +200,22 @@ def _renames_atomically(fs: pafs.FileSystem) -> bool:
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.=+-]")
 
+#: Trial ids of a sweep: ``c007-s1`` is configuration 7 of its main phase (a grid point or a
+#: searched configuration) with seed 1; ``f001-s3`` the second follow-up configuration of a
+#: search with seed 3. The report tells a search's exploration from its follow-up by them.
+MAIN_PREFIX, FOLLOWUP_PREFIX = "c", "f"
+_TRIAL_ID = re.compile(r"^(?P<prefix>[a-z])(?P<index>\d{3,})-s(?P<seed>\d+)$")
+
+
+def trial_name(prefix: str, index: int, seed: int) -> str:
+    return f"{prefix}{index:03d}-s{seed}"
+
+
+def parse_trial_id(trial_id: str) -> tuple[str, int, int] | None:
+    """``c007-s1`` -> ``("c", 7, 1)``; None for other names (runs written by hand)."""
+    m = _TRIAL_ID.match(str(trial_id))
+    return (m["prefix"], int(m["index"]), int(m["seed"])) if m else None
+
 
 def _file_stem(trial_id: str) -> str:
     # Readers skip names starting with "." or "_" (temporary files), so a real file never may.

@@ -467,3 +467,53 @@ def test_a_mean_of_equal_numbers_prints_as_zero_not_as_a_small_value():
                             + 1e-15))
     table = md_table(pd.DataFrame({"Δ": [residue, -residue]}), digits=3)
     assert table.splitlines()[2:] == ["| 0.000 |", "| 0.000 |"]
+
+
+def test_a_followed_up_search_compares_only_the_re_runs(tmp_path):
+    """The search's exploration chose the follow-up's configurations by one run's validation
+    error, so that run must not count as evidence for its own configuration: the tables use the
+    follow-up's re-runs only, the exploration gets its own section, and the importance model
+    sees the exploration alone (not the follow-up's 2 configurations x seeds)."""
+    root = tmp_path / "search"
+    st = ResultStore(str(root))
+    root.mkdir()
+    (root / "sweep.yaml").write_text("mode: search\nname: search\n")
+    alphas = np.linspace(0.2, 2.0, 22)
+    crits = ["misclassified", "topk_loss"]
+    for i, alpha in enumerate(alphas):
+        top1 = 10.0 if i == 5 else 30.0 + i  # c005 is the lucky, chosen one
+        write_run(st, f"c{i:03d}-s100",
+                  config(augment__method="hardmix", augment__alpha=float(alpha),
+                         augment__criterion=crits[i % 2], seed=100, optim__epochs=EPOCHS),
+                  top1=top1)
+    for i in range(22, 25):  # stopped by ASHA at the first rung
+        write_run(st, f"c{i:03d}-s100",
+                  config(augment__method="hardmix", augment__alpha=0.3, seed=100,
+                         augment__criterion="misclassified", optim__epochs=EPOCHS),
+                  top1=60.0, status="pruned", n_epochs=1)
+    chosen = dict(augment__alpha=float(alphas[5]), optim__epochs=EPOCHS)
+    for seed, (hm, cm) in enumerate([(20.0, 21.0), (21.0, 22.0), (22.0, 23.5)]):
+        write_run(st, f"f000-s{seed}", config(augment__method="hardmix", seed=seed,
+                                              augment__criterion=crits[1], **chosen), top1=hm)
+        write_run(st, f"f001-s{seed}", config(augment__method="cutmix", seed=seed, **chosen),
+                  top1=cm)
+
+    rep = build_report(str(root), out=str(tmp_path / "r"))
+    assert set(rep.main_table["n"]) == {3}  # the chosen run (10.0) is not in its variant
+    hm = rep.main_table[rep.main_table["method"] == "hardmix"].iloc[0]
+    assert hm["top1_mean"] == pytest.approx(21.0)
+    (diff,) = rep.differences
+    assert diff.difference.n == 3 and diff.difference.diff == pytest.approx(-3.5 / 3)
+    assert rep.left_out.empty  # the exploration is not "left out": it has its own section
+
+    search = rep.tables["search"]
+    assert len(search) == 25 and set(search["trial"]) == {f"c{i:03d}-s100" for i in range(25)}
+    assert search.iloc[0]["trial"] == "c005-s100" and search.iloc[0]["followed up"] == "yes"
+    assert (search["followed up"] == "yes").sum() == 1
+    assert list(search["epochs"])[-3:] == ["1", "1", "1"]  # early stops after full runs
+    assert "## Search" in rep.text and "The 25 trials of the search phase" in rep.text
+    assert (tmp_path / "r" / "search.csv").exists()
+
+    imp = rep.tables["importance"]
+    assert not imp.empty and set(imp["n"]) == {22}  # the exploration's full-length runs only
+    assert "augment.method" not in set(imp["factor"]) and "method" not in set(imp["factor"])

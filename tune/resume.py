@@ -21,7 +21,6 @@ import json
 import math
 import os
 import posixpath
-import re
 import sys
 import tempfile
 import threading
@@ -30,23 +29,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Mapping, Optional
 
+from ablations.store import MAIN_PREFIX, parse_trial_id
 from hardmix.config import ParamSpec, SweepConfig
 from hardmix.errors import ConfigError
 
 STATE_FILE = "sweep_state.json"
 #: Statuses of a trial that is not run again on resume.
 FINAL = ("completed", "pruned")
-_TRIAL_ID = re.compile(r"^(?P<prefix>[a-z])(?P<index>\d{3,})-s(?P<seed>\d+)$")
-
-
-def parse_trial_id(trial_id: str) -> Optional[tuple[str, int, int]]:
-    """``c007-s1`` -> ``("c", 7, 1)``; None for other names."""
-    m = _TRIAL_ID.match(str(trial_id))
-    return (m["prefix"], int(m["index"]), int(m["seed"])) if m else None
-
-
-def trial_name(prefix: str, index: int, seed: int) -> str:
-    return f"{prefix}{index:03d}-s{seed}"
 
 
 @dataclass
@@ -139,7 +128,7 @@ def stored_params(row: Mapping[str, Any], space: Mapping[str, ParamSpec]) -> dic
 
 
 def stored_configurations(rows: Mapping[str, Mapping], space: Mapping[str, ParamSpec],
-                          prefix: str = "c") -> dict[int, dict]:
+                          prefix: str = MAIN_PREFIX) -> dict[int, dict]:
     """Search configurations found in the store: index -> ``{"params", "rows": {seed: row}}``."""
     out: dict[int, dict] = {}
     for trial_id, row in rows.items():

@@ -32,6 +32,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, TextIO
 
+from ablations.store import FOLLOWUP_PREFIX, MAIN_PREFIX, trial_name
 from hardmix.config import (ConfigError, RunConfig, SweepConfig, check_sweep_environment,
                             deep_merge, from_dict, load_config, parse_overrides, to_dict, to_yaml,
                             validate)
@@ -625,16 +626,15 @@ def matched_baseline(cfg: SweepConfig, point: dict) -> dict:
 
 def planned_trials(cfg: SweepConfig, followup: list[dict] | None = None) -> list[str]:
     """Every trial id the sweep will have once it ends (main phase, then follow-up)."""
-    from tune.resume import trial_name
 
     if cfg.mode == "grid":
-        ids = [trial_name("c", i, s) for i, (_, seeds) in enumerate(zip(grid_points(cfg),
+        ids = [trial_name(MAIN_PREFIX, i, s) for i, (_, seeds) in enumerate(zip(grid_points(cfg),
                                                                          point_seeds(cfg)))
                for s in seeds]
     else:
-        ids = [trial_name("c", i, s) for i in range(cfg.num_samples) for s in cfg.seeds]
+        ids = [trial_name(MAIN_PREFIX, i, s) for i in range(cfg.num_samples) for s in cfg.seeds]
     if followup:
-        ids += [trial_name("f", i, s) for i in range(len(followup)) for s in cfg.followup.seeds]
+        ids += [trial_name(FOLLOWUP_PREFIX, i, s) for i in range(len(followup)) for s in cfg.followup.seeds]
     return ids
 
 
@@ -685,28 +685,28 @@ def _run_phases(cfg: SweepConfig, sweep_dir: str, state, resume: bool, out: Text
     """Run what the sweep still lacks: the main phase (grid cells, or the unfinished seeds of
     started configurations and then new Optuna suggestions), then the follow-up. What is done
     comes from the store; nothing of Tune's saved state is read."""
-    from tune.resume import finished, stored_configurations, trial_name, warm_study
+    from tune.resume import finished, stored_configurations, warm_study
 
     suffix = "" if state.runs <= 1 else f"-r{state.runs - 1}"
     rows = _rows_with_metric(cfg, sweep_dir) if resume else {}
     done = finished(rows)
     if cfg.mode == "grid":
         points = grid_points(cfg)
-        ctx = _make_context(cfg, sweep_dir, "c", cfg.seeds, points, point_seeds(cfg),
+        ctx = _make_context(cfg, sweep_dir, MAIN_PREFIX, cfg.seeds, points, point_seeds(cfg),
                             resuming=resume)
-        cells = [c for c in ctx.cells() if trial_name("c", c["index"], c["seed"]) not in done]
+        cells = [c for c in ctx.cells() if trial_name(MAIN_PREFIX, c["index"], c["seed"]) not in done]
         if cells:
             _fit(_tuner(cfg, ctx, MAIN_PHASE + suffix, cfg.name, cells=cells))
     else:
         configs = stored_configurations(rows, cfg.space) if resume else {}
         partial = {k: e for k, e in configs.items()
-                   if any(trial_name("c", k, s) not in done for s in cfg.seeds)}
+                   if any(trial_name(MAIN_PREFIX, k, s) not in done for s in cfg.seeds)}
         if partial:  # finish the seeds of configurations the last run had started
             indices = list(partial)
-            ctx = _make_context(cfg, sweep_dir, "c", cfg.seeds,
+            ctx = _make_context(cfg, sweep_dir, MAIN_PREFIX, cfg.seeds,
                                 [partial[k]["params"] for k in indices], resuming=True)
             cells = [c for c in ctx.cells(indices)
-                     if trial_name("c", c["index"], c["seed"]) not in done]
+                     if trial_name(MAIN_PREFIX, c["index"], c["seed"]) not in done]
             print(f"resume: finishing {len(cells)} trials of {len(indices)} started "
                   "configurations", file=out)
             _fit(_tuner(cfg, ctx, MAIN_PHASE + suffix + "-started", cfg.name, cells=cells))
@@ -716,7 +716,7 @@ def _run_phases(cfg: SweepConfig, sweep_dir: str, state, resume: bool, out: Text
         if remaining > 0:
             warm = warm_study(cfg, configs, _metric_of(cfg)) if configs else None
             offset = max(configs) + 1 if configs else 0
-            ctx = _make_context(cfg, sweep_dir, "c", cfg.seeds, None, resuming=resume,
+            ctx = _make_context(cfg, sweep_dir, MAIN_PREFIX, cfg.seeds, None, resuming=resume,
                                 index_offset=offset)
             _fit(_tuner(cfg, ctx, MAIN_PHASE + suffix, cfg.name, samples=remaining, warm=warm))
 
@@ -738,9 +738,9 @@ def _run_phases(cfg: SweepConfig, sweep_dir: str, state, resume: bool, out: Text
                         top.append(m)
             _write_text(points_file, json.dumps(top, indent=1))
         if top:
-            fctx = _make_context(cfg, sweep_dir, "f", cfg.followup.seeds, top, resuming=resume)
+            fctx = _make_context(cfg, sweep_dir, FOLLOWUP_PREFIX, cfg.followup.seeds, top, resuming=resume)
             done = finished(rows)
-            cells = [c for c in fctx.cells() if trial_name("f", c["index"], c["seed"]) not in done]
+            cells = [c for c in fctx.cells() if trial_name(FOLLOWUP_PREFIX, c["index"], c["seed"]) not in done]
             if cells:
                 print(f"follow-up: best {len(top)} configurations x seeds "
                       f"{cfg.followup.seeds}", file=out)

@@ -33,6 +33,7 @@ from typing import Any, Mapping, Optional
 
 from ray.tune import Callback as TuneCallback
 
+from ablations.store import MAIN_PREFIX
 import hardmix.train
 from hardmix.config import ResourcesConfig, RunConfig
 from hardmix.metrics import Callback, reported
@@ -68,7 +69,7 @@ class SweepContext:
     seeds: list[int]
     metric: str
     resources: ResourcesConfig
-    prefix: str = "c"
+    prefix: str = MAIN_PREFIX
     points: Optional[list[dict]] = None
     point_seeds: Optional[list[list[int]]] = None
     ray_version: str = ""
