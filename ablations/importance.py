@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -65,17 +65,21 @@ def _distribution(values: pd.Series):
     return od.CategoricalDistribution(choices), to_choice
 
 
-def importance_study(trials: pd.DataFrame, factors: list[str], target: str = TARGET):
-    """``(study or None, note)``: an Optuna study rebuilt from the full-length completed rows.
+def importance_study(trials: pd.DataFrame, factors: list[str], target: str = TARGET,
+                     rows: Optional[pd.Series] = None,
+                     population: str = "full-length completed trials"):
+    """``(study or None, note)``: an Optuna study rebuilt from the full-length completed rows
+    (or from ``rows``, a mask, described by ``population``).
 
     Each factor becomes a parameter of the trials where it is relevant and is absent elsewhere
     (a conditional parameter). ``None`` when fewer than 2 trials or no varying factor remain.
     """
     import optuna
 
-    usable = trials[full_length(trials)
-                    & np.isfinite(pd.to_numeric(trials[target], errors="coerce").astype(float))]
-    note = f"{len(usable)} full-length completed trials (of {len(trials)}); target: {target}"
+    keep = full_length(trials) if rows is None else rows
+    usable = trials[keep & np.isfinite(pd.to_numeric(trials[target], errors="coerce")
+                                       .astype(float))]
+    note = f"{len(usable)} {population} (of {len(trials)}); target: {target}"
     if not factors:
         return None, note + "; no factor varies"
     if len(usable) < 2:
@@ -108,6 +112,32 @@ def importance_study(trials: pd.DataFrame, factors: list[str], target: str = TAR
     return study, note
 
 
+def rung_target(trials: pd.DataFrame, epochs: pd.DataFrame, metric: str = "val_top1_err",
+                min_trials: int = MIN_TRIALS) -> tuple[pd.DataFrame, pd.Series, str, int]:
+    """Where too few trials of a search ran to the end (ASHA stops most): ``metric`` at the
+    latest epoch that at least ``min_trials`` trials reached (an early rung, where every trial
+    was still running), as ``(trials with that column, mask of the trials that have it, the
+    column, the epoch)``; epoch 0 when no epoch has enough. It explains what early stopping
+    decided on, not the final error."""
+    column = f"{metric} at epoch"
+    if epochs.empty or metric not in epochs:
+        return trials, pd.Series(False, index=trials.index), column, 0
+    ids = trials[["sweep", "trial_id"]]
+    rows = epochs.merge(ids, on=["sweep", "trial_id"])
+    rows = rows[np.isfinite(pd.to_numeric(rows[metric], errors="coerce").astype(float))]
+    reached = rows.groupby("epoch")["trial_id"].nunique()
+    enough = reached[reached >= min_trials]
+    if enough.empty:
+        return trials, pd.Series(False, index=trials.index), column, 0
+    epoch = int(enough.index.max())
+    at = rows[rows["epoch"] == epoch].drop_duplicates(["sweep", "trial_id"], keep="last")
+    column = f"{metric} at epoch {epoch}"
+    out = trials.merge(at[["sweep", "trial_id", metric]].rename(columns={metric: column}),
+                       on=["sweep", "trial_id"], how="left")
+    out.index = trials.index
+    return out, out[column].notna(), column, epoch
+
+
 def _importances(study) -> dict[str, float]:
     import optuna
 
@@ -116,11 +146,14 @@ def _importances(study) -> dict[str, float]:
 
 def factor_importance(trials: pd.DataFrame, factors: list[str], mode: str = "search",
                       target: str = TARGET, min_trials: int = MIN_TRIALS,
-                      boot: int = BOOTSTRAP, seed: int = 0) -> tuple[pd.DataFrame, str]:
+                      boot: int = BOOTSTRAP, seed: int = 0, rows: Optional[pd.Series] = None,
+                      population: str = "full-length completed trials"
+                      ) -> tuple[pd.DataFrame, str]:
     """``(table, note)``: importance of each factor for ``target`` (lower is better), with a
     95% bootstrap interval over trials and the number of trials, or an empty table and why.
 
-    ``mode``: the sweep's design; only ``search`` gets a table.
+    ``mode``: the sweep's design; only ``search`` gets a table. ``rows`` / ``population``: as
+    in :func:`importance_study`.
     """
     empty = pd.DataFrame(columns=["factor", "importance", "ci_low", "ci_high", "n"])
     if mode != "search":
@@ -128,12 +161,12 @@ def factor_importance(trials: pd.DataFrame, factors: list[str], mode: str = "sea
                        "planned, and the one-factor contrasts above say which factor moves the "
                        "error and by how much, with intervals; an importance model fitted to a "
                        "few arms would mostly restate which factors the arms vary.")
-    study, note = importance_study(trials, factors, target)
+    study, note = importance_study(trials, factors, target, rows, population)
     n = len(study.trials) if study is not None else 0
     if study is None:
         return empty, f"Not computed: {note}."
     if n < min_trials:
-        return empty, (f"Not computed: {n} full-length completed trials; an importance estimate "
+        return empty, (f"Not computed: {n} {population}; an importance estimate "
                        f"needs at least {min_trials} ({note}).")
     try:
         point = _importances(study)

@@ -26,6 +26,8 @@ writes into ``<sweep>/report/`` (or ``out``):
   the follow-up's re-runs, since the exploration chose them;
 * ``importance.csv`` -- Optuna's factor importance over a search's exploration, only with
   enough full-length trials, with bootstrap intervals (:mod:`ablations.importance`);
+  ``importance_early.csv`` where too few ran to the end: the same at the latest epoch enough
+  trials reached (what early stopping decided on, labelled as such);
 * ``left_out.csv`` / ``skipped_files.csv`` -- every trial not in the tables and why;
 * PNG plots (:mod:`ablations.plots`), one colour per variant across all of them.
 
@@ -53,7 +55,7 @@ from ablations import plots
 from ablations.factors import (INERT, factor_frame, fmt_value, hashable, is_relevant,
                                method_order, relevance, short_names, variant_labels,
                                varying_factors)
-from ablations.importance import factor_importance
+from ablations.importance import factor_importance, rung_target
 from ablations.stats import Difference, difference, holm, mean_std_text, summarize, verdict
 from ablations.store import FOLLOWUP_PREFIX, MAIN_PREFIX, _resolve, parse_trial_id, read_results
 from hardmix.config import RunConfig, flatten
@@ -609,6 +611,13 @@ def _markdown(ctx: dict) -> str:
     lines += ["## Factor importance", "", ctx["importance_note"], ""]
     if not ctx["tables"]["importance"].empty:
         lines += [md_table(ctx["tables"]["importance"], 3), ""]
+    if ctx["early_note"]:
+        lines += ["### At an early rung", "", "What early stopping decided on, not the final "
+                  "error: the validation error at the latest epoch that enough trials reached. "
+                  "A factor that slows early learning but pays off by the end (stronger "
+                  "mixing often does) counts against itself here.", "", ctx["early_note"], ""]
+        if "importance_early" in ctx["tables"]:
+            lines += [md_table(ctx["tables"]["importance_early"], 3), ""]
 
     if ctx["made"]:
         lines += ["## Plots", ""]
@@ -732,8 +741,19 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
     explored = search if not search.empty else trials
     imp_factors = (varying_factors(search) if not search.empty else
                    factors + (["augment.method"] if used["augment.method"].nunique() > 1 else []))
-    importance, importance_note = factor_importance(explored, imp_factors, _sweep_mode(path))
+    mode = _sweep_mode(path)
+    importance, importance_note = factor_importance(explored, imp_factors, mode)
     tables["importance"] = importance
+    early_note = ""
+    if importance.empty and mode == "search":
+        # Too few ran to the end: what early stopping decided on is still worth knowing.
+        frame, reached, column, epoch = rung_target(explored, epochs)
+        if epoch:
+            early, early_note = factor_importance(
+                frame, imp_factors, mode, target=column, rows=reached,
+                population=f"trials that reached epoch {epoch}")
+            if not early.empty:
+                tables["importance_early"] = early
     tables["left_out"] = left
     skipped = list(res.skipped)
     if skipped:
@@ -783,6 +803,7 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
                         skipped=skipped, factors=factors, shown=shown, same=same,
                         contrasts=contrasts, family_text=family_text, diffs=diffs,
                         diff_notes=diff_notes, tables=tables, importance_note=importance_note,
+                        early_note=early_note,
                         search_seeds=search["seed"] if not search.empty else pd.Series([]),
                         made=made, baseline=baseline))
     _atomic_write(out_dir / "report.md", lambda p: p.write_text(md))

@@ -517,3 +517,37 @@ def test_a_followed_up_search_compares_only_the_re_runs(tmp_path):
     imp = rep.tables["importance"]
     assert not imp.empty and set(imp["n"]) == {22}  # the exploration's full-length runs only
     assert "augment.method" not in set(imp["factor"]) and "method" not in set(imp["factor"])
+
+
+def test_a_search_asha_cut_short_gets_its_importance_at_an_early_rung_labelled_so(tmp_path):
+    """3 of 25 configurations ran to the end: no importance of the final error (n < 20), but
+    every trial reached epoch 1, so the importance of the epoch-1 validation error is shown,
+    labelled as what early stopping decided on, over the 25 trials that have it."""
+    root = tmp_path / "asha"
+    root.mkdir()
+    (root / "sweep.yaml").write_text("mode: search\nname: asha\n")
+    st = ResultStore(str(root))
+    rng = np.random.default_rng(0)
+    for i in range(25):
+        # three history trials, spread over alpha, are far ahead at epoch 1
+        crit = "history" if i in (4, 12, 20) else ["misclassified", "topk_loss"][i % 2]
+        top1 = (10.0 if crit == "history" else 40.0) + rng.normal(0, 0.5)
+        full = i < 3
+        write_run(st, f"c{i:03d}-s100",
+                  config(augment__method="hardmix", augment__alpha=float(0.2 + 0.07 * i),
+                         augment__criterion=crit, seed=100, optim__epochs=EPOCHS),
+                  top1=top1, status="completed" if full else "pruned",
+                  n_epochs=EPOCHS if full else 1)
+    rep = build_report(str(root), out=str(tmp_path / "r"))
+    assert rep.tables["importance"].empty
+    assert "Not computed: 3 full-length completed trials" in rep.text
+    early = rep.tables["importance_early"]
+    assert set(early["n"]) == {25}
+    assert early.iloc[0]["factor"] == "augment.criterion"  # what separates the epoch-1 errors
+    assert "### At an early rung" in rep.text
+    assert "25 trials that reached epoch 1 (of 25); target: val_top1_err at epoch 1" in rep.text
+    assert (tmp_path / "r" / "importance_early.csv").exists()
+
+
+def test_a_grid_never_gets_an_early_rung_importance(report):
+    assert "importance_early" not in report.tables and "At an early rung" not in report.text
