@@ -202,4 +202,16 @@ def factor_importance(trials: pd.DataFrame, factors: list[str], mode: str = "sea
     unresolved = table[table["ci_low"].fillna(0) <= 1e-9]
     if len(unresolved) == len(table):
         note += " No factor is resolved: read the table as 'unknown', not as 'no effect'."
+    unstable = outside_interval(table)
+    if unstable:
+        note += (" The estimate of " + ", ".join(unstable) + " lies outside its own bootstrap "
+                 "interval: the estimator is unstable at this n (resampled trials change which "
+                 "ones are best), so those values are not to be read as measured.")
     return table, note
+
+
+def outside_interval(table: pd.DataFrame) -> list[str]:
+    """Factors whose point importance lies outside their bootstrap interval."""
+    out = (table["importance"] < table["ci_low"] - 1e-12) | \
+        (table["importance"] > table["ci_high"] + 1e-12)
+    return list(table.loc[out.fillna(False), "factor"])

@@ -148,20 +148,19 @@ def split_trials(trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
             trials.loc[search].copy())
 
 
-def search_table(search: pd.DataFrame, used: pd.DataFrame) -> pd.DataFrame:
+def search_table(search: pd.DataFrame, followup: pd.DataFrame) -> pd.DataFrame:
     """The configurations a search tried, best validation error first among those that ran
     longest (ASHA stops most early: an error at epoch 6 is not comparable with one at 60), with
-    the searched factors where they act and whether the follow-up re-ran the configuration."""
+    the searched factors where they act and whether the follow-up (``followup``: its trials,
+    whatever their status) re-runs the configuration."""
     if search.empty:
         return pd.DataFrame()
     factors = varying_factors(search)
     shown = factor_frame(search, factors)
     followed = set()
-    if factors and not used.empty:
-        cols = [c for c in factors if c in used]
-        if len(cols) == len(factors):
-            again = factor_frame(used, factors)
-            followed = set(map(tuple, again[factors].itertuples(index=False)))
+    if factors and not followup.empty and all(c in followup for c in factors):
+        again = factor_frame(followup, factors)
+        followed = set(map(tuple, again[factors].itertuples(index=False)))
     out = pd.DataFrame({
         "trial": search["trial_id"].to_numpy(), "status": search["status"].to_numpy(),
         "epochs": pd.to_numeric(search["epochs_run"], errors="coerce").to_numpy(),
@@ -735,7 +734,7 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
     tables["differences"] = contrast_table(diffs)
     tables.update(factor_tables(used, factors) if not used.empty else {})
     if not search.empty:
-        tables["search"] = search_table(search, used)
+        tables["search"] = search_table(search, trials[~search_phase(trials)])
     # Importance explains the exploration: the follow-up's few configurations x seeds would
     # only restate how they differ.
     explored = search if not search.empty else trials

@@ -513,6 +513,21 @@ def test_a_followed_up_search_compares_only_the_re_runs(tmp_path):
     assert list(search["epochs"])[-3:] == ["1", "1", "1"]  # early stops after full runs
     assert "## Search" in rep.text and "The 25 trials of the search phase" in rep.text
     assert (tmp_path / "r" / "search.csv").exists()
+    # A follow-up that has only started re-runs its configuration all the same.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "sweep.yaml").write_text("mode: search\nname: fresh\n")
+    st2 = ResultStore(str(fresh))
+    for i in (4, 5):
+        write_run(st2, f"c{i:03d}-s100",
+                  config(augment__method="hardmix", augment__alpha=float(alphas[i]),
+                         augment__criterion=crits[1], seed=100, optim__epochs=EPOCHS), top1=30.0)
+    write_run(st2, "f000-s0", config(augment__method="hardmix", seed=0,
+                                     augment__criterion=crits[1], **chosen), top1=None,
+              status="running")
+    again = build_report(str(fresh), out=str(tmp_path / "r2")).tables["search"]
+    assert (again["followed up"] == "yes").sum() == 1
+    assert again.set_index("trial").loc["c005-s100", "followed up"] == "yes"
 
     imp = rep.tables["importance"]
     assert not imp.empty and set(imp["n"]) == {22}  # the exploration's full-length runs only
@@ -551,3 +566,11 @@ def test_a_search_asha_cut_short_gets_its_importance_at_an_early_rung_labelled_s
 
 def test_a_grid_never_gets_an_early_rung_importance(report):
     assert "importance_early" not in report.tables and "At an early rung" not in report.text
+
+
+def test_an_importance_outside_its_own_interval_is_flagged():
+    from ablations.importance import outside_interval
+
+    table = pd.DataFrame({"factor": ["a", "b", "c"], "importance": [0.945, 0.03, 0.02],
+                          "ci_low": [0.002, 0.01, 0.03], "ci_high": [0.943, 0.6, 0.5]})
+    assert outside_interval(table) == ["a", "c"]
