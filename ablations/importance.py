@@ -115,8 +115,7 @@ def importance_study(trials: pd.DataFrame, factors: list[str], target: str = TAR
 def rung_target(trials: pd.DataFrame, epochs: pd.DataFrame, metric: str = "val_top1_err",
                 min_trials: int = MIN_TRIALS) -> tuple[pd.DataFrame, pd.Series, str, int]:
     """Where too few trials of a search ran to the end (ASHA stops most): ``metric`` at the
-    latest epoch that at least ``min_trials`` trials reached (an early rung, where every trial
-    was still running), as ``(trials with that column, mask of the trials that have it, the
+    latest epoch that at least ``min_trials`` trials reached (an early rung), as ``(trials with that column, mask of the trials that have it, the
     column, the epoch)``; epoch 0 when no epoch has enough. It explains what early stopping
     decided on, not the final error."""
     column = f"{metric} at epoch"

@@ -734,7 +734,7 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
     tables["differences"] = contrast_table(diffs)
     tables.update(factor_tables(used, factors) if not used.empty else {})
     if not search.empty:
-        tables["search"] = search_table(search, trials[~search_phase(trials)])
+        tables["search"] = search_table(search, trials.drop(index=search.index))
     # Importance explains the exploration: the follow-up's few configurations x seeds would
     # only restate how they differ.
     explored = search if not search.empty else trials
