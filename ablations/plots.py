@@ -168,20 +168,27 @@ def hardness_dynamics(trials: pd.DataFrame, epochs: pd.DataFrame, colors: dict,
     cols = [("hard_share", "hard share of the batch"), ("fallback_rate", "fallback rate (share "
             "of mixed steps)"), ("distinct_sources", "distinct source images per batch")]
     hard = trials[trials["augment.method"].isin(HARD_SOURCE)]
-    if epochs.empty or hard.empty or not any(
-            c in epochs and pd.to_numeric(epochs[c], errors="coerce").notna().any()
-            for c, _ in cols):
+    if epochs.empty or hard.empty:
         return None
     variants = _best_variants(hard)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    shown = epochs[epochs["variant"].isin(variants)]
+    # A panel only for what these variants recorded: a top-k criterion has no fallback, and an
+    # empty axis would read as a rate of nothing rather than as "does not apply".
+    present = [(c, label) for c, label in cols
+               if c in shown and pd.to_numeric(shown[c], errors="coerce").notna().any()]
+    if not present:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4.2), squeeze=False)
+    axes = axes[0]
     fig.subplots_adjust(wspace=0.3)  # room for each panel's y label beside its neighbour
-    for ax, (col, label) in zip(axes, cols):
-        if col in epochs:
-            _mean_band(ax, epochs, col, variants, colors)
+    for ax, (col, label) in zip(axes, present):
+        _mean_band(ax, shown, col, variants, colors)
         ax.set(xlabel="epoch", ylabel=label, title=label)
         ax.grid(alpha=0.3)
-    fig.suptitle("Hard-source variants: mean ± std over seeds (n in the legend)", fontsize=9,
-                 y=1.02)
+    missing = [label.split(" (")[0] for c, label in cols if (c, label) not in present]
+    note = f"; not recorded for these variants: {', '.join(missing)}" if missing else ""
+    fig.suptitle(f"Hard-source variants: mean ± std over seeds (n in the legend){note}",
+                 fontsize=9, y=1.02)
     handles, labels = axes[0].get_legend_handles_labels()
     _legend_below(fig, handles, labels)
     return _save(fig, path)

@@ -333,3 +333,24 @@ def test_figures_share_one_colour_per_variant_and_label_their_bands(tmp_path):
     assert len(set(colors.values())) == len(colors)
     assert {"error_by_variant", "learning_curves", "contrasts"} <= set(rep.plots)
     assert "box" not in " ".join(rep.plots)  # points with intervals, not box plots
+
+
+@pytest.mark.parametrize("criterion, panels", [("low_margin", 2), ("misclassified", 3)])
+def test_hardness_figure_draws_only_what_the_variants_recorded(tmp_path, monkeypatch,
+                                                               criterion, panels):
+    """A top-k criterion has no fallback: its figure has no empty fallback-rate axis, and
+    says so; a thresholded criterion keeps all three panels."""
+    from ablations import plots
+
+    figures, save = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    arms = {"hard": (dict(augment__method="hardmix", augment__criterion=criterion,
+                          augment__k=0.25), [27.0, 27.5, 27.2])}
+    rate = None if criterion == "low_margin" else 0.1
+    build_report(_study(tmp_path, arms, fallback_rate={"hard": rate}))
+    fig = next(f for f in figures if f._suptitle and "Hard-source" in f._suptitle.get_text())
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == panels
+    assert all(ax.lines for ax in fig.axes)  # no panel without a curve
+    assert (panels == 2) == ("not recorded for these variants: fallback rate"
+                             in fig._suptitle.get_text())
