@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from hardmix.config import RunConfig, flatten
+from hardmix.config.schema import SCHEDULE_FIELDS
 from hardmix.errors import ConfigError
 from hardmix.methods import METHODS, active_fields
 
@@ -30,10 +31,18 @@ def _augment_of(row: Mapping) -> dict:
     return {k[len("augment."):]: v for k, v in row.items() if k.startswith("augment.")}
 
 
+#: optim fields that only some schedules read (from the schedule table).
+_SCHEDULE_ONLY = {f"optim.{f}" for fields in SCHEDULE_FIELDS.values() for f in fields}
+
+
 def is_relevant(column: str, row: Mapping) -> bool:
     """Does this config value change what the run does? An ``augment.*`` field acts where the
-    method table says it is read (:func:`hardmix.methods.active_fields`); other columns always.
-    A row of an unknown method keeps every field."""
+    method table says it is read (:func:`hardmix.methods.active_fields`), a schedule's own
+    field (multistep's milestones) where that schedule runs; other columns always. A row of an
+    unknown method or schedule keeps every field."""
+    if column in _SCHEDULE_ONLY:
+        reads = SCHEDULE_FIELDS.get(row.get("optim.schedule"))
+        return reads is None or column[len("optim."):] in reads
     if not column.startswith("augment."):
         return True
     try:
@@ -63,7 +72,7 @@ def hashable(value: Any) -> Any:
 
 def relevance(df: pd.DataFrame, column: str) -> pd.Series:
     """Boolean Series: is ``column`` relevant for each row of ``df``."""
-    if not column.startswith("augment."):
+    if not column.startswith("augment.") and column not in _SCHEDULE_ONLY:
         return pd.Series(True, index=df.index)
     return pd.Series([is_relevant(column, r) for r in df.to_dict("records")], index=df.index,
                      dtype=bool)
@@ -80,6 +89,28 @@ def varying_factors(df: pd.DataFrame) -> list[str]:
         if len(values) > 1:
             out.append(col)
     return out
+
+
+def fixed_settings(df: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+    """What every trial of ``df`` shares and the variant labels therefore leave out: one row
+    ``(scope, field, value)`` per config column that is not a factor, with one value where it
+    acts. A method's own fields (the criterion of HardMix) are scoped to that method; the rest
+    to all trials. Fields that act nowhere, or are unset, are not listed."""
+    rows = []
+    methods = sorted(df["augment.method"].dropna().unique(), key=method_order)
+    for col in config_columns(df):
+        if col in factors or col in NON_FACTORS or col.startswith(NON_FACTOR_PREFIXES):
+            continue
+        scopes = ([(str(m), df[df["augment.method"] == m]) for m in methods]
+                  if col.startswith("augment.") else [("all trials", df)])
+        for scope, sub in scopes:
+            values = {hashable(v) for v in sub.loc[relevance(sub, col), col]}
+            if len(values) == 1 and None not in values:
+                rows.append((scope, col, fmt_value(values.pop())))
+    order = {s: i for i, s in enumerate(["all trials", *map(str, methods)])}
+    out = pd.DataFrame(rows, columns=["scope", "field", "value"])
+    return out.sort_values("scope", key=lambda s: s.map(order), kind="stable",
+                           ignore_index=True)
 
 
 def short_names(factors: list[str]) -> dict[str, str]:

@@ -20,6 +20,8 @@ writes into ``<sweep>/report/`` (or ``out``):
 * ``differences.csv`` -- the same comparisons seen from the baseline method (default CutMix):
   each variant against the CutMix variant that matches it on every shared factor (prob, α, box,
   ...), with the family's interval; a variant without such a match is listed as unmatched;
+* ``settings.csv`` -- what every trial used shares (per method for a method's own fields):
+  the configuration the variant names leave out;
 * ``factor_<name>.csv`` -- marginal means per factor (descriptive, no test);
 * ``search.csv`` -- a followed-up search's exploration (:func:`search_phase`): every
   configuration it tried, how far it ran and its validation error; the tables above use only
@@ -52,8 +54,8 @@ import numpy as np
 import pandas as pd
 
 from ablations import plots
-from ablations.factors import (INERT, factor_frame, fmt_value, hashable, is_relevant,
-                               method_order, relevance, short_names, variant_labels,
+from ablations.factors import (INERT, factor_frame, fixed_settings, fmt_value, hashable,
+                               is_relevant, method_order, relevance, short_names, variant_labels,
                                varying_factors)
 from ablations.importance import factor_importance, rung_target
 from ablations.stats import Difference, difference, holm, mean_std_text, summarize, verdict
@@ -552,6 +554,15 @@ def _markdown(ctx: dict) -> str:
                   "seed, so the setting that tells them apart did nothing here; they are left "
                   "out of every comparison:", ""]
         lines += [f"- {v} = {w}" for v, w in ctx["same"].items()] + [""]
+    settings = ctx["tables"].get("settings")
+    if settings is not None and not settings.empty:
+        lines += ["**Held fixed** (shared by every trial used, so the variant names leave it "
+                  "out; `settings.csv`):", ""]
+        for scope, sub in settings.groupby("scope", sort=False):
+            pairs = ", ".join(f"{f.split('.', 1)[1] if scope != 'all trials' else f}={v}"
+                              for f, v in zip(sub["field"], sub["value"]))
+            lines.append(f"- {scope}: {pairs}")
+        lines.append("")
 
     lines += ["## Comparisons", ""]
     members = [c for c in contrasts if not c.excluded]
@@ -727,6 +738,8 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
     same = identical_variants(used) if not used.empty else {}
     table = main_table(used, factors, same)
     tables: dict[str, pd.DataFrame] = {"main_table": table}
+    if not used.empty:
+        tables["settings"] = fixed_settings(used, factors)
     contrasts = one_factor_contrasts(used, factors, same, family, correction)
     tables["contrasts"] = contrast_table(contrasts)
     diffs, diff_notes = (differences_from(contrasts, used, baseline) if not used.empty

@@ -354,3 +354,22 @@ def test_hardness_figure_draws_only_what_the_variants_recorded(tmp_path, monkeyp
     assert all(ax.lines for ax in fig.axes)  # no panel without a curve
     assert (panels == 2) == ("not recorded for these variants: fallback rate"
                              in fig._suptitle.get_text())
+
+
+def test_report_states_what_every_trial_shares_and_only_where_it_acts(tmp_path):
+    """The variant names show only what varies: the rest of the configuration is listed once,
+    a method's own field under that method, and a field no trial reads (a multistep milestone
+    under a cosine schedule, HardMix's criterion for CutMix) nowhere."""
+    arms = {"cut": (dict(augment__method="cutmix", optim__schedule="cosine"), [28.0, 28.4, 27.9]),
+            "hard": (dict(augment__method="hardmix", augment__criterion="low_margin",
+                          augment__signal="cached", optim__schedule="cosine",
+                          optim__milestones=[1, 2]), [27.0, 27.5, 27.2])}
+    rep = build_report(_study(tmp_path, arms))
+    assert set(rep.main_table["variant"]) == {"cutmix", "hardmix"}  # milestones split nothing
+    got = {(s, f): v for s, f, v in rep.tables["settings"].itertuples(index=False)}
+    assert got[("hardmix", "augment.criterion")] == "low_margin"
+    assert got[("hardmix", "augment.signal")] == "cached"
+    assert got[("all trials", "optim.schedule")] == "cosine"
+    assert ("cutmix", "augment.criterion") not in got and ("cutmix", "augment.alpha") in got
+    assert not any(f in ("optim.milestones", "optim.gamma", "seed") for _, f in got)
+    assert "- hardmix: " in rep.text and "criterion=low_margin" in rep.text

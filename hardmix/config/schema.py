@@ -23,7 +23,10 @@ from hardmix.errors import ConfigError
 from hardmix.methods import BOXES, CRITERIA, DEFAULTS, FALLBACKS, METHODS, SALIENCY, SIGNALS
 
 STEMS = ("auto", "cifar", "imagenet")
-SCHEDULES = ("multistep", "cosine", "constant")
+#: The learning-rate schedules, each with the optim fields only it reads (the others ignore them).
+SCHEDULE_FIELDS: dict[str, tuple[str, ...]] = {"multistep": ("milestones", "gamma"),
+                                               "cosine": (), "constant": ()}
+SCHEDULES = tuple(SCHEDULE_FIELDS)
 DEVICES = ("auto", "cpu", "cuda")
 BN_MODES = ("eval", "train")
 SWEEP_MODES = ("search", "grid")
