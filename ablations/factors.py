@@ -16,6 +16,7 @@ import pandas as pd
 
 from hardmix.config import RunConfig, flatten
 from hardmix.config.schema import SCHEDULE_FIELDS
+from hardmix.datasets import DATASETS
 from hardmix.errors import ConfigError
 from hardmix.methods import METHODS, active_fields
 
@@ -33,16 +34,22 @@ def _augment_of(row: Mapping) -> dict:
 
 #: optim fields that only some schedules read (from the schedule table).
 _SCHEDULE_ONLY = {f"optim.{f}" for fields in SCHEDULE_FIELDS.values() for f in fields}
+#: data fields that only some data sets read (from the data-set registry).
+_DATASET_ONLY = {f"data.{f}" for spec in DATASETS.values() for f in spec.reads}
 
 
 def is_relevant(column: str, row: Mapping) -> bool:
     """Does this config value change what the run does? An ``augment.*`` field acts where the
     method table says it is read (:func:`hardmix.methods.active_fields`), a schedule's own
-    field (multistep's milestones) where that schedule runs; other columns always. A row of an
+    field (multistep's milestones) where that schedule runs, a pipeline's own data field (a
+    folder's image_size) where that data set is used; other columns always. A row of an
     unknown method or schedule keeps every field."""
     if column in _SCHEDULE_ONLY:
         reads = SCHEDULE_FIELDS.get(row.get("optim.schedule"))
         return reads is None or column[len("optim."):] in reads
+    if column in _DATASET_ONLY:
+        spec = DATASETS.get(row.get("data.name"))
+        return spec is None or column[len("data."):] in spec.reads
     if not column.startswith("augment."):
         return True
     try:
@@ -72,7 +79,7 @@ def hashable(value: Any) -> Any:
 
 def relevance(df: pd.DataFrame, column: str) -> pd.Series:
     """Boolean Series: is ``column`` relevant for each row of ``df``."""
-    if not column.startswith("augment.") and column not in _SCHEDULE_ONLY:
+    if not column.startswith("augment.") and column not in _SCHEDULE_ONLY | _DATASET_ONLY:
         return pd.Series(True, index=df.index)
     return pd.Series([is_relevant(column, r) for r in df.to_dict("records")], index=df.index,
                      dtype=bool)

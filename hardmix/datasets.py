@@ -87,12 +87,20 @@ def _no_facts(cfg: "DataConfig") -> Optional[Facts]:
     return None
 
 
+#: ``data`` fields only one kind of pipeline reads: arrays go through the device-resident
+#: loader (padding for the crop, where the arrays live), folders through torchvision transforms
+#: and a DataLoader (resize, worker processes). Every other ``data`` field is read by both.
+ARRAY_FIELDS = ("pad", "device_loader")
+FOLDER_FIELDS = ("image_size", "workers")
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """One value of ``data.name``. ``load(cfg) -> Arrays | Folders``; ``check(cfg)`` raises a
     ConfigError before any work when the data cannot be used; ``facts(cfg)`` the sizes (or
     None when they are unknown without reading every file); ``needs_path``: ``data.path`` is
-    required; ``label``: how the logs name it."""
+    required; ``label``: how the logs name it; ``reads``: the pipeline-specific ``data`` fields
+    it uses (:data:`ARRAY_FIELDS` for arrays, plus ``download`` where it can fetch)."""
 
     name: str
     description: str
@@ -101,6 +109,7 @@ class DatasetSpec:
     facts: Callable[["DataConfig"], Optional[Facts]] = _no_facts
     needs_path: bool = False
     label: Optional[Callable[["DataConfig"], str]] = None
+    reads: tuple[str, ...] = ARRAY_FIELDS
 
     def describe(self, cfg: "DataConfig") -> str:
         return self.label(cfg) if self.label else f"{self.name} ({cfg.path})"
@@ -369,7 +378,7 @@ for _name in _CIFAR:
     register_dataset(DatasetSpec(
         _name, f"{_name.upper().replace('CIFAR', 'CIFAR-')} from torchvision's folder "
                f"(data.path, default {DEFAULT_ROOT}; data.download=true fetches it)",
-        _cifar_load, _cifar_check, _cifar_facts,
+        _cifar_load, _cifar_check, _cifar_facts, reads=ARRAY_FIELDS + ("download",),
         label=lambda cfg: f"{cfg.name} ({cfg.path or 'torchvision folder ' + DEFAULT_ROOT})"))
 
 
@@ -464,4 +473,4 @@ def load_folder(cfg: "DataConfig") -> Folders:
 register_dataset(DatasetSpec(
     "folder", "ImageNet-style image folder with train/ and val/ class sub-folders "
               "(torchvision ImageFolder + DataLoader)", load_folder, _folder_check,
-    needs_path=True))
+    needs_path=True, reads=FOLDER_FIELDS))

@@ -372,4 +372,6 @@ def test_report_states_what_every_trial_shares_and_only_where_it_acts(tmp_path):
     assert got[("all trials", "optim.schedule")] == "cosine"
     assert ("cutmix", "augment.criterion") not in got and ("cutmix", "augment.alpha") in got
     assert not any(f in ("optim.milestones", "optim.gamma", "seed") for _, f in got)
+    # CIFAR arrays go through the device loader: its padding counts, a folder's resize does not
+    assert ("all trials", "data.pad") in got and ("all trials", "data.image_size") not in got
     assert "- hardmix: " in rep.text and "criterion=low_margin" in rep.text
