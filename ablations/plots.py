@@ -32,7 +32,8 @@ MAX_LINES = 10
 TITLES = {"error_by_variant": "Final test error per variant",
           "contrasts": "One-factor contrasts",
           "learning_curves": "Learning curves",
-          "hardness_over_epochs": "Hard share, fallback rate and source diversity over epochs",
+          "hardness_over_epochs": "Hard share, fallback rate (where it applies) and source "
+                                  "diversity over epochs",
           "source_classes": "How often each class served as a source"}
 
 
