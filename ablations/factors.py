@@ -36,6 +36,7 @@ def _augment_of(row: Mapping) -> dict:
 _SCHEDULE_ONLY = {f"optim.{f}" for fields in SCHEDULE_FIELDS.values() for f in fields}
 #: data fields that only some data sets read (from the data-set registry).
 _DATASET_ONLY = {f"data.{f}" for spec in DATASETS.values() for f in spec.reads}
+_CONDITIONAL = _SCHEDULE_ONLY | _DATASET_ONLY
 
 
 def is_relevant(column: str, row: Mapping) -> bool:
@@ -79,7 +80,7 @@ def hashable(value: Any) -> Any:
 
 def relevance(df: pd.DataFrame, column: str) -> pd.Series:
     """Boolean Series: is ``column`` relevant for each row of ``df``."""
-    if not column.startswith("augment.") and column not in _SCHEDULE_ONLY | _DATASET_ONLY:
+    if not column.startswith("augment.") and column not in _CONDITIONAL:
         return pd.Series(True, index=df.index)
     return pd.Series([is_relevant(column, r) for r in df.to_dict("records")], index=df.index,
                      dtype=bool)
@@ -98,11 +99,16 @@ def varying_factors(df: pd.DataFrame) -> list[str]:
     return out
 
 
+#: The scope of a shared setting that only some of the trials read.
+WHERE_IT_ACTS = "the trials that read it"
+
+
 def fixed_settings(df: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
     """What every trial of ``df`` shares and the variant labels therefore leave out: one row
     ``(scope, field, value)`` per config column that is not a factor, with one value where it
     acts. A method's own fields (the criterion of HardMix) are scoped to that method; the rest
-    to all trials. Fields that act nowhere, or are unset, are not listed."""
+    to all trials, or to the trials where they act (multistep's milestones beside a cosine
+    arm). Fields that act nowhere, or are unset, are not listed."""
     rows = []
     methods = sorted(df["augment.method"].dropna().unique(), key=method_order)
     for col in config_columns(df):
@@ -111,10 +117,12 @@ def fixed_settings(df: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
         scopes = ([(str(m), df[df["augment.method"] == m]) for m in methods]
                   if col.startswith("augment.") else [("all trials", df)])
         for scope, sub in scopes:
-            values = {hashable(v) for v in sub.loc[relevance(sub, col), col]}
+            acts = relevance(sub, col)
+            values = {hashable(v) for v in sub.loc[acts, col]}
             if len(values) == 1 and None not in values:
-                rows.append((scope, col, fmt_value(values.pop())))
-    order = {s: i for i, s in enumerate(["all trials", *map(str, methods)])}
+                where = scope if acts.all() or scope != "all trials" else WHERE_IT_ACTS
+                rows.append((where, col, fmt_value(values.pop())))
+    order = {s: i for i, s in enumerate(["all trials", WHERE_IT_ACTS, *map(str, methods)])}
     out = pd.DataFrame(rows, columns=["scope", "field", "value"])
     return out.sort_values("scope", key=lambda s: s.map(order), kind="stable",
                            ignore_index=True)

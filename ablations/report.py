@@ -559,7 +559,7 @@ def _markdown(ctx: dict) -> str:
         lines += ["**Held fixed** (shared by every trial used, so the variant names leave it "
                   "out; `settings.csv`):", ""]
         for scope, sub in settings.groupby("scope", sort=False):
-            pairs = ", ".join(f"{f.split('.', 1)[1] if scope != 'all trials' else f}={v}"
+            pairs = ", ".join(f"{f.removeprefix('augment.')}={v}"
                               for f, v in zip(sub["field"], sub["value"]))
             lines.append(f"- {scope}: {pairs}")
         lines.append("")

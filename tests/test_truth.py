@@ -348,12 +348,12 @@ def test_hardness_figure_draws_only_what_the_variants_recorded(tmp_path, monkeyp
                           augment__k=0.25), [27.0, 27.5, 27.2])}
     rate = None if criterion == "low_margin" else 0.1
     build_report(_study(tmp_path, arms, fallback_rate={"hard": rate}))
-    fig = next(f for f in figures if f._suptitle and "Hard-source" in f._suptitle.get_text())
+    fig = next(f for f in figures if "Hard-source" in f.get_suptitle())
     titles = [ax.get_title() for ax in fig.axes]
     assert len(titles) == panels
     assert all(ax.lines for ax in fig.axes)  # no panel without a curve
     assert (panels == 2) == ("not recorded for these variants: fallback rate"
-                             in fig._suptitle.get_text())
+                             in fig.get_suptitle())
 
 
 def test_report_states_what_every_trial_shares_and_only_where_it_acts(tmp_path):
@@ -374,4 +374,15 @@ def test_report_states_what_every_trial_shares_and_only_where_it_acts(tmp_path):
     assert not any(f in ("optim.milestones", "optim.gamma", "seed") for _, f in got)
     # CIFAR arrays go through the device loader: its padding counts, a folder's resize does not
     assert ("all trials", "data.pad") in got and ("all trials", "data.image_size") not in got
+    assert "- all trials: data.name=cifar10" in rep.text
     assert "- hardmix: " in rep.text and "criterion=low_margin" in rep.text
+
+
+def test_a_setting_only_some_trials_read_is_not_claimed_for_all(tmp_path):
+    """Milestones shared by the multistep arm mean nothing to the cosine arm beside it."""
+    arms = {"step": (dict(augment__method="cutmix", optim__schedule="multistep"), [28.0, 28.4]),
+            "cos": (dict(augment__method="cutmix", optim__schedule="cosine"), [27.0, 27.5])}
+    rep = build_report(_study(tmp_path, arms, seeds=(0, 1)))
+    scopes = {f: s for s, f, _ in rep.tables["settings"].itertuples(index=False)}
+    assert scopes["optim.milestones"] == "the trials that read it"
+    assert scopes["optim.lr"] == "all trials" and "optim.schedule" not in scopes
