@@ -394,8 +394,8 @@ GRID_EPOCHS = 80
 @pytest.fixture(scope="session")
 def grid_node_death(cluster, shared, token):
     """A grid of two trials, one slot each, so one runs on node a and one on node b; node b is
-    removed while its trial runs and node c takes its place. One sweep serves the placement and
-    the node-failure tests (each costs a minute on two busy cores)."""
+    removed while its trial runs, just after node c is added for its retry. One sweep serves the
+    placement and the node-failure tests (each costs a minute on two busy cores)."""
     name = "grid"
     t0 = time.time()
     proc = start_sweep(cluster, shared, name, token, f"run.optim.epochs={GRID_EPOCHS}",
@@ -418,8 +418,6 @@ def test_grid_trials_are_placed_on_different_nodes(grid_node_death, cluster):
     first = raw[raw.attempt == 1].groupby("trial_id").node_id.first()
     # One slot per worker node: the two trials started side by side on a and on b ...
     assert set(first) == {cluster.nodes["a"], ev["dead_node"]}
-    # ... and the table of final rows still shows two nodes (the retry ran on c).
-    assert trials.node_id.nunique() >= 2
     assert trials.hostname.str.len().gt(0).all()
 
 
@@ -432,7 +430,8 @@ def test_trial_of_a_removed_node_is_retried_elsewhere_from_its_checkpoint(grid_n
     assert set(rows.status) == {"completed"} and len(rows) == 2
     victim = rows.loc[ev["victim"]]
     survivor = rows.drop(index=ev["victim"]).iloc[0]
-    assert victim.attempt == 2 and victim.node_id == ev["spare_node"]
+    # Retried on a live slot node: the spare c, or a if a's own trial had already ended.
+    assert victim.attempt == 2 and victim.node_id in {ev["spare_node"], cluster.nodes["a"]}
     assert survivor.attempt == 1 and survivor.node_id == cluster.nodes["a"]
     # Every epoch of every trial exactly once, none lost ...
     for trial, group in epochs.groupby("trial_id"):
@@ -445,9 +444,14 @@ def test_trial_of_a_removed_node_is_retried_elsewhere_from_its_checkpoint(grid_n
     before = victim_rows[victim_rows.written_at <= ev["killed_at"]].epoch.max()
     again = victim_rows[victim_rows.written_at > ev["killed_at"]]
     assert 2 <= again.epoch.min() <= before + 1
+    if victim.node_id == cluster.nodes["a"]:
+        # One slot per node: the retry went to a only after a's own trial had written its last
+        # epoch (Ray's choice between a and c is free; the one-slot rule is not).
+        survivor_rows = raw[raw.trial_id == survivor.name]
+        assert survivor_rows.written_at.max() <= again.written_at.min()
     attempts = raw_trial_rows(ev["dir"])
     attempts = attempts[attempts.trial_id == ev["victim"]].groupby("attempt").node_id.first()
-    assert attempts.to_dict() == {1: ev["dead_node"], 2: ev["spare_node"]}
+    assert attempts.to_dict() == {1: ev["dead_node"], 2: victim.node_id}
 
 
 METRICS = ("train_loss", "val_loss", "val_top1_err", "test_loss", "test_top1_err")
