@@ -4,10 +4,11 @@ A method is a (mixer, source) pair from :data:`METHODS`: the mixer decides *how*
 combined (:data:`hardmix.mix.MIXERS`), the source rule *which* sample pastes into which
 (:data:`hardmix.sources.SOURCES`). HardMix is the CutMix mixer with hard sources.
 
-Randomness and data-parallel training: every call draws four uniforms from a *host* generator
-seeded by ``seed`` -- the ``prob`` coin, the batch λ and the batch box centre -- so every rank
-agrees on whether to mix (and on the batch box) without any communication, and the extra forward
-of ``signal="forward"`` happens on exactly the same steps on every rank. Per-sample draws (source
+Randomness and data-parallel training: every call draws from a *host* generator seeded by
+``seed`` -- the ``prob`` coin, the batch box centre and, for a method that reads ``alpha``, the
+batch λ (an inert field never moves the stream) -- so every rank agrees on whether to mix (and
+on the batch box) without any communication, and the extra forward of ``signal="forward"``
+happens on exactly the same steps on every rank. Per-sample draws (source
 permutations, per-sample λ and boxes) use a generator on the batch's device, seeded from ``seed``
 and the rank (``torch.distributed`` when initialised), so ranks mix differently but reproducibly.
 Nothing in a call reads a device value on the host.
@@ -184,6 +185,9 @@ class HardMix:
         self.num_classes, self.dataset_size, self.inplace = num_classes, dataset_size, inplace
         spec = METHODS[cfg.method]
         self._mixer = MIXERS[spec.mixer]
+        # A method that does not read alpha draws no λ: an inert alpha (Cutout's) must not shift
+        # the host stream, or changing it would change every later coin and box by chance.
+        self._draws_lam = "alpha" in spec.reads
         self._options = MixerOptions(aug=cfg, box=resolved_box(aug) or "batch", inplace=inplace,
                                      workspace=Workspace())
         self._source = SOURCES[spec.source](cfg) if spec.source else None
@@ -259,7 +263,8 @@ class HardMix:
             return MixOutput(x, y, y, torch.ones(b, device=dev), torch.arange(b, device=dev),
                              False, self.num_classes)
         gen = self._device_generator(dev)
-        draws = Draws(beta_host(self.cfg.alpha, self._host), float(u[1]), float(u[2]), gen)
+        lam = beta_host(self.cfg.alpha, self._host) if self._draws_lam else 1.0
+        draws = Draws(lam, float(u[1]), float(u[2]), gen)
         if self._source is None:  # Cutout: images change, labels do not
             mixed, _ = self._mixer(x, None, draws, self._options)
             return MixOutput(mixed, y, y, torch.ones(b, device=dev), torch.arange(b, device=dev),

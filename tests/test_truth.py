@@ -374,6 +374,9 @@ def test_report_states_what_every_trial_shares_and_only_where_it_acts(tmp_path):
     assert not any(f in ("optim.milestones", "optim.gamma", "seed") for _, f in got)
     # CIFAR arrays go through the device loader: its padding counts, a folder's resize does not
     assert ("all trials", "data.pad") in got and ("all trials", "data.image_size") not in got
+    # a ResNet-18 reads its stem, not smallnet's width
+    assert got[("all trials", "model.name")] == "resnet18"
+    assert ("all trials", "model.stem") in got and ("all trials", "model.width") not in got
     assert "- all trials: data.name=cifar10" in rep.text
     assert "- hardmix: " in rep.text and "criterion=low_margin" in rep.text
 
@@ -386,3 +389,130 @@ def test_a_setting_only_some_trials_read_is_not_claimed_for_all(tmp_path):
     scopes = {f: s for s, f, _ in rep.tables["settings"].itertuples(index=False)}
     assert scopes["optim.milestones"] == "the trials that read it"
     assert scopes["optim.lr"] == "all trials" and "optim.schedule" not in scopes
+
+
+# ---- 11. every augment field acts exactly where the method table says -------------------------
+
+#: A value other than the default for each numeric ``augment`` field (a choice field takes every
+#: other registered choice). Every field of AugmentConfig needs one, so a new field is tested too.
+_OTHER_NUMBER = {"alpha": 0.3, "prob": 0.4, "k": 0.5, "min_hard": 1, "history_window": 2,
+                 "history_min_wrong": 1, "cutout_size": 0.25}
+_N, _B, _STEPS = 32, 16, 40
+
+
+def _scenario():
+    """32 noisy images of 5 class prototypes and a nearest-prototype classifier with BatchNorm
+    (so ``bn_mode`` matters) and dropout: right on about 60% of them, so a batch has some hard
+    samples and some easy ones, and a memory sees its samples change."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(5, 3, 8, 8, generator=g)
+    y = torch.randint(0, 5, (_N,), generator=g)
+    # Channels on unequal scales, and BatchNorm slow to learn them: its running statistics
+    # (eval) and a batch's (train) weigh the channels differently, so bn_mode changes margins.
+    scale = torch.tensor([1.0, 3.0, 0.3])[:, None, None]
+    x = (mu[y] + 8 * torch.randn(_N, 3, 8, 8, generator=g)) * scale
+
+    class Prototypes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3, momentum=0.01)
+            self.drop = torch.nn.Dropout(0.3)
+            self.w = torch.nn.Parameter(mu.flatten(1).clone())
+
+        def forward(self, images):
+            return self.drop(self.bn(images).flatten(1)) @ self.w.T / 20
+
+    return x, y, Prototypes()
+
+
+_DATA = _scenario()
+
+
+def _trace(aug: dict) -> list:
+    """What ``_STEPS`` training steps of HardMix ``aug`` produce (images, λ, sources, n_hard,
+    fallback), the memory fed as train.py feeds it, on a fresh copy of the model."""
+    import copy
+
+    x, y, net = _DATA
+    model = copy.deepcopy(net)  # the training forward moves BatchNorm's running statistics
+    torch.manual_seed(1)
+    mix = HardMix(num_classes=5, dataset_size=_N, seed=3, **aug)
+    order = torch.Generator().manual_seed(5)
+    steps = []
+    for _ in range(_STEPS):
+        idx = torch.randperm(_N, generator=order)[:_B]
+        out = mix(x[idx].clone(), y[idx], model=model, index=idx)
+        mix.observe(model(out.x).detach(), y[idx], idx, out)
+        steps.append((out.mixed, out.x, out.lam, out.source_index,
+                      float(out.stats["n_hard"]), float(out.stats["fallback"])))
+    return steps
+
+
+def _same(a: list, b: list) -> bool:
+    return all(sa[0] == sb[0] and all(torch.equal(p, q) for p, q in zip(sa[1:4], sb[1:4]))
+               for sa, sb in zip(a, b))
+
+
+def _alternatives(name: str, value) -> list:
+    import dataclasses
+
+    meta = {f.name: f.metadata for f in dataclasses.fields(AugmentConfig)}[name]
+    if meta["choices"] is not None:
+        return [c for c in meta["choices"] if c != value]
+    return [_OTHER_NUMBER[name]]
+
+
+def _settings() -> list[dict]:
+    """Every method at the paper's switches, and HardMix at every criterion x signal (x fallback,
+    for a thresholded criterion)."""
+    from hardmix.methods import CRITERIA, FALLBACKS, METHODS, SIGNALS
+
+    out = [{"method": m} for m in METHODS]
+    for crit, spec in CRITERIA.items():
+        for signal in SIGNALS:
+            for fallback in (FALLBACKS if spec.thresholded else ["random"]):
+                out.append({"method": "hardmix", "criterion": crit, "signal": signal,
+                            "fallback": fallback})
+    return out
+
+
+@pytest.mark.parametrize("setting", _settings(), ids=lambda s: "-".join(s.values()))
+def test_every_augment_field_acts_exactly_where_the_method_table_says(setting):
+    """Change one augment field at a time: the steps change if and only if the method table
+    (``active_fields``) says the field acts for this setting. A switch that silently does
+    nothing fails here, and so does an inert field that shifts the random stream (it would turn
+    a NULL column of the results into a hidden seed)."""
+    import dataclasses
+
+    from hardmix.methods import CRITERIA, METHODS, resolved_box
+
+    base = {"prob": 0.7, **setting}
+    active = active_fields(base)
+    if "min_hard" in active:
+        # The fallback must fire on some mixed steps and not on others, or no fallback setting
+        # could show itself: min_hard at the median hard count of a run that never falls back.
+        counts = sorted(s[4] for s in _trace({**base, "min_hard": 1}) if s[0])
+        base["min_hard"] = int(counts[len(counts) // 2])
+        fired = [s[5] for s in _trace(base) if s[0]]
+        assert 0 < sum(fired) < len(fired), (base, fired)
+    reference = _trace(base)
+    if METHODS[base["method"]].mixer != "none":
+        assert any(s[0] for s in reference) and not all(s[0] for s in reference)
+    criterion = CRITERIA[base.get("criterion", "misclassified")]
+    if METHODS[base["method"]].hard and criterion.thresholded:
+        assert len({s[4] for s in reference if s[0]}) > 1  # hard counts vary: a live criterion
+    wrong = []
+    for name in (f.name for f in dataclasses.fields(AugmentConfig)):
+        if name == "method":
+            continue
+        value = base.get(name, getattr(AugmentConfig(), name))
+        for other in _alternatives(name, value):
+            variant = {**base, name: other}
+            if name == "box" and resolved_box(variant) == resolved_box(base):
+                continue  # auto is the method's own box: the same setting
+            changed = not _same(_trace(variant), reference)
+            if changed != (name in active):
+                wrong.append(f"{name}={other!r} {'changed' if changed else 'did not change'} "
+                             f"the steps, but the table says it is "
+                             f"{'active' if name in active else 'inert'}")
+    assert not wrong, wrong
