@@ -3,22 +3,22 @@
 A *variant* is ``augment.method`` plus the config columns that vary within the sweep (seed and
 run bookkeeping excluded). A factor only counts for the trials where it changes what the method
 does: the criterion of a CutMix trial, or ``k`` of a ``misclassified`` HardMix trial without a
-``topk_loss`` fallback, are inert config values. :func:`is_relevant` holds those rules (derived from the method table); they keep inert values from
-splitting a variant and give Optuna's importance evaluator truly conditional parameters.
+``topk_loss`` fallback, are inert config values, and so is smallnet's width for a ResNet.
+:func:`is_relevant` holds those rules (:mod:`hardmix.config.acts`, derived from the
+registries); they keep inert values from splitting a variant and give Optuna's importance
+evaluator truly conditional parameters.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 
 from hardmix.config import RunConfig, flatten
-from hardmix.config.schema import SCHEDULE_FIELDS
-from hardmix.datasets import DATASETS
-from hardmix.errors import ConfigError
-from hardmix.methods import METHODS, active_fields
+from hardmix.config.acts import CONDITIONAL, field_acts
+from hardmix.methods import METHODS
 
 #: Config columns that describe bookkeeping rather than a design choice, never factors.
 NON_FACTORS = ("seed", "description", "device", "augment.method")
@@ -28,35 +28,9 @@ NON_FACTOR_PREFIXES = ("output.", "eval.")
 HARD_SOURCE = tuple(name for name, spec in METHODS.items() if spec.hard)
 
 
-def _augment_of(row: Mapping) -> dict:
-    return {k[len("augment."):]: v for k, v in row.items() if k.startswith("augment.")}
-
-
-#: optim fields that only some schedules read (from the schedule table).
-_SCHEDULE_ONLY = {f"optim.{f}" for fields in SCHEDULE_FIELDS.values() for f in fields}
-#: data fields that only some data sets read (from the data-set registry).
-_DATASET_ONLY = {f"data.{f}" for spec in DATASETS.values() for f in spec.reads}
-_CONDITIONAL = _SCHEDULE_ONLY | _DATASET_ONLY
-
-
-def is_relevant(column: str, row: Mapping) -> bool:
-    """Does this config value change what the run does? An ``augment.*`` field acts where the
-    method table says it is read (:func:`hardmix.methods.active_fields`), a schedule's own
-    field (multistep's milestones) where that schedule runs, a pipeline's own data field (a
-    folder's image_size) where that data set is used; other columns always. A row of an
-    unknown method or schedule keeps every field."""
-    if column in _SCHEDULE_ONLY:
-        reads = SCHEDULE_FIELDS.get(row.get("optim.schedule"))
-        return reads is None or column[len("optim."):] in reads
-    if column in _DATASET_ONLY:
-        spec = DATASETS.get(row.get("data.name"))
-        return spec is None or column[len("data."):] in spec.reads
-    if not column.startswith("augment."):
-        return True
-    try:
-        return column[len("augment."):] in active_fields(_augment_of(row))
-    except ConfigError:
-        return True
+#: Does this config value change what the run does? One rule for the sweep space, the report and
+#: the importance analysis: the method, schedule, data-set and model registries say.
+is_relevant = field_acts
 
 
 INERT = "—"
@@ -80,7 +54,7 @@ def hashable(value: Any) -> Any:
 
 def relevance(df: pd.DataFrame, column: str) -> pd.Series:
     """Boolean Series: is ``column`` relevant for each row of ``df``."""
-    if not column.startswith("augment.") and column not in _CONDITIONAL:
+    if not column.startswith("augment.") and column not in CONDITIONAL:
         return pd.Series(True, index=df.index)
     return pd.Series([is_relevant(column, r) for r in df.to_dict("records")], index=df.index,
                      dtype=bool)

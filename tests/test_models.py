@@ -81,3 +81,33 @@ def test_smallnet_width_and_learning():
 def test_unknown_model_is_a_config_error():
     with pytest.raises(ConfigError, match="model.name"):
         build_model(ModelConfig(name="vgg"), 10)
+
+
+#: A value other than the default of each model field a builder may read.
+_OTHER_MODEL_VALUE = {"stem": "imagenet", "width": 16, "dropout": 0.3}
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_NAMES))
+def test_a_model_field_changes_the_model_exactly_where_the_registry_says_it_is_read(name):
+    """Build with one model field changed at a time: the parameter shapes or the training-mode
+    output change if and only if ``Architecture.reads`` lists the field (what the sweep space
+    and the report trust: ``model.width`` of a ResNet is never searched or counted)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
+    assert fields == set(_OTHER_MODEL_VALUE)  # a new field needs a value here
+
+    def signature(cfg: ModelConfig):
+        torch.manual_seed(0)
+        model = build_model(cfg, num_classes=5, in_channels=3, image_size=32).train()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            out = model(torch.randn(2, 3, 32, 32))
+        return [tuple(v.shape) for v in model.state_dict().values()], out
+
+    base = ModelConfig(name=name, width=8)
+    shapes, out = signature(base)
+    for field, other in _OTHER_MODEL_VALUE.items():
+        shapes2, out2 = signature(dataclasses.replace(base, **{field: other}))
+        changed = shapes2 != shapes or not torch.equal(out2, out)
+        assert changed == (field in ARCHITECTURES[name].reads), (name, field)

@@ -131,6 +131,34 @@ def test_a_condition_that_can_never_hold_is_a_config_error():
         check_space(typo)
 
 
+@pytest.mark.parametrize("overrides, field", [
+    # k is read only by a top-k criterion or the topk_loss fallback: neither can happen here
+    (["space={augment.k: {values: [0.1, 0.5]}}", "run.augment.criterion=misclassified",
+      "run.augment.fallback=random"], "space.augment.k"),
+    (["space={model.width: {values: [8, 16]}}", "run.model.name=resnet18"], "space.model.width"),
+    (["mode=search", "space={model.stem: {type: choice, values: [cifar, imagenet]}}",
+      "run.model.name=smallnet"], "space.model.stem"),
+    (["space={optim.gamma: {values: [0.1, 0.2]}}", "run.optim.schedule=cosine"],
+     "space.optim.gamma"),
+])
+def test_a_parameter_that_acts_in_no_trial_is_a_config_error(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        check_space(sweep(*overrides))
+    assert err.value.field == field and "acts in no trial" in str(err.value)
+
+
+def test_model_fields_exist_only_for_the_models_that_read_them():
+    cfg = sweep("space={model.name: {values: [resnet18, smallnet]}, model.width: {values: [8, "
+                "16]}, model.stem: {values: [cifar, imagenet]}}")
+    check_space(cfg)
+    points = grid_points(cfg)
+    assert sorted(map(str, points)) == sorted(map(str, [
+        {"model.name": "resnet18", "model.stem": "cifar"},
+        {"model.name": "resnet18", "model.stem": "imagenet"},
+        {"model.name": "smallnet", "model.width": 8},
+        {"model.name": "smallnet", "model.width": 16}]))
+
+
 def test_every_grid_combination_must_give_a_valid_run():
     # Each value is valid on its own (k=40 with the default batch of 128, a batch of 32 with
     # the default k=0.25); k=40 with a batch of 32 is not.

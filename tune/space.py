@@ -4,9 +4,12 @@ A parameter *exists only where it means something*. For ``augment.*`` fields the
 says where that is (:func:`hardmix.methods.active_fields`): ``augment.k`` only for a top-k
 criterion or the ``topk_loss`` fallback, ``augment.fallback`` and ``augment.min_hard`` only for a
 thresholded criterion, ``augment.bn_mode`` only for the forward signal, everything hard-sample
-only for hard-source methods. The switches (method, criterion, fallback, signal) are decided
-first. A :class:`~hardmix.config.ParamSpec` may add ``when`` conditions of its own
-(``{other parameter: [allowed values]}``, all of which must hold). Where a parameter does not
+only for hard-source methods. Other fields follow their registries (:mod:`hardmix.config.acts`):
+``model.width`` only for smallnet, ``model.stem`` only for a ResNet, ``optim.milestones`` only
+for the multistep schedule. The switches (method, criterion, fallback, signal, model, data set,
+schedule) are decided first, and a parameter that would exist in no trial is refused. A
+:class:`~hardmix.config.ParamSpec` may add ``when`` conditions of its own (``{other parameter:
+[allowed values]}``, all of which must hold). Where a parameter does not
 exist, Optuna is never asked for it, the grid does not branch on it, and the trial's run config
 keeps the field's fixed value. This is what keeps the importance analysis honest: a parameter
 that cannot act is never recorded as if it had.
@@ -22,11 +25,11 @@ Nothing here imports Ray; the functions are pure and unit-tested on their own.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from hardmix.config import (ConfigError, ParamSpec, RunConfig, SweepConfig, flatten,
                             validate, with_overrides)
-from hardmix.methods import SWITCHES, active_fields
+from hardmix.config.acts import CONDITIONAL, SWITCH_COLUMNS, field_acts
 
 #: The space a search explores when the config names none: the axes this platform exists for.
 #: α; the hard-sample criterion (the paper's ``misclassified``, the ``history`` of it, or the
@@ -38,7 +41,6 @@ DEFAULT_SPACE: dict[str, dict] = {
     "augment.k": {"type": "float", "low": 0.05, "high": 0.5},
     "augment.fallback": {"type": "choice", "values": ["random", "skip", "topk_loss"]},
 }
-_SWITCH_FIELDS = tuple(f"augment.{s}" for s in SWITCHES)
 
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -81,8 +83,8 @@ def param_order(space: Mapping[str, ParamSpec]) -> list[str]:
         state[name] = 2
         order.append(name)
 
-    # The method table's switches first (what acts depends on them), then declaration order.
-    for name in [n for n in _SWITCH_FIELDS if n in space] + list(space):
+    # The switches first (what acts depends on them), then declaration order.
+    for name in [n for n in SWITCH_COLUMNS if n in space] + list(space):
         visit(name, ())
     return order
 
@@ -113,26 +115,57 @@ def check_space(cfg: SweepConfig) -> None:
                                   f"{other} is fixed at {fixed.get(other)!r} (not searched), so "
                                   f"{name} would never exist; add {other} to the space or "
                                   "drop the condition")
+    if not cfg.arms:
+        _check_every_param_acts(cfg, order, fixed)
     if cfg.mode == "grid":
         for params, seed in grid_trials(cfg):
             trial_config(cfg.run, params, seed)
 
 
+#: More switch combinations than this and the "acts somewhere" check is left to the report.
+_MAX_COMBINATIONS = 10_000
+
+
+def _check_every_param_acts(cfg: SweepConfig, order: list[str], fixed: Mapping[str, Any]) -> None:
+    """A parameter that exists in no trial (``augment.k`` with ``misclassified`` and the
+    ``random`` fallback fixed, ``model.width`` of a ResNet) would make the sweep search or split
+    on a value that never acts: refused. Walks the choices as :func:`grid_points` does; a range
+    parameter takes one value (ranges decide no switch)."""
+    seen: set[str] = set()
+    one_value = lambda spec: spec.values if spec.values is not None else [spec.low]  # noqa: E731
+    for count, point in enumerate(_combinations(cfg.space, order, fixed, one_value)):
+        if count >= _MAX_COMBINATIONS:
+            return
+        seen.update(point)
+    missing = [name for name in order if name not in seen]
+    if not missing:
+        return
+    name, spec = missing[0], cfg.space[missing[0]]
+    group = name.split(".")[0]
+    held = ", ".join(f"{c}={fixed.get(c)}" for c in SWITCH_COLUMNS
+                     if c.split(".")[0] == group and c in fixed and c not in cfg.space)
+    searched = any(c in cfg.space for c in SWITCH_COLUMNS)
+    raise ConfigError(f"space.{name}",
+                      spec.values if spec.values is not None else [spec.low, spec.high],
+                      "acts in no trial of this sweep: nothing reads it"
+                      + (f" with {held} fixed" if held else "")
+                      + (" and the searched switches" if searched else "")
+                      + " (hardmix train --help says which fields each method, model and "
+                        "schedule reads); drop it or search the switch it needs")
+
+
 def _active(name: str, spec: ParamSpec, values: Mapping[str, Any], fixed: Mapping[str, Any],
             space: Mapping[str, ParamSpec]) -> bool:
-    """Whether the parameter exists for the values decided so far: it acts (the method table,
-    for ``augment.*`` fields, with the switches decided first) and every ``when`` holds."""
+    """Whether the parameter exists for the values decided so far: it acts
+    (:func:`hardmix.config.acts.field_acts`, with the switches decided first) and every
+    ``when`` holds."""
     for other, allowed in spec.when.items():
         if other in space:
             if other not in values or values[other] not in allowed:
                 return False
         elif fixed.get(other) not in allowed:
             return False
-    if name.startswith("augment."):
-        aug = {k[len("augment."):]: v for k, v in {**fixed, **values}.items()
-               if k.startswith("augment.")}
-        return name[len("augment."):] in active_fields(aug)
-    return True
+    return field_acts(name, {**fixed, **values})
 
 
 def _encode(value: Any) -> Any:
@@ -209,26 +242,33 @@ def grid_points(cfg: SweepConfig) -> list[dict[str, Any]]:
         return [{k: v for k, v in arm.items() if k != "seeds"} for arm in cfg.arms]
     order = param_order(cfg.space)
     fixed = flatten(cfg.run)
-    points: list[dict[str, Any]] = []
-
-    def branch(i: int, values: dict[str, Any]) -> None:
-        if i == len(order):
-            points.append(dict(values))
-            return
-        name = order[i]
-        spec = cfg.space[name]
-        if not _active(name, spec, values, fixed, cfg.space):
-            branch(i + 1, values)
-            return
-        for v in _grid_values(spec):
-            values[name] = v
-            branch(i + 1, values)
-        del values[name]
-
-    branch(0, {})
+    points = list(_combinations(cfg.space, order, fixed, _grid_values))
     # Report in declaration order of the config (readable dry-run tables).
     names = list(cfg.space)
     return [{n: p[n] for n in names if n in p} for p in points]
+
+
+def _combinations(space: Mapping[str, ParamSpec], order: list[str], fixed: Mapping[str, Any],
+                  values_of: Any) -> Iterator[dict[str, Any]]:
+    """Every combination of ``values_of(spec)`` over the parameters in ``order``, each
+    parameter present only where it exists (:func:`_active`), depth first."""
+    values: dict[str, Any] = {}
+
+    def branch(i: int) -> Iterator[dict[str, Any]]:
+        if i == len(order):
+            yield dict(values)
+            return
+        name = order[i]
+        spec = space[name]
+        if not _active(name, spec, values, fixed, space):
+            yield from branch(i + 1)
+            return
+        for v in values_of(spec):
+            values[name] = v
+            yield from branch(i + 1)
+        del values[name]
+
+    return branch(0)
 
 
 def point_seeds(cfg: SweepConfig) -> list[list[int]]:
@@ -284,4 +324,6 @@ def describe_param(name: str, spec: ParamSpec) -> str:
             f"{k} in {{{', '.join(map(str, v))}}}" for k, v in spec.when.items())
     if name.startswith("augment.") and name != "augment.method":
         cond += "  (only where it acts: the method table)"
+    elif name in CONDITIONAL:
+        cond += "  (only where it acts)"
     return f"{name} {dom}{cond}"

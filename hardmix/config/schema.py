@@ -88,8 +88,8 @@ class DataConfig:
 class ModelConfig:
     name: str = opt("resnet18", "architecture: " + ", ".join(ARCHITECTURES) + ", or "
                     "timm:<name> (any timm model; extra [timm])", check=check_model_name)
-    stem: str = opt("auto", "cifar (3x3 conv, no max-pool), imagenet (7x7 conv + max-pool) or auto "
-                    "(by image size)", choices=STEMS)
+    stem: str = opt("auto", "ResNet stem: cifar (3x3 conv, no max-pool), imagenet (7x7 conv + "
+                    "max-pool) or auto (by image size); other models have their own", choices=STEMS)
     dropout: float = opt(0.0, "dropout before the classifier (WideResNet: inside blocks)", ge=0, lt=1)
     width: int = opt(64, "base width of smallnet", gt=0, le=4096)
 

@@ -1,0 +1,61 @@
+"""Which run-config field acts for a run: the one rule the sweep space, the report and the
+importance analysis share, derived from the registries that own each fact.
+
+* ``augment.*``: the method table (:func:`hardmix.methods.active_fields`);
+* a schedule's own ``optim.*`` fields (multistep's milestones and gamma): the schedule table
+  (:data:`hardmix.config.schema.SCHEDULE_FIELDS`);
+* a pipeline's own ``data.*`` fields (a folder's image_size): the data-set registry;
+* ``model.*`` fields other than the name (smallnet's width, a ResNet's stem): the model
+  registry (:func:`hardmix.architectures.model_reads`);
+* every other field always.
+
+A row whose switch is unknown (a method, schedule, data set or model not registered) keeps every
+field. Torch-free.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from hardmix.architectures import ARCHITECTURES, TIMM_READS, model_reads
+from hardmix.config.schema import SCHEDULE_FIELDS
+from hardmix.datasets import DATASETS
+from hardmix.errors import ConfigError
+from hardmix.methods import SWITCHES, active_fields
+
+__all__ = ["field_acts", "CONDITIONAL", "SWITCH_COLUMNS"]
+
+_SCHEDULE_ONLY = {f"optim.{f}" for fields in SCHEDULE_FIELDS.values() for f in fields}
+_DATASET_ONLY = {f"data.{f}" for spec in DATASETS.values() for f in spec.reads}
+_MODEL_ONLY = ({f"model.{f}" for arch in ARCHITECTURES.values() for f in arch.reads}
+               | {f"model.{f}" for f in TIMM_READS})
+#: Config columns outside ``augment.*`` that act only for some runs.
+CONDITIONAL = frozenset(_SCHEDULE_ONLY | _DATASET_ONLY | _MODEL_ONLY)
+#: The columns that decide which others act: decided first in a conditional space.
+SWITCH_COLUMNS = tuple(f"augment.{s}" for s in SWITCHES) + ("model.name", "data.name",
+                                                            "optim.schedule")
+
+
+def _suffix(column: str) -> str:
+    return column.split(".", 1)[1]
+
+
+def field_acts(column: str, row: Mapping) -> bool:
+    """Does the value of ``column`` (a flattened run-config name) change what the run ``row``
+    (a mapping of flattened fields; only the switches are read) does?"""
+    if column in _SCHEDULE_ONLY:
+        reads = SCHEDULE_FIELDS.get(row.get("optim.schedule"))
+        return reads is None or _suffix(column) in reads
+    if column in _DATASET_ONLY:
+        spec = DATASETS.get(row.get("data.name"))
+        return spec is None or _suffix(column) in spec.reads
+    if column in _MODEL_ONLY:
+        reads = model_reads(row.get("model.name"))
+        return reads is None or _suffix(column) in reads
+    if not column.startswith("augment."):
+        return True
+    aug = {_suffix(k): v for k, v in row.items() if k.startswith("augment.")}
+    try:
+        return _suffix(column) in active_fields(aug)
+    except ConfigError:
+        return True
