@@ -147,6 +147,15 @@ def test_a_parameter_that_acts_in_no_trial_is_a_config_error(overrides, field):
     assert err.value.field == field and "acts in no trial" in str(err.value)
 
 
+def test_the_default_search_space_over_a_cutmix_run_is_refused_not_shrunk_to_alpha():
+    cfg = with_default_space(sweep("mode=search", "run.augment.method=cutmix"))
+    with pytest.raises(ConfigError) as err:
+        check_space(cfg)
+    assert err.value.field == "space.augment.criterion"
+    assert "default search space" in str(err.value) and "augment.method=cutmix" in str(err.value)
+    check_space(with_default_space(sweep("mode=search")))  # HardMix, the default: every one acts
+
+
 def test_model_fields_exist_only_for_the_models_that_read_them():
     cfg = sweep("space={model.name: {values: [resnet18, smallnet]}, model.width: {values: [8, "
                 "16]}, model.stem: {values: [cifar, imagenet]}}")

@@ -142,14 +142,18 @@ def _check_every_param_acts(cfg: SweepConfig, order: list[str], fixed: Mapping[s
         return
     name, spec = missing[0], cfg.space[missing[0]]
     group = name.split(".")[0]
+    # The fixed switches of its group that act themselves (a CutMix run's signal does not).
     held = ", ".join(f"{c}={fixed.get(c)}" for c in SWITCH_COLUMNS
-                     if c.split(".")[0] == group and c in fixed and c not in cfg.space)
-    searched = any(c in cfg.space for c in SWITCH_COLUMNS)
+                     if c.split(".")[0] == group and c in fixed and c not in cfg.space
+                     and field_acts(c, fixed))
+    searched = any(c in cfg.space and c != name for c in SWITCH_COLUMNS)
+    default = (" (a parameter of the default search space)"
+               if set(cfg.space) == set(DEFAULT_SPACE) else "")
     raise ConfigError(f"space.{name}",
                       spec.values if spec.values is not None else [spec.low, spec.high],
-                      "acts in no trial of this sweep: nothing reads it"
+                      f"acts in no trial of this sweep{default}: nothing reads it"
                       + (f" with {held} fixed" if held else "")
-                      + (" and the searched switches" if searched else "")
+                      + (", whatever the other searched switches take" if searched else "")
                       + " (hardmix train --help says which fields each method, model and "
                         "schedule reads); drop it or search the switch it needs")
 
