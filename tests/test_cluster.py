@@ -145,6 +145,65 @@ def test_cluster_files_turn_token_authentication_on(name):
     assert "Firewall" in text or "firewall" in text
 
 
+#: The command lists Ray's launcher runs on a node, each entry in a shell of its own.
+COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands",
+                "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+
+
+def _node_scripts(name: str) -> list[tuple[str, str]]:
+    """(key, script) for every command of a cluster file, as the node's shell receives it: the
+    YAML parsed, Ray's defaults merged in (prepare_config, where the provider has them), then
+    wrapped by Ray's command runner (``bash --login -c -i '<script>'`` over SSH)."""
+    import shlex
+
+    from ray.autoscaler._private.command_runner import _with_interactive
+
+    raw = _raw(name)
+    try:
+        config = _ray_validate(raw)
+    except FileNotFoundError:  # the fake provider: the file is complete as it stands
+        config = raw
+    scripts = []
+    for key in COMMAND_KEYS:
+        for command in config.get(key) or []:
+            argv = _with_interactive(command)
+            assert argv[:4] == ["bash", "--login", "-c", "-i"]
+            scripts.append((key, shlex.split(argv[4])[0]))
+    return scripts
+
+
+def test_every_command_of_every_cluster_file_parses_in_bash():
+    """`bash -n` on each command of each cluster file at the repository root, as the node runs
+    it. A YAML comment that cuts a command (` #` in a plain scalar) leaves an open quote or a
+    dangling `||`, which bash refuses here instead of on the first real node."""
+    import subprocess
+
+    files = sorted(p.name for p in REPO.glob("*.yaml")
+                   if set(COMMAND_KEYS) & set(yaml.safe_load(p.read_text()) or {}))
+    assert {"cluster.yaml", "cluster-local.yaml", "cluster-fake-multinode.yaml"} <= set(files)
+    checked = 0
+    for name in files:
+        for key, script in _node_scripts(name):
+            proc = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True,
+                                  timeout=30)
+            assert proc.returncode == 0, f"{name} {key}: {script!r}: {proc.stderr.strip()}"
+            checked += 1
+    assert checked >= 2 * 9  # both launcher files' setup and start commands were seen
+
+
+def test_bash_check_catches_a_command_cut_by_a_yaml_comment():
+    """The check above on the line that once reached the nodes cut in half."""
+    import subprocess
+
+    line = "grep -q 'hardmix venv' ~/.bashrc || echo 'source ~/venv/bin/activate  # hardmix venv' >> ~/.bashrc"
+    cut = yaml.safe_load(f"- {line}\n")[0]
+    assert cut == "grep -q 'hardmix venv' ~/.bashrc || echo 'source ~/venv/bin/activate"
+    assert subprocess.run(["bash", "-n", "-c", cut], capture_output=True).returncode != 0
+    whole = yaml.safe_load(f'- "{line}"\n')[0]
+    assert whole == line
+    assert subprocess.run(["bash", "-n", "-c", whole], capture_output=True).returncode == 0
+
+
 def test_fake_multinode_variant_is_complete_and_valid_offline(no_network):
     """cluster-fake-multinode.yaml: read by Ray's autoscaler as it is (the wheel has no defaults
     file for this provider, so prepare_config cannot run), so it must pass Ray's schema alone."""
