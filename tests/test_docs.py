@@ -1,4 +1,7 @@
-"""Every command the README and docs/*.md show runs as written on a fresh machine.
+"""Every command the README and docs/*.md show names what exists, checked as written.
+
+This file parses; it does not execute (``tests/test_doc_snippets.py`` runs the Python examples,
+and the claims page ``docs/claims.md`` names the test that executes each command).
 
 The shell commands of the fenced ``bash`` / ``console`` (and ``sh`` / ``shell``) blocks are
 extracted (continuation lines joined, ``$ `` prompts stripped in console blocks, heredoc bodies
