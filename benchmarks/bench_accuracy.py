@@ -29,7 +29,7 @@ def run(data: str, seed: int, fp32: bool, threads: int) -> tuple[float, float, s
     import torch
 
     torch.set_num_threads(threads)
-    extra = ["optim.amp=false", "optim.channels_last=false"] if fp32 else []
+    extra = ["optim.amp=fp32", "optim.channels_last=false"] if fp32 else []
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(RunConfig, "cpu-quick", None,
                           [f"data.path={data}", f"seed={seed}", f"output.dir={out}",

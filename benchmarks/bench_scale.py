@@ -75,7 +75,7 @@ run:
   device: cpu
   data: {{name: synthetic, batch_size: 128, eval_batch_size: 256, val_size: 0.25}}
   model: {{name: smallnet, width: 4}}
-  optim: {{epochs: {epochs}, milestones: [{epochs}], amp: false}}
+  optim: {{epochs: {epochs}, milestones: [{epochs}], amp: fp32}}
   augment: {{method: hardmix}}
   output: {{checkpoint_every: 1, tensorboard: false, image_grid: false, progress: false}}
 """

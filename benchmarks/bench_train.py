@@ -6,7 +6,7 @@ and the ``forward`` signal (the extra no-grad forward included), SGD-Nesterov, b
 interleaved rounds, each with its own copy of the same model, so that load on a shared machine
 hits both alike:
 
-* ``reference``: fp32, contiguous (``optim.amp=false``, ``optim.channels_last=false``);
+* ``reference``: fp32, contiguous (``optim.amp=fp32``, ``optim.channels_last=false``);
 * ``default``: the run's default policy on this machine (bf16 autocast where the CPU or GPU
   computes bf16 natively, channels_last).
 
@@ -73,7 +73,7 @@ def main() -> None:
     dev = torch.device(args.device)
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    policies = {"reference": precision_policy(OptimConfig(amp=False, channels_last=False), dev),
+    policies = {"reference": precision_policy(OptimConfig(amp="fp32", channels_last=False), dev),
                 "default": precision_policy(OptimConfig(), dev)}
     print(f"device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"batch {args.batch}; HardMix prob 1, forward signal")

@@ -64,6 +64,7 @@ from hardmix.checkpoint import (atomic_write_bytes, checkpoint_path, load_checkp
                                 rng_state, save_checkpoint, set_rng_state)
 from hardmix.config import (OptimConfig, RunConfig, check_run_environment, flatten, to_dict,
                             to_yaml, validate)
+from hardmix.config.schema import PRECISIONS
 from hardmix.data import Data, build_data, epoch_seed
 from hardmix.errors import ConfigError
 from hardmix.metrics import EPOCH_METRICS, SUMMARY_FIELDS, Callback, StopRun, applicable
@@ -123,14 +124,14 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def cpu_bf16_native() -> tuple[bool, str]:
+def cpu_bf16_native(cpuinfo: str = "/proc/cpuinfo") -> tuple[bool, str]:
     """Whether this CPU computes bf16 in hardware, and what said so.
 
     x86: the ``avx512_bf16`` or ``amx_bf16`` flags; Arm: ``bf16`` in /proc/cpuinfo's features.
     Elsewhere (no /proc/cpuinfo) the answer is no: emulated bf16 is slower than fp32.
     """
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
                     flags = set(line.split(":", 1)[1].split())
@@ -143,14 +144,23 @@ def cpu_bf16_native() -> tuple[bool, str]:
     return False, "cannot read /proc/cpuinfo to detect native bf16"
 
 
+#: CUDA compute capability from which bf16 runs natively (Ampere); below it
+#: ``torch.cuda.is_bf16_supported()`` may still say True, by emulation (V100, T4).
+CUDA_BF16_CAPABILITY = (8, 0)
+#: CUDA compute capability from which fp16 has tensor cores (Volta): ``auto`` picks fp16 there.
+CUDA_FP16_CAPABILITY = (7, 0)
+
+
 @dataclass(frozen=True)
 class Precision:
-    """The run's numeric policy: autocast dtype (None = fp32), memory format, and why."""
+    """The run's numeric policy: autocast dtype (None = fp32), whether a GradScaler guards fp16
+    gradients, memory format, and what ran and why (``note``, the run row's ``precision``)."""
 
     device_type: str
     dtype: Optional[torch.dtype]
     channels_last: bool
     note: str
+    scaler: bool = False
 
     def autocast(self):
         """A fresh autocast context (loss, softmax and BatchNorm statistics stay fp32, as
@@ -159,27 +169,61 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
+    def grad_scaler(self):
+        """A fresh ``torch.amp.GradScaler`` for fp16, else None (bf16 and fp32 need none)."""
+        return torch.amp.GradScaler(self.device_type) if self.scaler else None
+
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
-def precision_policy(o: OptimConfig, device: torch.device) -> Precision:
-    """bf16 autocast where the device computes bf16 natively (``optim.amp``), channels_last
-    where asked (``optim.channels_last``), on CUDA and CPU alike."""
+def device_precision(device: torch.device) -> tuple[bool, bool, str]:
+    """``(native bf16, fp16 tensor cores, why)`` of a device, from its hardware facts: the
+    CUDA compute capability (not ``is_bf16_supported()``, which counts emulation), the CPU's
+    flags."""
     if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-        why = "CUDA bf16" if native else "this GPU has no native bf16"
-    elif device.type == "cpu":
+        cc = torch.cuda.get_device_capability(device)
+        why = f"CUDA compute capability {cc[0]}.{cc[1]}"
+        return tuple(cc) >= CUDA_BF16_CAPABILITY, tuple(cc) >= CUDA_FP16_CAPABILITY, why
+    if device.type == "cpu":
         native, why = cpu_bf16_native()
-    else:
-        native, why = False, f"no bf16 policy for {device.type}"
-    use = o.amp and native
-    dtype = torch.bfloat16 if use else None
-    amp_note = ("bf16 autocast (" + why + ")" if use else
-                "fp32 (optim.amp=false)" if not o.amp else f"fp32 ({why})")
+        return native, False, why
+    return False, False, f"no precision policy for {device.type}"
+
+
+def precision_policy(o: OptimConfig, device: torch.device) -> Precision:
+    """What ``optim.amp`` runs on ``device``, and channels_last where asked
+    (``optim.channels_last``).
+
+    ``auto``: bf16 autocast where the device computes bf16 natively (CUDA compute capability
+    >= 8.0, CPUs with native bf16), fp16 autocast + GradScaler on CUDA GPUs with fp16 tensor
+    cores but no native bf16 (7.x: V100, T4), fp32 elsewhere. ``bf16`` and ``fp16`` force it and
+    raise ConfigError where the device lacks it natively (emulated bf16 is slower than fp32 and
+    CPUs have no fp16 path worth taking); ``fp32`` never autocasts.
+    """
+    amp = o.amp
+    if amp not in PRECISIONS:
+        raise ConfigError("optim.amp", amp, f"must be one of {', '.join(PRECISIONS)}")
     layout = "channels_last" if o.channels_last else "contiguous"
-    return Precision(device.type, dtype, o.channels_last, f"{amp_note}, {layout}")
+    policy = lambda dtype, note, scaler=False: Precision(device.type, dtype, o.channels_last,
+                                                          f"{note}, {layout}", scaler)
+    if amp == "fp32":
+        return policy(None, "fp32 (optim.amp=fp32)")
+    bf16, fp16, why = device_precision(device)
+    if amp == "bf16" and not bf16:
+        raise ConfigError("optim.amp", amp, f"needs native bf16 and this device has none "
+                          f"({why}; bf16 needs CUDA compute capability >= 8.0 or a CPU with "
+                          "avx512_bf16/amx_bf16): use auto, fp16 (CUDA) or fp32")
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("optim.amp", amp, f"needs a CUDA device, not {device.type} (a CPU "
+                          "computes fp16 by emulation): use auto, bf16 or fp32")
+    if amp in ("auto", "bf16") and bf16:
+        return policy(torch.bfloat16, f"bf16 autocast ({why})")
+    if amp == "fp16" or fp16:
+        return policy(torch.float16, f"fp16 autocast + GradScaler ({why}"
+                      + ("" if bf16 or amp == "fp16" else ": no native bf16") + ")", True)
+    return policy(None, f"fp32 ({why})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,24 +253,44 @@ _SCHEDULES = {
 def training_step(model: nn.Module, raw_model: nn.Module, mix, optimizer, x: torch.Tensor,
                   y: torch.Tensor, idx: torch.Tensor, *, label_smoothing: float = 0.0,
                   grad_clip: Optional[float] = None, autocast=contextlib.nullcontext,
-                  scheduler=None):
+                  scheduler=None, scaler=None):
     """One step of the loop (also what the step and training benchmarks time).
 
     The augmentation is called the same way every step: ``raw_model`` (the module inside DDP,
     so the hardness forward runs no DDP collective) for the ``forward`` signal, ``idx`` for a
     per-sample memory, and ``observe`` with the training logits afterwards; HardMix decides what
-    it uses. The hardness forward runs under the same autocast as the training forward. Returns
-    ``(loss, out)`` with the loss detached (no host sync)."""
+    it uses.
+
+    The hardness forward (no grad) and the training forward run in two autocast regions:
+    autocast caches the low-precision copy of each weight until the outermost region exits,
+    and torch releases before the fix of pytorch#112583 reused a copy cast under no_grad in the
+    training forward, so conv and linear weights got no gradient. Call it outside any autocast
+    region of your own, or the cache outlives the hardness forward.
+
+    ``scaler`` (a ``torch.amp.GradScaler``, the fp16 policy): the loss is scaled for backward,
+    gradients are unscaled before clipping, and a step whose gradients hold inf or NaN is
+    skipped (the scaler then lowers its scale). GradScaler reads that overflow flag on the host
+    once per step; bf16 and fp32 steps read nothing. Returns ``(loss, out)`` with the loss
+    detached (no host sync)."""
     with autocast():
         out = mix(x, y, model=raw_model, index=idx)
+    with autocast():
         logits = model(out.x)
         loss = out.loss(logits.float(), label_smoothing=label_smoothing)
     mix.observe(logits.detach(), y, idx, out)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)  # skipped when a gradient is inf or NaN
+        scaler.update()
     if scheduler is not None:
         scheduler.step()
     return loss.detach(), out
@@ -318,6 +382,7 @@ class _Run:
         if self.steps_per_epoch == 0:
             raise ConfigError("data.subset", cfg.data.subset, "leaves no training batch")
         self.optimizer, self.scheduler = build_optimizer(model, cfg.optim, self.steps_per_epoch)
+        self.scaler = self.precision.grad_scaler()  # fp16 only
         self.mix = HardMix.from_config(cfg.augment, num_classes=self.num_classes,
                                        dataset_size=self.data.sizes["train"], seed=cfg.seed,
                                        inplace=True)
@@ -333,6 +398,7 @@ class _Run:
     def state(self, epoch: int, wall: float) -> dict:
         return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "mix": self.mix.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": rng_state(), "epoch": epoch, "history": self.history,
                 "wall_seconds": wall, "config": to_dict(self.cfg), "versions": versions(),
                 "data": {"mean": list(self.data.mean), "std": list(self.data.std),
@@ -344,6 +410,8 @@ class _Run:
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):  # fp16: keep the learned scale
+            self.scaler.load_state_dict(state["scaler"])
         self.mix.load_state_dict(state["mix"])
         set_rng_state(state["rng"])
         if self.rank:
@@ -424,7 +492,7 @@ class _Run:
         return training_step(self.model, self.raw_model, self.mix, self.optimizer, x, y, idx,
                              label_smoothing=self.cfg.optim.label_smoothing,
                              grad_clip=self.cfg.optim.grad_clip, autocast=self.precision.autocast,
-                             scheduler=self.scheduler)
+                             scheduler=self.scheduler, scaler=self.scaler)
 
     def preview(self, x: torch.Tensor, y: torch.Tensor, out) -> None:
         """Hand the first mixed batch (a few images) to ``on_mixed_preview``."""

@@ -36,8 +36,8 @@ def test_cpu_policy_is_bf16_where_the_cpu_computes_it_natively_and_says_why():
         assert p.dtype == torch.bfloat16 and "bf16 autocast" in p.note and why in p.note
     else:
         assert p.dtype is None and why in p.note
-    off = precision_policy(OptimConfig(amp=False, channels_last=False), torch.device("cpu"))
-    assert off.dtype is None and off.note == "fp32 (optim.amp=false), contiguous"
+    off = precision_policy(OptimConfig(amp="fp32", channels_last=False), torch.device("cpu"))
+    assert off.dtype is None and off.note == "fp32 (optim.amp=fp32), contiguous"
     assert isinstance(off.autocast(), contextlib.nullcontext)
 
 

@@ -75,6 +75,7 @@ def check_run_environment(cfg: RunConfig, prefix: str = "", outputs: bool = True
         if not torch.cuda.is_available():
             raise ConfigError(f"{prefix}device", cfg.device,
                               "no CUDA device is available here; use auto or cpu")
+    check_precision(cfg, prefix)
     aug = to_dict(cfg.augment)
     if "saliency" in active_fields(aug) and cfg.augment.saliency == "fine_grained":
         require_package("cv2", f"{prefix}augment.saliency", "fine_grained")
@@ -90,6 +91,23 @@ def check_run_environment(cfg: RunConfig, prefix: str = "", outputs: bool = True
         require_package(logger, f"{prefix}output.loggers", logger)
     if outputs:
         check_writable(f"{prefix}output.dir", cfg.output.dir)
+
+
+def check_precision(cfg: RunConfig, prefix: str = "") -> None:
+    """A forced ``optim.amp`` (bf16, fp16) runs natively on the device this node would train
+    on (under Ray Train, the GPU Ray assigns: the same kind on a node)."""
+    if cfg.optim.amp not in ("bf16", "fp16"):
+        return  # auto and fp32 run everywhere
+    import torch
+
+    from hardmix.train import precision_policy
+
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    try:
+        precision_policy(cfg.optim, device)
+    except ConfigError as exc:
+        raise ConfigError(prefix + exc.field, exc.value, exc.allowed) from None
 
 
 def check_sweep_environment(cfg: SweepConfig) -> None:

@@ -213,6 +213,9 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
         path = f"{prefix}{key}"
         if key not in names:
             raise ConfigError(path, value, "unknown field" + did_you_mean(str(key), names, prefix))
+        legacy = next(f for f in dataclasses.fields(cls) if f.name == key).metadata.get("legacy")
+        value = next((v for k, v in (legacy or {}).items()  # an old value: its replacement
+                      if type(k) is type(value) and k == value), value)
         kwargs[key] = _coerce(hints[key], value, path)
     return cls(**kwargs)
 

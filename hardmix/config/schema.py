@@ -28,6 +28,8 @@ SCHEDULE_FIELDS: dict[str, tuple[str, ...]] = {"multistep": ("milestones", "gamm
                                                "cosine": (), "constant": ()}
 SCHEDULES = tuple(SCHEDULE_FIELDS)
 DEVICES = ("auto", "cpu", "cuda")
+#: ``optim.amp``: the numeric precision of training and evaluation (hardmix.train.precision_policy).
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 BN_MODES = ("eval", "train")
 SWEEP_MODES = ("search", "grid")
 SAMPLERS = ("tpe", "random", "cmaes", "qmc")
@@ -42,15 +44,17 @@ MAX_HISTORY = 8
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: Any = None,
         gt: float | None = None, ge: float | None = None, le: float | None = None,
         lt: float | None = None, factory: Any = None,
-        check: Optional[Callable[[Any, str], None]] = None) -> Any:
+        check: Optional[Callable[[Any, str], None]] = None,
+        legacy: Optional[dict] = None) -> Any:
     """A config field with its help text and the constraints the validator enforces.
 
     ``choices``: a tuple, or a registry (dict) whose keys are the allowed values, read when
     validating (so entries registered later count). ``check(value, field)``: a custom check
-    that raises ConfigError.
+    that raises ConfigError. ``legacy``: values an earlier version of the field took, read as
+    their replacement (old configs and checkpoints still load).
     """
     meta = {"help": help, "choices": choices, "gt": gt, "ge": ge, "le": le, "lt": lt,
-            "check": check}
+            "check": check, "legacy": legacy}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -107,8 +111,12 @@ class OptimConfig:
     gamma: float = opt(0.2, "multistep decay factor", gt=0, le=1)
     warmup_epochs: int = opt(0, "linear warm-up epochs", ge=0)
     label_smoothing: float = opt(0.0, "label smoothing of the (mixed) cross entropy", ge=0, lt=1)
-    amp: bool = opt(True, "bf16 autocast where the device computes bf16 natively (CUDA; CPUs "
-                    "with AVX512-BF16 or AMX); off elsewhere, with the reason in the run log")
+    amp: str = opt("auto", "numeric precision: auto = bf16 autocast where the device computes "
+                   "bf16 natively (CUDA compute capability >= 8.0; CPUs with AVX512-BF16 or AMX), "
+                   "fp16 autocast + GradScaler on older CUDA GPUs with tensor cores (7.x), fp32 "
+                   "elsewhere; bf16 and fp16 force it (refused where the device lacks it); the "
+                   "run row says which ran and why", choices=PRECISIONS,
+                   legacy={True: "auto", False: "fp32"})
     channels_last: bool = opt(True, "channels_last memory format for the model and the batches "
                               "(CUDA and CPU)")
     grad_clip: Optional[float] = opt(None, "clip the gradient norm to this value", gt=0)
