@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from hardmix.checkpoint import host_bytes
 from hardmix.config.rules import check_fields, check_k
 from hardmix.config.schema import AugmentConfig, to_dict
 from hardmix.hardness import SIGNALS, SampleMemory
@@ -239,8 +240,13 @@ class HardMix:
         if gen is None:
             gen = torch.Generator(device=device)
             gen.manual_seed(self._device_seed)
-            if key in self._pending_device_states:
-                gen.set_state(self._pending_device_states.pop(key))
+            state = self._pending_device_states.pop(key, None)
+            if state is None:  # saved on another index of this kind (a retry on another GPU)
+                same = [k for k in self._pending_device_states
+                        if torch.device(k).type == device.type]
+                state = self._pending_device_states.pop(same[0]) if len(same) == 1 else None
+            if state is not None:  # a CPU <-> CUDA resume has none: the seed starts afresh
+                gen.set_state(host_bytes(state))
             self._device_gens[key] = gen
         return gen
 
@@ -297,21 +303,25 @@ class HardMix:
         self.memory.observe(logits, y, index, mask)
 
     def state_dict(self) -> dict:
-        """Generator states and the per-sample memory, for checkpoints."""
+        """Generator states (host ByteTensors, device generators' too, keyed by device) and the
+        per-sample memory, for checkpoints."""
         devices = {k: g.get_state() for k, g in self._device_gens.items()}
         devices.update({k: s for k, s in self._pending_device_states.items() if k not in devices})
         return {"host_generator": self._host.get_state(), "device_generators": devices,
                 "device_seed": self._device_seed,
                 "signal": self.memory.state_dict() if self.memory is not None else {}}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved (device generators are restored on first use)."""
-        self._host.set_state(state["host_generator"])
+    def load_state_dict(self, state: dict, device: Optional[torch.device] = None) -> None:
+        """Restore what :meth:`state_dict` saved, wherever it was saved: generator states are
+        read on the host (device generators are restored on first use, from the state saved
+        for the same device or the one of its kind), the memory goes to ``device`` (default:
+        where it is, else where the state is)."""
+        self._host.set_state(host_bytes(state["host_generator"]))
         self._device_seed = int(state.get("device_seed", self._device_seed))
         self._device_gens.clear()
         self._pending_device_states = dict(state.get("device_generators", {}))
         if self.memory is not None and state.get("signal"):
-            self.memory.load_state_dict(state["signal"])
+            self.memory.load_state_dict(state["signal"], device)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.cfg).items())

@@ -9,6 +9,12 @@ classes), so :func:`load_checkpoint` can use ``torch.load(weights_only=True)``:
 (the run config as a mapping), ``data`` (per-channel mean/std, classes, image shape) and
 ``versions``. The data order and crops need no saved state: they are a function of (seed, epoch)
 (:func:`hardmix.data.epoch_seed`).
+
+A checkpoint is device-independent: :func:`load_checkpoint` always loads to the CPU, so random
+generator states stay the host ByteTensors that ``Generator.set_state`` requires, and the
+restoring side moves each tensor to where it lives (``load_state_dict`` copies model and
+optimizer tensors to their parameters' device; HardMix's memory goes where its model is). A run
+written on a GPU resumes on a CPU and the other way round.
 """
 
 from __future__ import annotations
@@ -59,14 +65,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return Path(path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs on load)."""
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint to the CPU with ``weights_only=True`` (no arbitrary code runs on
+    load). There is no ``map_location``: mapping everything to a GPU would also move the
+    generator states there, which no generator accepts."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError("checkpoint", str(path), "must be a checkpoint file written by "
                                                    "`hardmix train` (<run>/checkpoints/last.pt)")
     try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
+        state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         why = next((ln for ln in lines if "Unpickler error" in ln), lines[0] if lines else "")
@@ -92,14 +100,21 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def host_bytes(state: torch.Tensor) -> torch.Tensor:
+    """A generator state as the CPU ByteTensor ``Generator.set_state`` requires, wherever a
+    caller's own ``torch.load(map_location=...)`` put it."""
+    return state.detach().to("cpu", torch.uint8)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"].cpu())
+    """Restore what :func:`rng_state` returned (states are read on the host wherever they are).
+    The CUDA states restore on as many GPUs as both runs see; a CPU-only resume has none."""
+    torch.set_rng_state(host_bytes(state["torch"]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
+    np.random.set_state(("MT19937", n["keys"].detach().cpu().numpy().astype(np.uint32),
+                         int(n["pos"]), int(n["has_gauss"]), float(n["gauss"])))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
-        cuda = [s.cpu() for s in state["cuda"]][:torch.cuda.device_count()]
+        cuda = [host_bytes(s) for s in state["cuda"]][:torch.cuda.device_count()]
         torch.cuda.set_rng_state_all(cuda)

@@ -52,9 +52,9 @@ def margins(logits: Tensor, y: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _popcount_table(device: torch.device) -> Tensor:
-    """Set bits of every byte value: long (256,)."""
-    v = torch.arange(256)
-    return sum(((v >> i) & 1) for i in range(8)).to(device)
+    """Set bits of every byte value: long (256,), computed on ``device`` (no host copy)."""
+    v = torch.arange(256, device=device)
+    return sum(((v >> i) & 1) for i in range(8))
 
 
 def history_hard(bits: Tensor, count: Tensor, window: int, min_wrong: int) -> Tensor:
@@ -221,13 +221,16 @@ class SampleMemory:
                 "wrong": self.wrong_mem, "seen": self.seen_mem, "bits": self.bits_mem,
                 "count": self.count_mem}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, device: Optional[torch.device] = None) -> None:
+        """Restore :meth:`state_dict` onto ``device`` (default: where the memory is, else where
+        the state is)."""
         if int(state.get("dataset_size", self.dataset_size)) != self.dataset_size:
             raise ValueError(f"the hardness memory is for {state['dataset_size']} samples, "
                              f"this HardMix has dataset_size={self.dataset_size}")
         if "loss" not in state:
             return
-        device = self.loss_mem.device if self.loss_mem is not None else state["loss"].device
+        if device is None:
+            device = self.loss_mem.device if self.loss_mem is not None else state["loss"].device
         self.loss_mem = state["loss"].to(device).clone()
         self.margin_mem = state["margin"].to(device).clone()
         self.wrong_mem = state["wrong"].to(device).clone()

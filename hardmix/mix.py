@@ -35,7 +35,7 @@ from torch import Tensor
 from hardmix.config.schema import AugmentConfig
 
 __all__ = [
-    "Draws", "MIXERS", "beta_host", "beta_device", "box_sides", "place_box", "rand_box",
+    "Draws", "MIXERS", "beta_host", "beta_device", "column", "box_sides", "place_box", "rand_box",
     "boxes_at", "lam_sides", "rand_centres", "rand_boxes", "sample_box_rows", "outer_masks",
     "box_lam",
     "box_masks", "Workspace", "gather", "paste_box", "paste_masks", "mixup_blend", "cutout_box",
@@ -132,13 +132,28 @@ class _Consts(NamedTuple):
     arange: Tensor  # long (max(H, W),)
 
 
+def column(values: tuple[float, ...], device: torch.device,
+           dtype: torch.dtype = torch.long) -> Tensor:
+    """Host numbers as an ``(n, 1)`` tensor on ``device`` without a host->device copy: each
+    entry is a ``fill_``, whose value travels as a kernel argument (``torch.tensor(values,
+    device=...)`` would copy from pageable host memory and wait for it on a GPU)."""
+    out = torch.empty((len(values), 1), dtype=dtype, device=device)
+    for i, v in enumerate(values):
+        out[i].fill_(v)
+    return out
+
+
 @functools.lru_cache(maxsize=64)
 def _consts(height: int, width: int, device: torch.device) -> _Consts:
-    return _Consts(torch.tensor([[height], [width]], device=device),
-                   torch.tensor([[height], [width], [height], [width]], dtype=torch.float32,
-                                device=device),
-                   torch.tensor([0, 0, 1, 2], device=device),
+    return _Consts(column((height, width), device),
+                   column((height, width, height, width), device, torch.float32),
+                   column((0, 0, 1, 2), device).view(-1),
                    torch.arange(max(height, width), device=device))
+
+
+@functools.lru_cache(maxsize=64)
+def _cutout_sides(side_h: int, side_w: int, device: torch.device) -> Tensor:
+    return column((side_h, side_w), device)
 
 
 def boxes_at(sides: Tensor, centres: Tensor, height: int, width: int) -> Boxes:
@@ -483,7 +498,7 @@ def mix_saliencymix(x: Tensor, source_index: Tensor, draws: Draws,
     detect = SALIENCY_DETECTORS[opt.aug.saliency]
     if opt.box == "batch":
         centres = detect(x.index_select(0, source_index[:1]), h, w)
-        sides = torch.tensor(box_sides(draws.lam, h, w), device=x.device).view(2, 1)
+        sides = column(box_sides(draws.lam, h, w), x.device)
     else:
         centres = detect(x, h, w).index_select(1, source_index)
         sides = lam_sides(beta_device(opt.aug.alpha, b, draws.generator, x.device), h, w)
@@ -512,8 +527,8 @@ def mix_cutout(x: Tensor, source_index: Optional[Tensor], draws: Draws,
     if opt.box == "batch":
         out = cutout_box(x, place_box(side_h, side_w, draws.uy, draws.ux, h, w), opt.inplace)
     else:
-        sides = torch.tensor([[side_h], [side_w]], device=x.device)
-        boxes = boxes_at(sides, rand_centres(b, h, w, draws.generator, x.device), h, w)
+        boxes = boxes_at(_cutout_sides(side_h, side_w, x.device),
+                         rand_centres(b, h, w, draws.generator, x.device), h, w)
         out = cutout_masks(x, box_masks(boxes, h, w, _mask_dtype(x), opt.workspace), opt.inplace)
     return out, _lam_full(1.0, b, x.device)
 

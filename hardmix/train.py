@@ -334,7 +334,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, precision: Precision,
         hit = top == y[:, None]
         sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
                              hit[:, 0].sum().double(), hit.any(1).sum().double(),
-                             torch.tensor(float(len(y)), dtype=torch.float64, device=dev)])
+                             torch.full((), float(len(y)), dtype=torch.float64, device=dev)])
     loss, ok1, ok5, n = _all_reduce(sums, world_size).tolist()
     if n == 0:
         return math.nan, math.nan, math.nan
@@ -406,13 +406,17 @@ class _Run:
                          "image_size": self.data.image_size, "num_classes": self.num_classes}}
 
     def restore(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
+        # On the CPU whatever this run's device (a checkpoint written on a GPU resumes on a CPU
+        # and the other way round): generator states must stay host ByteTensors, and
+        # load_state_dict copies model and optimizer tensors to where their parameters live.
+        state = load_checkpoint(path)
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):  # fp16: keep the learned scale
             self.scaler.load_state_dict(state["scaler"])
-        self.mix.load_state_dict(state["mix"])
+        # The hardness memory goes where the model, and so every batch, lives.
+        self.mix.load_state_dict(state["mix"], device=next(self.raw_model.parameters()).device)
         set_rng_state(state["rng"])
         if self.rank:
             torch.manual_seed(epoch_seed(self.cfg.seed + 7 * self.rank, state["epoch"]))

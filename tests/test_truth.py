@@ -464,16 +464,10 @@ def _alternatives(name: str, value) -> list:
 
 def _settings() -> list[dict]:
     """Every method at the paper's switches, and HardMix at every criterion x signal (x fallback,
-    for a thresholded criterion)."""
-    from hardmix.methods import CRITERIA, FALLBACKS, METHODS, SIGNALS
+    for a thresholded criterion): tests/method_settings.py, shared with the device tests."""
+    from method_settings import method_settings
 
-    out = [{"method": m} for m in METHODS]
-    for crit, spec in CRITERIA.items():
-        for signal in SIGNALS:
-            for fallback in (FALLBACKS if spec.thresholded else ["random"]):
-                out.append({"method": "hardmix", "criterion": crit, "signal": signal,
-                            "fallback": fallback})
-    return out
+    return method_settings()
 
 
 @pytest.mark.parametrize("setting", _settings(), ids=lambda s: "-".join(s.values()))
