@@ -375,7 +375,7 @@ def test_cluster_yaml_can_hold_every_cluster_preset(tmp_path):
         assert tc.max_placeable(tc.trial_bundle(cfg), view) >= cfg.resources.workers
     # CIFAR packs 4 trials per single-GPU node; ImageNet fills exactly the two 4-GPU nodes.
     cifar = load_config(SweepConfig, preset=CLUSTER_PRESETS[0])
-    assert tc.per_node(tc.trial_bundle(cifar), {"CPU": 8, "GPU": 1}) == 4
+    assert tc.per_node(tc.trial_bundle(cifar), {"CPU": 8, "GPU": 1, "gpu-1x": 1}) == 4
 
 
 # ------------------------------------------------------------------------------------------------

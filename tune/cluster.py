@@ -19,11 +19,12 @@ the GCS (KubeRay, autoscaler v2), the launcher's bootstrap file on the head node
 (``~/ray_bootstrap_config.yaml``, written by ``ray up``; a ``ray job submit`` driver runs on the
 head, so it is there), else only the nodes alive now. A Ray instance the sweep starts itself
 (no ``address``) is only its nodes alive now, whatever files lie around. Limits of the check: it
-counts CPU, GPU and custom resources (not memory), it does not count the small trial driver of a
-Ray Train trial,
-and it checks that *one* trial fits (how many run at once is Tune's business). On a remote cluster
-whose autoscaler limits it cannot read, and where a node type's resources are unknown (``resources:
-{}`` not yet filled in), it cannot prove a request infeasible and only prints a warning.
+counts CPU, GPU and custom resources (not memory), it checks that some node type can hold the
+driver of a Ray Train trial (:func:`driver_bundle`) but not that it has room for it next to the
+workers, and it checks that *one* trial fits (how many run at once is Tune's business). On a remote
+cluster whose autoscaler limits it cannot read, and where a node type's resources are unknown
+(``resources: {}`` not yet filled in), it cannot prove a request infeasible and only prints a
+warning.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import yaml
 
-from hardmix.config import ConfigError, SweepConfig
+from hardmix.config import ConfigError, ResourcesConfig, SweepConfig
 
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 # Built-in resources a trial asks for (plus its custom ones, resources.custom); Ray's own
@@ -91,6 +92,21 @@ def trial_bundle(cfg: SweepConfig) -> dict[str, float]:
         if amount > 0:
             bundle[name] = float(amount)
     return bundle
+
+
+#: What a data-parallel trial's driver asks for when ``resources.driver`` names nothing: it only
+#: starts its Ray Train workers and waits for them.
+DRIVER_CPUS = 0.5
+
+
+def driver_bundle(resources: ResourcesConfig) -> dict[str, float]:
+    """The request of a data-parallel trial's driver (``resources.workers > 1``: the Tune trial
+    that starts a ``TorchTrainer``): the custom resources of ``resources.driver`` when it names
+    any, and no CPU then (the node type offering them, cluster.yaml's head, hosts the drivers),
+    else :data:`DRIVER_CPUS` CPUs wherever they are free."""
+    custom = {name: float(amount) for name, amount in sorted(resources.driver.items())
+              if amount > 0}
+    return custom or {"CPU": DRIVER_CPUS}
 
 
 def requestable(resources: Mapping[str, Any]) -> dict[str, float]:
@@ -194,6 +210,17 @@ def assess(cfg: SweepConfig, view: ClusterView) -> Optional[ConfigError]:
     bundle = trial_bundle(cfg)
     workers = cfg.resources.workers
     known = [g for g in view.groups if g.known]
+    if workers > 1:
+        driver = driver_bundle(cfg.resources)
+        if (not any(per_node(driver, g.resources) > 0 for g in known) and view.complete
+                and len(known) == len(view.groups)):
+            short = _blocking_resource(driver, known) or next(iter(driver))
+            field = "resources.driver" + ("" if short == "CPU" else f".{short}")
+            value = cfg.resources.driver.get(short) if short != "CPU" else cfg.resources.driver
+            lacks = shortfalls(driver, known, short).replace("per worker", "per driver")
+            return ConfigError(field, value, f"no node type can ever hold the driver of a "
+                               f"data-parallel trial, {_fmt(driver)}: {lacks}; nodes: "
+                               f"{_describe(view)}")
     if not any(per_node(bundle, g.resources) > 0 for g in known):
         if not view.complete or len(known) < len(view.groups):
             return None

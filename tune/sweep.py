@@ -441,8 +441,11 @@ def _trainable(ctx):
     r = ctx.resources
     if r.workers > 1:
         # The trial only drives a TorchTrainer whose workers reserve their own resources
-        # (custom ones included: they steer the workers, the driver may run anywhere).
-        resources = {"cpu": 0.5}
+        # (custom ones included: they steer the workers); resources.driver steers the driver.
+        from tune.cluster import driver_bundle
+
+        driver = driver_bundle(r)
+        resources = {"cpu": driver.pop("CPU", 0.0), "custom_resources": driver}
     else:
         # Under "custom_resources", not as top-level keys: Tune would read a custom resource
         # named "cpu" or "gpu" as the built-in one.

@@ -253,6 +253,12 @@ class ResourcesConfig:
         help="custom Ray resources per trial (per worker when workers > 1), e.g. {ssd: 1}: the "
              "trial runs only on nodes started with them (`ray start --resources`, a node type's "
              "`resources` in cluster.yaml)", factory=dict, check=check_custom_resources)
+    driver: dict[str, float] = opt(
+        help="workers > 1 only: custom Ray resources of the trial's driver (the Tune trial that "
+             "starts the Ray Train workers and waits for them), e.g. {driver: 1}; it then takes "
+             "these instead of 0.5 CPU, so it runs only where they are offered (cluster.yaml and "
+             "the KubeRay manifests offer `driver` on the head) and never starts a GPU node for "
+             "itself", factory=dict, check=check_custom_resources)
 
 
 @dataclass
