@@ -25,15 +25,17 @@ from hardmix.config import RunConfig, load_config  # noqa: E402
 from hardmix.train import train  # noqa: E402
 
 
-def run(data: str, seed: int, fp32: bool, threads: int) -> tuple[float, float, str]:
+def run(data: str | None, seed: int, fp32: bool, threads: int,
+        extra_overrides: tuple[str, ...] = ()) -> tuple[float, float, str]:
     import torch
 
     torch.set_num_threads(threads)
     extra = ["optim.amp=fp32", "optim.channels_last=false"] if fp32 else []
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(RunConfig, "cpu-quick", None,
-                          [f"data.path={data}", f"seed={seed}", f"output.dir={out}",
-                           "output.progress=false", "output.tensorboard=false", *extra])
+                          [f"data.path={data}" if data else "data.name=digits", f"seed={seed}",
+                           f"output.dir={out}", "output.progress=false",
+                           "output.tensorboard=false", *extra, *extra_overrides])
         t0 = time.perf_counter()
         s = train(cfg, [], Path(out) / "r")
         return s["final_top1_err"], time.perf_counter() - t0, s["precision"]
@@ -41,14 +43,19 @@ def run(data: str, seed: int, fp32: bool, threads: int) -> tuple[float, float, s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, help="CIFAR-10 .npz")
+    ap.add_argument("--data", help="CIFAR-10 .npz (required unless --smoke, which uses digits)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes: checks that the script runs and prints its last line (CI); not a measurement")
     args = ap.parse_args()
+    if not (args.data or args.smoke):
+        ap.error("--data is required (a CIFAR-10 .npz), unless --smoke")
+    extra = ("optim.epochs=1",) if args.smoke else ()
     res: dict[str, list[float]] = {"default": [], "fp32": []}
     for seed in args.seeds:
         for name in res:  # interleaved, so that machine load hits both alike
-            err, secs, note = run(args.data, seed, name == "fp32", args.threads)
+            err, secs, note = run(args.data, seed, name == "fp32", args.threads, extra)
             res[name].append(err)
             print(f"{name:8s} seed {seed}: test error {err:.2f}% in {secs:.0f} s ({note})",
                   flush=True)

@@ -83,7 +83,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the main process (DataLoader workers use one each)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes: checks that the script runs and prints its last line (CI); not a measurement")
     args = ap.parse_args()
+    if args.smoke:
+        args.images, args.rounds = 512, 1
     # One thread: the per-batch ops are small, and on a shared machine OpenMP threads that spin
     # while waiting for a core cost more than they bring (see README, Benchmarks).
     torch.set_num_threads(args.threads)

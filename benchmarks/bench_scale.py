@@ -24,6 +24,8 @@ the time per trial.
     python benchmarks/bench_scale.py                  # 300 trials, ~10 min on 2 cores
     python benchmarks/bench_scale.py --trials 60      # a quick look
 
+Last line: ``scale_trials=<n> exactly_once=<bool> seconds_per_trial=<x>``.
+
 Not part of the test suite; tests/test_scale.py runs a small version of the same check.
 """
 
@@ -129,7 +131,8 @@ def install_faults() -> None:
                 raise InjectedFault(f"injected fault after epoch {epoch} "
                                     f"(attempt {self.attempt})")
 
-    def train(cfg, callbacks=(), run_dir="runs/run", resume=False):
+    def train(cfg, callbacks=(), run_dir="runs/run", resume=False, **options):
+        # **options: whatever else train() takes (eval_epochs, ...) passes through unchanged.
         callbacks = list(callbacks)
         try:
             attempt = int(json.loads((Path(run_dir) / "attempt.json").read_text())["attempt"])
@@ -139,7 +142,7 @@ def install_faults() -> None:
         # Ray's latest checkpoint is the previous epoch's and the retry re-runs this one).
         at = max(0, len(callbacks) - 1)
         callbacks.insert(at, FaultCallback(cfg.output.name or "?", attempt))
-        return real_train(cfg, callbacks=callbacks, run_dir=run_dir, resume=resume)
+        return real_train(cfg, callbacks=callbacks, run_dir=run_dir, resume=resume, **options)
 
     train._bench_faults = True
     ht.train = train
@@ -317,7 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--driver", help=argparse.SUPPRESS)  # internal: run one driver process
     ap.add_argument("--resume", help=argparse.SUPPRESS)
     ap.add_argument("--faults", help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes: checks that the script runs and prints its last line (CI); not a measurement")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.trials, args.seeds, args.epochs, args.cpus, args.kill_every = 4, 2, 2, 2, 0.0
     if args.driver:
         return driver(args.driver, args.resume, args.cpus, args.faults)
 
@@ -383,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.cpus} trials at once on {os.cpu_count()} cores); logs in {work / 'driver.log'}")
     if code1 not in (130, 0) or code2 != 0:
         print(f"unexpected driver exit codes {code1}, {code2}", file=sys.stderr)
-        return 1
-    return 0
+    ok = code1 in (130, 0) and code2 == 0
+    print(f"scale_trials={total} exactly_once={ok} seconds_per_trial={wall / total:.2f}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -69,7 +69,11 @@ def main() -> None:
     ap.add_argument("--models", default="w16,w32,resnet18")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes: checks that the script runs and prints its last line (CI); not a measurement")
     args = ap.parse_args()
+    if args.smoke:
+        args.rounds, args.warmup, args.batch, args.models = 1, 0, 16, "w16,w32"
     dev = torch.device(args.device)
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
