@@ -277,10 +277,11 @@ def test_the_settings_cover_every_value_of_every_choice_field():
 
 
 def per_step_run(setting: dict, device: torch.device, *, batch: int = 16, size: int = 16,
-                 width: int = 8, classes: int = 5, dataset: int = 48):
+                 width: int = 8, classes: int = 5, dataset: int = 48, **step_kwargs):
     """A HardMix of ``setting`` with a SmallNet, optimiser and scheduler on ``device``, and a
     function that runs one training step the way the trainer does (mix, forward, loss,
-    backward, clip, optimiser and lr step, the memory's observe, the step statistics).
+    backward, clip, optimiser and lr step, the memory's observe, the step statistics;
+    ``step_kwargs`` go to :func:`hardmix.train.training_step`, e.g. ``autocast``).
     Returns ``(step, data)``; ``step()`` returns the step's MixOutput."""
     from hardmix.models import SmallNet
     from hardmix.train import training_step
@@ -301,7 +302,7 @@ def per_step_run(setting: dict, device: torch.device, *, batch: int = 16, size: 
         idx = torch.randperm(dataset, generator=order, device=device)[:batch]
         x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)
         loss, out = training_step(model, model, mix, opt, x, y, idx, label_smoothing=0.1,
-                                  grad_clip=5.0, scheduler=sched)
+                                  grad_clip=5.0, scheduler=sched, **step_kwargs)
         st = out.stats  # what train_epoch sums every mixed step
         sums[:3] += torch.stack([st["hard_share"], st["fallback"], st["distinct_sources"]])
         sums[3:] += out.source_counts_by_class(classes).double()
@@ -333,24 +334,70 @@ def test_training_steps_move_nothing_between_host_and_device(setting):
         assert True in mixed and False in mixed, mixed  # both paths ran
 
 
-def test_evaluation_reads_the_host_once_whatever_the_batch_count():
-    """``evaluate`` sums on the device and reads the sums once: evaluating three batches
-    makes exactly the host reads of evaluating one (none per batch)."""
+def evaluation_traffic(device: torch.device, counter_factory=None) -> tuple[Counter, Counter]:
+    """Host traffic by call site of ``evaluate`` over one batch and over three, each counted by
+    a fresh ``counter_factory()`` (default :class:`HostTraffic`)."""
     from hardmix.config import OptimConfig
     from hardmix.train import evaluate, precision_policy
 
-    _, (x, y, model) = per_step_run({"method": "none"}, torch.device("cpu"))
+    _, (x, y, model) = per_step_run({"method": "none"}, device)
     batches = [(x[i:i + 16], y[i:i + 16], None) for i in range(0, 48, 16)]
-    precision = precision_policy(OptimConfig(), torch.device("cpu"))
-    counts = []
+    precision = precision_policy(OptimConfig(), device)
+    out = []
     for loader in (batches[:1], batches):
-        mode = HostTraffic()
-        with mode:
+        counter = counter_factory() if counter_factory is not None else HostTraffic()
+        with counter:
             evaluate(model, loader, 5, precision)
-        counts.append(mode)
-    assert Counter(counts[0].events) == Counter(counts[1].events), (
-        f"per-batch host traffic in evaluate:\n{counts[1].report()}")
-    assert counts[0].events  # the one read of the sums is seen: the guard is live here
+        out.append(Counter(counter.events))
+    return out[0], out[1]
+
+
+def test_evaluation_reads_the_host_once_whatever_the_batch_count():
+    """``evaluate`` sums on the device and reads the sums once: evaluating three batches
+    makes exactly the host traffic of evaluating one (none per batch)."""
+    one, three = evaluation_traffic(torch.device("cpu"))
+    assert not per_step_sites(one, three), "\n".join(per_step_sites(one, three))
+    assert one  # the one read of the sums is seen: the guard is live here
+
+
+def epoch_traffic(tmp_path: Path, subset: int, augment: list[str], device: str = "cpu",
+                  counter=None) -> Counter:
+    """Host traffic by call site of one whole ``train()`` run of one epoch on ``subset``
+    training images (digits, batch 16), counted by ``counter`` (default :class:`HostTraffic`;
+    tests/test_cuda.py counts CUDA's sync warnings)."""
+    from hardmix.config import RunConfig, load_config
+    from hardmix.train import train
+
+    cfg = load_config(RunConfig, None, None, [
+        "data.name=digits", f"data.subset={subset}", "data.batch_size=16", "model.name=smallnet",
+        "model.width=8", "optim.epochs=1", "output.progress=false", "output.checkpoint_every=0",
+        "output.image_grid=false", f"device={device}", f"output.dir={tmp_path}", *augment])
+    counter = counter if counter is not None else HostTraffic()
+    with counter:
+        summary = train(cfg, [], tmp_path / f"r{subset}")
+    assert summary["status"] == "completed", summary["error"]
+    return Counter(counter.events)
+
+
+def per_step_sites(small: Counter, large: Counter) -> list[str]:
+    """Call sites whose traffic grows with the number of steps (or batches evaluated)."""
+    return [f"{what} at {site}: {small[(what, site)]} -> {n}"
+            for (what, site), n in large.items() if n > small[(what, site)]]
+
+
+#: A whole run's switches for the epoch check: the memory, its masked observe and a fallback.
+EPOCH_AUGMENT = ["augment.prob=0.7", "augment.signal=cached", "augment.criterion=history",
+                 "augment.fallback=skip", "augment.box=sample"]
+
+
+def test_a_whole_epoch_and_its_evaluation_read_the_host_a_fixed_number_of_times(tmp_path):
+    """The trainer's own loop (loader, step, the sums of train_epoch, validation and test):
+    twice the training images make no more host traffic -- every copy and read is setup or a
+    once-per-epoch read. (The mixed-batch preview, a one-off read for TensorBoard, is off.)"""
+    small = epoch_traffic(tmp_path, 64, EPOCH_AUGMENT)
+    large = epoch_traffic(tmp_path, 160, EPOCH_AUGMENT)
+    assert small, "the guard saw nothing: it is not live"
+    assert not per_step_sites(small, large), "\n".join(per_step_sites(small, large))
 
 
 def test_the_guard_sees_each_kind_of_traffic_and_allows_host_draws():
@@ -406,28 +453,31 @@ def _saved_generator_states(state: dict) -> dict:
             "python": (p["version"], tuple(p["state"]), p["gauss"])}
 
 
-@pytest.mark.parametrize("augment", [
-    ["augment.signal=forward", "augment.box=sample", "augment.prob=0.7"],
-    ["augment.signal=cached", "augment.prob=0.5", "augment.criterion=history"],
-], ids=["forward", "cached"])
-def test_resume_on_another_device_restores_every_generator_bit_exactly(tmp_path, monkeypatch,
-                                                                        augment):
-    """train -> stop -> resume, with the resumed run's device a stand-in for a GPU while it
-    restores ('meta': whatever the load path maps to the trainer's device has no host data, as
-    a CUDA tensor has none a CPU generator could take). Every generator -- torch, NumPy,
-    Python, HardMix's host generator and its device generator -- comes back bit-exactly, the
-    hardness memory lives where the model does, and the resumed rows equal the uninterrupted
-    run's (the forward signal with per-sample boxes from the device generator; the cached
-    signal with the history memory)."""
+#: The two hardness signals of the resume checks: the forward signal with per-sample boxes (the
+#: device generator draws them), the cached signal with the history memory.
+RESUME_AUGMENT = {
+    "forward": ["augment.signal=forward", "augment.box=sample", "augment.prob=0.7"],
+    "cached": ["augment.signal=cached", "augment.prob=0.5", "augment.criterion=history"],
+}
+
+
+def resume_round_trip(tmp_path: Path, monkeypatch, augment: list[str], device: str = "cpu",
+                      stand_in: str | None = "meta") -> dict:
+    """train (2 epochs, a checkpoint each) uninterrupted; train again, stopped after epoch 1;
+    resume it. With ``stand_in`` the resumed run's device is that device while it restores
+    (on the CPU, 'meta' stands in for a GPU: whatever the load path maps to the trainer's
+    device has no host data, as a CUDA tensor has none a CPU generator could take). Returns
+    the rows of both runs, the saved checkpoint and what every generator held right after the
+    restore."""
     from hardmix.checkpoint import checkpoint_path, load_checkpoint
     from hardmix.config import RunConfig, load_config
-    from hardmix.metrics import EPOCH_METRICS
     from hardmix.train import Callback, StopRun, _Run, train
 
     cfg = load_config(RunConfig, None, None, [
         "data.name=synthetic", "data.subset=256", "model.name=smallnet", "model.width=8",
         "data.batch_size=64", "optim.epochs=2", "output.checkpoint_every=1",
-        "output.progress=false", "optim.lr=0.05", f"output.dir={tmp_path}", *augment])
+        "output.progress=false", "optim.lr=0.05", f"device={device}", f"output.dir={tmp_path}",
+        *augment])
 
     class Rows(Callback):
         def __init__(self, stop_at=None):
@@ -443,64 +493,91 @@ def test_resume_on_another_device_restores_every_generator_bit_exactly(tmp_path,
     first = Rows(stop_at=1)
     assert train(cfg, [first], tmp_path / "cut")["status"] == "pruned"
     saved = load_checkpoint(checkpoint_path(tmp_path / "cut"))
-    assert saved["mix"]["device_generators"], "the mixer keeps no device generator"
-
     restored = {}
     real_restore = _Run.restore
 
-    def restore_on_a_device(self, path):
-        home, self.device = self.device, torch.device("meta")
+    def restore(self, path):
+        home = self.device
+        if stand_in is not None:
+            self.device = torch.device(stand_in)
         try:
             real_restore(self, path)
         finally:
             self.device = home
         mix = copy.deepcopy(self.mix.state_dict())  # training goes on writing into them
         restored.update(globals=_generator_states(), host=mix["host_generator"],
-                        devices=mix["device_generators"], signal=mix["signal"])
+                        devices=mix["device_generators"], signal=mix["signal"],
+                        model_device=next(self.raw_model.parameters()).device)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            restored["cuda"] = torch.cuda.get_rng_state()
 
-    monkeypatch.setattr(_Run, "restore", restore_on_a_device)
+    monkeypatch.setattr(_Run, "restore", restore)
     second = Rows()
     train(cfg, [second], tmp_path / "cut", resume=True)
+    return {"full": full.rows, "resumed": first.rows + second.rows, "saved": saved,
+            "restored": restored}
 
+
+def check_generators_restored(trip: dict) -> None:
+    """Every generator -- torch, NumPy, Python, HardMix's host and device generators -- holds
+    exactly the checkpoint's state after the restore; states stay host ByteTensors; the
+    hardness memory lives where the model does."""
+    saved, restored = trip["saved"], trip["restored"]
+    assert saved["mix"]["device_generators"], "the mixer keeps no device generator"
     assert restored["globals"] == _saved_generator_states(saved)
     assert torch.equal(restored["host"], saved["mix"]["host_generator"])
     assert restored["devices"].keys() == saved["mix"]["device_generators"].keys()
     for key, gen_state in restored["devices"].items():
         assert gen_state.device.type == "cpu" and gen_state.dtype == torch.uint8
         assert torch.equal(gen_state, saved["mix"]["device_generators"][key])
+    if "cuda" in restored and "cuda" in saved["rng"]:
+        assert torch.equal(restored["cuda"], saved["rng"]["cuda"][0])
     for name, value in restored["signal"].items():
         if isinstance(value, torch.Tensor):
-            assert value.device.type == "cpu"  # where the model lives, not on 'meta'
-            assert torch.equal(value, saved["mix"]["signal"][name]), name
+            assert value.device == restored["model_device"], name  # not on the stand-in
+            assert torch.equal(value.cpu(), saved["mix"]["signal"][name]), name
+
+
+@pytest.mark.parametrize("signal", RESUME_AUGMENT)
+def test_resume_on_another_device_restores_every_generator_bit_exactly(tmp_path, monkeypatch,
+                                                                        signal):
+    """train -> stop -> resume with a 'meta' stand-in for the GPU on the load path: every
+    generator comes back bit-exactly and the resumed rows equal the uninterrupted run's, for
+    the forward and the cached signal."""
+    from hardmix.metrics import EPOCH_METRICS
+
+    trip = resume_round_trip(tmp_path, monkeypatch, RESUME_AUGMENT[signal])
+    check_generators_restored(trip)
     wall = {"images_per_s", "epoch_seconds"}
-    for a, b in zip(full.rows, first.rows + second.rows, strict=True):
+    for a, b in zip(trip["full"], trip["resumed"], strict=True):
         for key in ("epoch", *EPOCH_METRICS):
             if key not in wall:
                 assert a[key] == b[key] or (a[key] != a[key] and b[key] != b[key]), key
 
 
-def test_a_device_generator_state_round_trips_through_a_checkpoint_file(tmp_path):
+def device_generator_round_trip(tmp_path: Path, device: torch.device) -> None:
     """HardMix's per-sample draws come from a generator on the batch's device: its state goes
     into the checkpoint as a host ByteTensor, survives the file, and a fresh HardMix continues
-    the stream exactly -- also when the checkpoint was written on another device index of the
-    same kind (a retried trial on another GPU)."""
+    the stream exactly -- also when the state was saved for another index of the same kind of
+    device (a retried trial on another GPU)."""
     from hardmix.checkpoint import load_checkpoint, save_checkpoint
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
-    logits = torch.randn(16, 5, generator=g)
+    x, y, logits = x.to(device), y.to(device), torch.randn(16, 5, generator=g).to(device)
     make = lambda seed: HardMix(method="hardmix", box="sample", prob=0.8, seed=seed)
     mix = make(0)
     for _ in range(3):
         mix(x.clone(), y, logits=logits)
     state = mix.state_dict()
-    assert set(state["device_generators"]) == {"cpu"}
+    assert set(state["device_generators"]) == {str(device)}
     assert all(s.device.type == "cpu" and s.dtype == torch.uint8
                for s in state["device_generators"].values())
     expected = [mix(x.clone(), y, logits=logits) for _ in range(4)]
     path = save_checkpoint(tmp_path / "c.pt", {"model": {}, "config": {}, "mix": state})
     loaded = load_checkpoint(path)["mix"]
-    other_index = {**loaded, "device_generators": {"cpu:3": loaded["device_generators"]["cpu"]}}
+    other = f"{device.type}:7"
+    other_index = {**loaded, "device_generators": {other: loaded["device_generators"][str(device)]}}
     for st in (loaded, other_index):
         resumed = make(123)  # another seed: only the state can make the draws equal
         resumed.load_state_dict(st)
@@ -508,3 +585,7 @@ def test_a_device_generator_state_round_trips_through_a_checkpoint_file(tmp_path
             b = resumed(x.clone(), y, logits=logits)
             assert torch.equal(a.lam, b.lam) and torch.equal(a.source_index, b.source_index)
             assert torch.equal(a.x, b.x)
+
+
+def test_a_device_generator_state_round_trips_through_a_checkpoint_file(tmp_path):
+    device_generator_round_trip(tmp_path, torch.device("cpu"))
