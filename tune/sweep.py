@@ -204,7 +204,9 @@ def prepare(cfg: SweepConfig) -> SweepConfig:
     data = cfg.run.data
     if data.path and not is_uri(data.path):
         data.path = os.path.abspath(os.path.expanduser(data.path))
-    check_sweep_environment(cfg)
+    # On a cluster the driver's machine may never read the data nor hold a GPU: what depends on
+    # the node is checked on a trial's node once Ray is up (check_on_trial_node).
+    check_sweep_environment(cfg, node=not joins_cluster(cfg))
     if cfg.mode == "grid" and cfg.followup.top:
         raise ConfigError("followup.top", cfg.followup.top,
                           "follow-up runs re-run the best of a search: use mode=search "
@@ -223,7 +225,10 @@ def data_facts(run: RunConfig) -> dict | None:
     every file (the data set's registry entry says)."""
     from hardmix.datasets import dataset, split_sizes
 
-    facts = dataset(run.data.name).facts(run.data)
+    try:
+        facts = dataset(run.data.name).facts(run.data)
+    except (ConfigError, OSError):  # data only the trials' nodes see (a sweep on a cluster)
+        return None
     if facts is None:
         return None
     n_used, n_val = split_sizes(run.data, facts.train)
@@ -328,6 +333,10 @@ def plan_text(cfg: SweepConfig) -> str:
     where = cfg.address or f"a local Ray instance ({cfg.local_cpus or local_cpu_count()} " \
                            "logical CPUs)"
     lines.append(f"ray: {where}")
+    if joins_cluster(cfg):
+        lines.append("node checks: the data (data.path) and the device (run.device) are checked "
+                     "on a node where trials run, once Ray is up and before the first trial; "
+                     "this machine need not see them")
     run = cfg.run
     varied = "augment.method" in cfg.space or any("augment.method" in a for a in cfg.arms)
     method = "" if varied else f", augment {run.augment.method}"
@@ -355,6 +364,82 @@ def plan_text(cfg: SweepConfig) -> str:
         lines.append(f"compute: {n_trials} trials x {run.optim.epochs} epochs "
                      "(data size unknown before reading the folder)")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks where the trials run
+# --------------------------------------------------------------------------------------------
+
+
+def joins_cluster(cfg: SweepConfig) -> bool:
+    """The sweep joins a Ray cluster (``address``): its driver's machine need not be a node
+    its trials run on. A local instance (no ``address``) runs every trial on this machine."""
+    return bool(cfg.address)
+
+
+def check_gpu_request(cfg: SweepConfig, cluster: dict) -> None:
+    """A cluster with GPUs and trials that ask for none while ``device=auto``: each trial would
+    take whatever GPU its node shows it (Ray reserves none for it; Ray 2.60 leaves
+    ``CUDA_VISIBLE_DEVICES`` alone for a zero-GPU task) or train on the CPU of a node without
+    one. One line, before any trial."""
+    gpus = float(cluster.get("GPU", 0) or 0)
+    if gpus <= 0 or cfg.resources.gpus > 0:
+        return
+    devices = {cfg.run.device, *(arm["device"] for arm in cfg.arms if "device" in arm)}
+    if "device" in cfg.space:
+        devices |= set(cfg.space["device"].values or [])
+    if "auto" not in devices:
+        return
+    raise ConfigError("resources.gpus", cfg.resources.gpus,
+                      f"the cluster has {gpus:g} GPU{'s' if gpus != 1 else ''} but each trial "
+                      "asks for none, so with run.device=auto a trial would use a GPU Ray has "
+                      "not reserved for it, or the CPU on a node without one: ask for GPUs "
+                      "(e.g. resources.gpus=0.25 puts four trials on one GPU) or set "
+                      "run.device=cpu to train on CPUs on purpose")
+
+
+def _check_here(cfg: SweepConfig) -> dict:
+    """The node's half of the environment check (:func:`check_sweep_node`), inside a Ray task
+    on a node where trials run; the error's fields and where it ran, as plain values."""
+    import socket
+
+    import ray
+
+    from hardmix.config.environment import check_sweep_node
+
+    where = {"node_id": ray.get_runtime_context().get_node_id() or "",
+             "ip": ray.util.get_node_ip_address(), "host": socket.gethostname()}
+    try:
+        check_sweep_node(cfg)
+    except ConfigError as exc:
+        return {**where, "error": [exc.field, exc.value, exc.allowed]}
+    return {**where, "error": None}
+
+
+def check_on_trial_node(cfg: SweepConfig, out: TextIO) -> None:
+    """Run the node's half of the environment check in a Ray task that asks for what one trial
+    worker asks (CPUs, GPUs, custom resources: Ray places it where it would place a trial), so
+    a CPU head accepts a GPU sweep and data staged only on the workers. One line naming the
+    node when it fails. Every trial checks again at its start (:func:`hardmix.train.train`);
+    a trial that lands on a node that differs fails with that line as its error."""
+    import ray
+
+    from tune.cluster import trial_bundle
+
+    bundle = trial_bundle(cfg)
+    options: dict = {"num_cpus": bundle.pop("CPU", 0), "num_gpus": bundle.pop("GPU", 0),
+                     "max_retries": 0}
+    if bundle:
+        options["resources"] = bundle
+    print("checking the data and the device on a node where trials run ...", file=out,
+          flush=True)
+    seen = ray.get(ray.remote(_check_here).options(**options).remote(cfg))
+    node = f"node {seen['host']} ({seen['ip']}, Ray node {seen['node_id'][:12]})"
+    if seen["error"]:
+        field, value, allowed = seen["error"]
+        raise ConfigError(field, value, f"{allowed} (checked on {node}, where this sweep's "
+                                        "trials run)")
+    print(f"  data and device are fine on {node}", file=out)
 
 
 def describe_data(cfg: SweepConfig) -> str:
@@ -655,7 +740,9 @@ def _print_paths(cfg: SweepConfig, outcome: SweepOutcome, out: TextIO) -> None:
         print(f"  best         {b['trial']}  {cfg.metric} {b['value']:.2f}  ({params})", file=out)
     print(f"  data         {describe_data(cfg)}", file=out)
     print(f"  Parquet      {join(d, 'trials')}  {join(d, 'epochs')}", file=out)
-    runs = join(d, "runs") if not is_uri(d) else join(d, MAIN_PHASE)
+    # A URI storage: Ray syncs a trial's run folder into its Tune trial folder, but a
+    # data-parallel trial's rank 0 copies it into runs/ (tune.trainable.RunFolderSync).
+    runs = join(d, "runs") if not is_uri(d) or cfg.resources.workers > 1 else join(d, MAIN_PHASE)
     print(f"  TensorBoard  tensorboard --logdir {runs}", file=out)
     if outcome.report:
         print(f"  report       {outcome.report}", file=out)
@@ -807,7 +894,6 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, dry_run: bool = False,
 
     from tune.progress import quiet_ray
     quiet_ray()
-    _write_text(join(sweep_dir, SWEEP_FILE), to_yaml(cfg))  # a resume may add seeds
     state.runs += 1
     state.save(sweep_dir)  # a driver killed now still counts as a run
     with state.clock(sweep_dir):
@@ -816,6 +902,13 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, dry_run: bool = False,
         try:
             from tune.cluster import check_cluster_resources
             check_cluster_resources(cfg)  # a trial no node can ever hold would wait forever
+            if joins_cluster(cfg):
+                import ray
+                check_gpu_request(cfg, ray.cluster_resources())
+                check_on_trial_node(cfg, out)
+            # Written once the checks passed: a refused sweep leaves no sweep.yaml, so the same
+            # name can be run again once fixed. A resume may add seeds.
+            _write_text(join(sweep_dir, SWEEP_FILE), to_yaml(cfg))
             print(f"hardmix sweep {cfg.name}: {describe_data(cfg)}; results in {sweep_dir}"
                   + (" (resuming)" if resume else ""), file=out)
             _run_phases(cfg, sweep_dir, state, resume, out)

@@ -2,8 +2,16 @@
 folders, a GPU, optional packages), run once per entry point before any work starts.
 
 ``hardmix train`` and :func:`hardmix.train.train` call :func:`check_run_environment`; the sweep
-driver calls :func:`check_sweep_environment` once before Ray starts (trials do not repeat it);
-``hardmix report --out`` calls :func:`check_writable`. Each raises a ConfigError (one line).
+driver calls :func:`check_sweep_environment` once before Ray starts; ``hardmix report --out``
+calls :func:`check_writable`. Each raises a ConfigError (one line).
+
+Two halves: what only the node a run trains on can tell (:func:`check_node_environment`: its
+data, its CUDA device) and what any machine can (:func:`check_driver_environment`: required
+fields, optional packages). A sweep on a local Ray instance checks both on the driver (its
+machine is the trials' node); a sweep joining a cluster checks the second on the driver and
+the first on a node where a trial can run (:func:`check_sweep_node`, called by ``tune.sweep``
+in a Ray task with a trial's resource request); every trial repeats the whole check at its
+start, in :func:`hardmix.train.train`.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ def check_writable(name: str, target: str) -> None:
                                 else target))
     probe = p
     while not probe.exists():
+        if probe.is_symlink():  # exists() follows links: a dangling one or a loop is no folder
+            raise ConfigError(name, target, f"must be a writable folder ({probe} is a symbolic "
+                                             f"link to a missing target or a loop)")
         if probe.parent == probe:
             break
         probe = probe.parent
@@ -66,8 +77,9 @@ def check_data(cfg: RunConfig, prefix: str = "") -> None:
         raise ConfigError(prefix + exc.field, exc.value, exc.allowed) from None
 
 
-def check_run_environment(cfg: RunConfig, prefix: str = "", outputs: bool = True) -> None:
-    """Everything a run needs from this machine (``outputs``: the output folder too)."""
+def check_node_environment(cfg: RunConfig, prefix: str = "") -> None:
+    """What a run needs from the node it trains on: its data (``data.path`` and the sizes it
+    implies) and, with ``device=cuda``, a CUDA device."""
     check_data(cfg, prefix)
     if cfg.device == "cuda":
         import torch
@@ -76,21 +88,6 @@ def check_run_environment(cfg: RunConfig, prefix: str = "", outputs: bool = True
             raise ConfigError(f"{prefix}device", cfg.device,
                               "no CUDA device is available here; use auto or cpu")
     check_precision(cfg, prefix)
-    aug = to_dict(cfg.augment)
-    if "saliency" in active_fields(aug) and cfg.augment.saliency == "fine_grained":
-        require_package("cv2", f"{prefix}augment.saliency", "fine_grained")
-        import cv2
-
-        if not hasattr(cv2, "saliency"):
-            raise ConfigError(f"{prefix}augment.saliency", "fine_grained",
-                              "needs OpenCV's contrib modules (cv2.saliency): pip install "
-                              "\"hardmix[saliency]\" (opencv-contrib-python-headless)")
-    if cfg.model.name.startswith(TIMM_PREFIX):
-        require_package("timm", f"{prefix}model.name", cfg.model.name)
-    for logger in cfg.output.loggers:
-        require_package(logger, f"{prefix}output.loggers", logger)
-    if outputs:
-        check_writable(f"{prefix}output.dir", cfg.output.dir)
 
 
 def check_precision(cfg: RunConfig, prefix: str = "") -> None:
@@ -110,17 +107,87 @@ def check_precision(cfg: RunConfig, prefix: str = "") -> None:
         raise ConfigError(prefix + exc.field, exc.value, exc.allowed) from None
 
 
-def check_sweep_environment(cfg: SweepConfig) -> None:
-    """Everything a sweep needs before Ray starts: its storage, and the base run's and every
-    arm's data (the trials write into the sweep folder, not ``run.output.dir``)."""
+def check_driver_environment(cfg: RunConfig, prefix: str = "") -> None:
+    """What a run needs that any machine of the cluster can tell: a ``data.path`` where the
+    data set needs one, and the optional packages its options use."""
+    spec = dataset(cfg.data.name)
+    if spec.needs_path and not cfg.data.path:
+        raise ConfigError(f"{prefix}data.path", cfg.data.path,
+                          f"is required for data.name={cfg.data.name}")
+    check_packages(cfg, prefix)
+
+
+def check_run_environment(cfg: RunConfig, prefix: str = "", outputs: bool = True) -> None:
+    """Everything a run needs from this machine (``outputs``: the output folder too)."""
+    check_node_environment(cfg, prefix)
+    check_packages(cfg, prefix)
+    if outputs:
+        check_writable(f"{prefix}output.dir", cfg.output.dir)
+
+
+def check_timm_model(name: str, field: str) -> None:
+    """``timm:<model>`` names a model timm can build (else every trial would fail at start)."""
+    import difflib
+
+    import timm
+
+    model = name[len(TIMM_PREFIX):]
+    if timm.is_model(model):
+        return
+    close = difflib.get_close_matches(model, timm.list_models(), n=3)
+    hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+    raise ConfigError(field, name, f"is not a timm model (timm.list_models() lists "
+                                   f"{len(timm.list_models())}){hint}")
+
+
+def check_packages(cfg: RunConfig, prefix: str = "") -> None:
+    """The optional packages the run's options use are importable."""
+    aug = to_dict(cfg.augment)
+    if "saliency" in active_fields(aug) and cfg.augment.saliency == "fine_grained":
+        require_package("cv2", f"{prefix}augment.saliency", "fine_grained")
+        import cv2
+
+        if not hasattr(cv2, "saliency"):
+            raise ConfigError(f"{prefix}augment.saliency", "fine_grained",
+                              "needs OpenCV's contrib modules (cv2.saliency): pip install "
+                              "\"hardmix[saliency]\" (opencv-contrib-python-headless)")
+    if cfg.model.name.startswith(TIMM_PREFIX):
+        require_package("timm", f"{prefix}model.name", cfg.model.name)
+        check_timm_model(cfg.model.name, f"{prefix}model.name")
+    for logger in cfg.output.loggers:
+        require_package(logger, f"{prefix}output.loggers", logger)
+
+
+def _each_run(cfg: SweepConfig, check) -> None:
+    """``check(run, prefix)`` on the base run and on every arm that changes what the checks
+    read; an arm's error names the arm (``arms[1].data.path``)."""
     from hardmix.config.rules import with_overrides
 
-    check_writable("storage", cfg.storage)
-    check_run_environment(cfg.run, "run.", outputs=False)
+    check(cfg.run, "run.")
     for i, arm in enumerate(cfg.arms):
         params = {k: v for k, v in arm.items() if k != "seeds"}
         if any(k.startswith(("data.", "model.", "augment.", "output.", "device")) for k in params):
             try:
-                check_run_environment(with_overrides(cfg.run, params), outputs=False)
+                check(with_overrides(cfg.run, params), "")
             except ConfigError as exc:
                 raise ConfigError(f"arms[{i}].{exc.field}", exc.value, exc.allowed) from None
+
+
+def check_sweep_environment(cfg: SweepConfig, node: bool = True) -> None:
+    """Everything a sweep needs before Ray starts: its storage, and the base run's and every
+    arm's environment (the trials write into the sweep folder, not ``run.output.dir``).
+
+    ``node=False`` (a sweep joining a cluster, whose driver may run on a head that never reads
+    the data and has no GPU): only the driver's half; :func:`check_sweep_node` is then run on a
+    node where a trial can run."""
+    check_writable("storage", cfg.storage)
+    if node:
+        _each_run(cfg, lambda run, prefix: check_run_environment(run, prefix, outputs=False))
+    else:
+        _each_run(cfg, check_driver_environment)
+
+
+def check_sweep_node(cfg: SweepConfig) -> None:
+    """The node's half of :func:`check_sweep_environment` (data, device), run on a node where
+    the sweep's trials run."""
+    _each_run(cfg, check_node_environment)
