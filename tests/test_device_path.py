@@ -31,9 +31,10 @@ reads ``.cpu()``); reads once per evaluation or epoch, outside the per-step path
 ``augment.saliency=fine_grained``, OpenCV's detector, which runs on the host by declaration (the
 method table allows it with one box per batch only).
 
-The settings are test_truth's enumeration of the method table (every method, HardMix at every
-criterion x signal x fallback), each also run at every other value of every choice field the
-config schema declares that acts for it (box, bn_mode, saliency). tests/test_cuda.py runs the
+The settings are the enumeration of the method table that tests/test_truth.py also runs
+(tests/method_settings.py: every method, HardMix at every criterion x signal x fallback), each
+also run at every other value of every choice field the config schema declares that acts for it
+(box, bn_mode, saliency). tests/test_cuda.py runs the
 same steps under ``torch.cuda.set_sync_debug_mode("error")`` on a GPU.
 
 **Checkpoints.** A checkpoint restores on another device: generator states stay on the CPU,
@@ -234,10 +235,11 @@ def _choice_fields() -> dict[str, tuple]:
 
 
 def settings() -> list[dict]:
-    """test_truth's settings (every method; HardMix at every criterion x signal x fallback),
-    each also at every other value of each choice field that acts for it, one field at a
-    time; settings that run identically (``box: auto`` = the paper's box) appear once."""
-    enumerated = set().union(*truth_settings())  # the fields test_truth already enumerates
+    """The method table's settings (tests/method_settings.py: every method; HardMix at every
+    criterion x signal x fallback), each also at every other value of each choice field that
+    acts for it, one field at a time; settings that run identically (``box: auto`` = the
+    paper's box) appear once."""
+    enumerated = set().union(*truth_settings())  # the fields already enumerated there
     out, seen = [], set()
     for base in truth_settings():
         base = {"prob": 0.7, **base}
