@@ -168,6 +168,10 @@ def split_sizes(cfg: "DataConfig", n_train_total: int) -> tuple[int, int]:
     if n_val >= n:
         raise ConfigError("data.val_size", cfg.val_size,
                           f"leaves no training images ({n} available after data.subset)")
+    if cfg.batch_size > n - n_val:  # one short step per epoch would train at chance, silently
+        raise ConfigError("data.batch_size", cfg.batch_size,
+                          f"must be <= the {n - n_val} training images left after data.subset "
+                          f"and data.val_size")
     return n, n_val
 
 
@@ -183,6 +187,10 @@ def carve(cfg: "DataConfig", y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 # npz: arrays x_train, y_train, x_test, y_test (+ label_names)
 # --------------------------------------------------------------------------------------------
+
+
+#: The smallest image side the models and the crop take (scikit-learn's digits are 8x8).
+MIN_IMAGE_SIDE = 8
 
 
 def _npz_path(cfg: "DataConfig") -> Path:
@@ -268,9 +276,22 @@ def _npz_facts_cached(path: str, mtime: float, size: int) -> tuple[Facts, tuple[
                                              f"{classes} classes")
     if classes < 2:
         raise ConfigError("data.path", path, "must hold at least 2 classes")
+    n_train = len(labels["y_train"])
+    if classes > n_train:
+        raise ConfigError("data.path", path, f"implies {classes} classes for {n_train} "
+                                             f"training images (a head wider than the data)")
+    used = len(np.unique(labels["y_train"]))
+    if not names and used < classes / 2:  # ids are the class count: a sparse id is a bug
+        raise ConfigError("data.path", path, f"y_train uses {used} distinct labels but its "
+                                             f"largest id implies {classes} classes: number the "
+                                             f"classes 0..n-1 or give label_names")
     c, h, w = layouts["x_train"]
     if h != w:
         raise ConfigError("data.path", path, f"images must be square, are {h}x{w}")
+    if h < MIN_IMAGE_SIDE:
+        raise ConfigError("data.path", path, f"images must be at least {MIN_IMAGE_SIDE}x"
+                                             f"{MIN_IMAGE_SIDE} pixels (the models' stems and "
+                                             f"the crop), are {h}x{w}")
     return (Facts(len(labels["y_train"]), len(labels["y_test"]), c, h, classes),
             tuple(names or [str(i) for i in range(classes)]))
 

@@ -141,6 +141,7 @@ def _yaml_cases(d: Path) -> list[Path]:
         "unknown.yaml": b"augment: {alphaa: 1}\n",
         "bad-value.yaml": b"augment: {alpha: .nan}\n",
         "base-cycle.yaml": b"base: no-such-preset\n",
+        "duplicate-key.yaml": b"augment: {alpha: 1}\nseed: 1\naugment: {alpha: 2}\n",
     }
     out = []
     for name, data in cases.items():
@@ -187,6 +188,11 @@ def test_malformed_npz_files_are_refused_before_any_work(tmp_path, capsys, monke
         _npz(d / "shapes.npz", **{**good, "x_test": np.zeros((5, 9, 9, 3), np.uint8)}),
         _npz(d / "one-class.npz", **{**good, "y_train": y * 0, "y_test": y[:5] * 0}),
         _npz(d / "matrix-labels.npz", **{**good, "y_train": np.zeros((20, 3), int)}),
+        # a 900,001-way head for 20 images; ids far beyond the 4 labels used; 2x2 images
+        _npz(d / "huge-class-id.npz", **{**good, "y_train": np.r_[y[:19], 900_000]}),
+        _npz(d / "sparse-ids.npz", **{**good, "y_train": y * 5, "y_test": y[:5] * 5}),
+        _npz(d / "two-pixels.npz", **{**good, "x_train": np.zeros((20, 2, 2, 3), np.uint8),
+                                      "x_test": np.zeros((5, 2, 2, 3), np.uint8)}),
     ]
     (d / "not-zip.npz").write_bytes(b"not a zip at all")
     cases.append(d / "not-zip.npz")
@@ -202,6 +208,51 @@ def test_malformed_npz_files_are_refused_before_any_work(tmp_path, capsys, monke
         one_line_exit_2(["sweep", "--preset", "quickstart", "--set", "run.data.name=npz",
                          "--set", f"run.data.path={path}", "--set", f"storage={tmp_path}/o"],
                         capsys, tmp_path)
+
+
+LONG = "n" * 300
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["sweep", "--preset", "quickstart", "--set", "seeds=5"], "seeds"),        # seed 5 or 5 seeds?
+    (["sweep", "--preset", "quickstart", "--set", "seeds=[-7]"], "seeds = [-7]"),  # as given
+    (["sweep", "--preset", "quickstart", "--set", f"name={LONG}"], "name"),
+    (["sweep", "--preset", "quickstart", "--set", f"run.output.name={LONG}"], "run.output.name"),
+    (["train", "--set", "data.name=digits", "--set", f"output.name={LONG}"], "output.name"),
+    (["train", "--set", "data.name=digits", "--set", "data.batch_size=5000"], "data.batch_size"),
+    (["sweep", "--preset", "quickstart", "--set", "run.data.batch_size=5000"],
+     "run.data.batch_size"),
+    (["train", "--set", "data.name=digits", "--set", "model.name=timm:not_a_model"], "model.name"),
+    (["sweep", "--preset", "quickstart", "--dry-run", "--set", "run.model.name=timm:not_a_model"],
+     "run.model.name"),
+])
+def test_late_or_silent_bad_inputs_are_refused_up_front(argv, field, tmp_path, capsys,
+                                                        monkeypatch):
+    """Inputs that used to train silently (a batch larger than the data), fail every trial
+    (an unknown timm model), raise deep inside (a 300-character folder name) or quote a value
+    the user never gave."""
+    if "timm" in " ".join(argv):
+        pytest.importorskip("timm")
+    monkeypatch.chdir(tmp_path)
+    out = ["--set", f"output.dir={tmp_path}/o"] if argv[0] == "train" else \
+        ["--set", f"storage={tmp_path}/o"]
+    line = one_line_exit_2(argv + out, capsys, tmp_path)
+    assert f"error: {field}" in line, line
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_output_folder_behind_a_broken_symlink_is_refused(kind, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    link = tmp_path / "out"
+    if kind == "dangling":
+        link.symlink_to(tmp_path / "gone" / "deeper")
+    else:
+        (tmp_path / "other").symlink_to(link)
+        link.symlink_to(tmp_path / "other")
+    for argv in (["train", "--set", "data.name=digits", "--set", f"output.dir={link}"],
+                 ["sweep", "--preset", "quickstart", "--set", f"storage={link}"]):
+        line = one_line_exit_2(argv, capsys, tmp_path)
+        assert "symbolic link" in line, line
 
 
 def test_bad_checkpoints_are_refused_and_never_executed(tmp_path, capsys, monkeypatch):

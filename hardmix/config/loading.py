@@ -28,6 +28,32 @@ PRESET_PACKAGE = "hardmix.presets"
 MAX_CONFIG_BYTES = 1 << 20
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that names one key twice (PyYAML would silently keep the last value)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a repeated key instead of keeping the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class says what is wrong
+                break
+            if first != key_node.start_mark.line + 1:
+                raise DuplicateKeyError(f"duplicate key {key!r} (lines {first} and "
+                                        f"{key_node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys: every config and ``--set`` value."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir()
                   if p.name.endswith(".yaml"))
@@ -35,7 +61,7 @@ def preset_names() -> list[str]:
 
 def _parse_yaml(text: str, where: str, field: str) -> dict:
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_load(text)
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(field, where, f"is not valid YAML ({first})") from None
@@ -133,7 +159,7 @@ def parse_overrides(pairs: list[str], cls: type | None = None) -> dict:
         if not sep or not key.strip():
             raise ConfigError("--set", pair, "must look like key=value, e.g. augment.alpha=0.5")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
         except (RecursionError, ValueError, OverflowError):
@@ -233,10 +259,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is Any:
         return value
     if origin is list:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(path, value, "must be a list")
+        if not isinstance(value, (list, tuple)):  # seeds=5: seed 5 or five seeds? say which
+            example = f"[{value}]" if isinstance(value, (int, float, str)) else "[...]"
+            raise ConfigError(path, value, f"must be a list, e.g. {example}")
         return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):

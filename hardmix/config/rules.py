@@ -115,15 +115,27 @@ def check_run(cfg: RunConfig, prefix: str = "") -> None:
     if o.warmup_epochs >= o.epochs and o.warmup_epochs > 0:
         raise ConfigError(f"{prefix}optim.warmup_epochs", o.warmup_epochs,
                           f"must be < optim.epochs ({o.epochs})")
-    name = cfg.output.name
-    if name is not None and (not name.strip() or "/" in name or "\\" in name
-                             or name.startswith(".") or "\x00" in name):
-        raise ConfigError(f"{prefix}output.name", name, "must be a plain folder name")
+    if cfg.output.name is not None:
+        check_folder_name(f"{prefix}output.name", cfg.output.name)
     from hardmix.config.schema import LOGGERS
     for i, logger in enumerate(cfg.output.loggers):
         if logger not in LOGGERS or logger == "tensorboard":
             raise ConfigError(f"{prefix}output.loggers[{i}]", logger,
                               "must be wandb or mlflow (TensorBoard is output.tensorboard)")
+
+
+#: Longest folder name (in UTF-8 bytes) a run or sweep may take: file systems allow 255 per
+#: path component, and the name is the stem of longer ones (``<name>-2``, ``<name>.yaml.tmp``).
+MAX_FOLDER_NAME = 100
+
+
+def check_folder_name(path: str, name: str) -> None:
+    """A name that becomes one folder: not empty, no separator, not hidden, not too long."""
+    if not name.strip() or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
+        raise ConfigError(path, name, "must be a plain folder name")
+    if len(name.encode()) > MAX_FOLDER_NAME:
+        raise ConfigError(path, name[:40] + "...", f"must be at most {MAX_FOLDER_NAME} bytes "
+                                                   f"(got {len(name.encode())}): it names a folder")
 
 
 def with_overrides(cfg: Any, values: dict[str, Any], rules: bool = True) -> Any:
@@ -146,17 +158,23 @@ def with_overrides(cfg: Any, values: dict[str, Any], rules: bool = True) -> Any:
 
 def check_sweep(cfg: SweepConfig) -> None:
     """Rules of a sweep: name, seeds, the base run, arms, the space."""
-    if not cfg.name or "/" in cfg.name or "\\" in cfg.name or cfg.name.startswith(".") \
-            or not cfg.name.strip() or "\x00" in cfg.name:
-        raise ConfigError("name", cfg.name, "must be a plain folder name")
+    check_folder_name("name", cfg.name)
     if not cfg.seeds:
         raise ConfigError("seeds", cfg.seeds, "must list at least one seed")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError("seeds", cfg.seeds, "must not repeat a seed")
-    if any(s < 0 for s in cfg.seeds) or any(s < 0 for s in cfg.followup.seeds):
-        raise ConfigError("seeds", cfg.seeds + cfg.followup.seeds, "must be >= 0")
+    for path, seeds in (("seeds", cfg.seeds), ("followup.seeds", cfg.followup.seeds)):
+        bad = [s for s in seeds if s < 0]
+        if bad:
+            raise ConfigError(path, seeds, f"must be >= 0 (got {bad[0]})")
     check_run(cfg.run, prefix="run.")  # the base run first: its errors are the clearest
     _check_arms(cfg)
+    avoid = set(cfg.analysis.avoid_seeds)
+    for path, seeds in [("seeds", cfg.seeds), ("followup.seeds", cfg.followup.seeds)] + [
+            (f"arms[{i}].seeds", a.get("seeds") or []) for i, a in enumerate(cfg.arms)]:
+        if avoid & set(seeds):
+            raise ConfigError(path, sorted(avoid & set(seeds)), "must avoid analysis.avoid_seeds "
+                              f"({', '.join(map(str, sorted(avoid)))})")
     for name, spec in cfg.space.items():
         path = f"space.{name}"
         if name == "seed":
@@ -190,6 +208,11 @@ def check_sweep(cfg: SweepConfig) -> None:
         raise ConfigError("address", cfg.address, "must be auto, ray://host:port or host:port")
     if cfg.resources.workers > 1 and cfg.resources.cpus < 1:
         raise ConfigError("resources.cpus", cfg.resources.cpus, "must be >= 1 with workers > 1")
+    if cfg.resources.workers > 1 and 0 < cfg.resources.gpus < 1:
+        raise ConfigError("resources.gpus", cfg.resources.gpus,
+                          "must be 0 (gloo on CPUs) or >= 1 with resources.workers > 1: NCCL "
+                          "needs a GPU of its own per rank, and a fraction would put two ranks "
+                          "of one trial on one GPU")
     if cfg.scheduler.type == "asha" and cfg.scheduler.grace_period > cfg.run.optim.epochs:
         raise ConfigError("scheduler.grace_period", cfg.scheduler.grace_period,
                           f"must be <= run.optim.epochs ({cfg.run.optim.epochs})")
