@@ -20,6 +20,12 @@ the validation split carved from the training set are the same for every run of 
 validation errors of different seeds and configurations are comparable. The run seed fixes the
 order of batches and the crops and flips (see :meth:`DeviceLoader.set_epoch`).
 
+Under data-parallel training the order of an epoch is the same on every rank (each takes its
+own disjoint slice of one permutation: :func:`epoch_seed`), while each rank's crops and flips,
+and the seeds of a folder loader's workers, come from its own stream (:func:`stream_seed` of
+seed, rank and epoch), so ranks never repeat each other's augmentation and a resumed run draws
+what the uninterrupted run drew.
+
 Data sets are entries of the registry in :mod:`hardmix.datasets` (load, checks, sizes); this
 module only turns what they load into loaders.
 """
@@ -44,6 +50,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 __all__ = ["Data", "DeviceLoader", "FolderLoader", "build_data", "crop_flip", "epoch_seed",
+           "stream_seed", "STREAMS",
            "channel_stats", "carve", "split_sizes", "stratified_split", "Arrays", "Folders",
            "DEFAULT_ROOT", "SPLIT_SEED"]
 
@@ -89,6 +96,23 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + 17) % (2 ** 62)
 
 
+#: The per-rank random streams of a run, each with its own key (:func:`stream_seed`): the global
+#: torch generator (dropout, a folder loader's transforms without workers), the device loader's
+#: crops and flips, a folder loader's worker seeds, and the mixer's device generator (sources,
+#: per-sample λ and boxes).
+STREAMS = {"global": 0, "crop": 1, "workers": 2, "mix": 3}
+
+
+def stream_seed(seed: int, rank: int, epoch: int, stream: str) -> int:
+    """The seed of one per-rank stream (:data:`STREAMS`) in one epoch: a function of (run seed,
+    rank, epoch) only, so data-parallel ranks draw differently, a resumed run (on any number of
+    ranks) draws exactly what the uninterrupted run drew, and the streams of one rank are
+    independent of each other. A 63-bit int from numpy's ``SeedSequence`` (hashing, not
+    arithmetic: no two (seed, rank, epoch) share a stream by accident)."""
+    key = np.random.SeedSequence(int(seed), spawn_key=(int(rank), int(epoch), STREAMS[stream]))
+    return int(key.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 def crop_flip(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
     """Random crop with ``pad`` pixels of zero padding + random horizontal flip of a uint8 batch
     ``(B, C, H, W)``, as one gather: per-sample row/column offsets index the padded batch, and a
@@ -116,6 +140,7 @@ class DeviceLoader:
     Training: each epoch a ``randperm`` from a generator seeded by :func:`epoch_seed`; under
     data-parallel training every rank draws the same permutation and takes the disjoint slice
     ``perm[rank::world_size]`` of equal length, so all ranks run the same number of steps.
+    Crops and flips come from the rank's own generator (:func:`stream_seed`, ``crop``).
     Partial last batches are dropped (BatchNorm and the source batch want full batches) unless
     the shard is smaller than one batch. Evaluation: the rank's shard in order, no augmentation.
     Yields ``(x, y, index)``: normalised float images, labels, and indices into the split.
@@ -140,7 +165,8 @@ class DeviceLoader:
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.scale = 1.0 / (255.0 * std_t)
         self.neg_shift = -mean_t / std_t
-        self.gen = torch.Generator(device=self.storage)
+        self.gen = torch.Generator(device=self.storage)  # the order: the same on every rank
+        self.aug_gen = torch.Generator(device=self.storage)  # crops and flips: the rank's own
         n = len(self.x)
         self.shard_size = n // world_size if train else len(range(rank, n, world_size))
 
@@ -166,6 +192,7 @@ class DeviceLoader:
         if self.train:
             self.gen.manual_seed(epoch_seed(self.seed, self.epoch))
             perm = torch.randperm(n, generator=self.gen, device=self.storage)
+            self.aug_gen.manual_seed(stream_seed(self.seed, self.rank, self.epoch, "crop"))
             order = perm[self.rank:self.shard_size * self.world_size:self.world_size]
             bs = self.batch_size if self.shard_size >= self.batch_size else self.shard_size
         else:
@@ -175,7 +202,7 @@ class DeviceLoader:
             idx = order[i * bs:(i + 1) * bs]
             xb = self.x.index_select(0, idx)  # ~10x faster than x[idx] on a CPU
             if self.train and self.crop_flip:
-                xb = crop_flip(xb, self.pad, self.flip, self.gen)
+                xb = crop_flip(xb, self.pad, self.flip, self.aug_gen)
             yield (self.normalize(xb),
                    self.y.index_select(0, idx).to(self.device, non_blocking=True),
                    idx.to(self.device, non_blocking=True))
@@ -197,7 +224,9 @@ class _Indexed(torch.utils.data.Dataset):
 
 class FolderLoader:
     """A DataLoader over image files with ``workers`` processes; same interface as
-    :class:`DeviceLoader`. Training shards with a seeded ``DistributedSampler`` under DDP."""
+    :class:`DeviceLoader`. Training shards with a seeded ``DistributedSampler`` under DDP (the
+    same order on every rank, disjoint shards); the workers' seeds, and with them the random
+    crops and flips, are the rank's own (:func:`stream_seed`, ``workers``)."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, *, train: bool,
                  workers: int, seed: int, device: torch.device | str, rank: int = 0,
@@ -205,7 +234,7 @@ class FolderLoader:
         from torch.utils.data import DataLoader, DistributedSampler
 
         self.device = torch.device(device)
-        self.train, self.seed, self.epoch = train, seed, 0
+        self.train, self.seed, self.epoch, self.rank = train, seed, 0, rank
         # Evaluation reads every image exactly once across ranks (DistributedSampler would pad).
         self.sampler = (DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                            shuffle=True, seed=seed, drop_last=True)
@@ -220,8 +249,8 @@ class FolderLoader:
         self.epoch = epoch
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
-        # Worker seeds (random crops) derive from this generator: a function of (seed, epoch).
-        self.gen.manual_seed(epoch_seed(self.seed, epoch))
+        # Worker seeds (random crops) derive from this generator: (seed, rank, epoch).
+        self.gen.manual_seed(stream_seed(self.seed, self.rank, epoch, "workers"))
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -33,8 +33,20 @@ the model is wrapped in DDP, every rank trains on its own disjoint shard with th
 steps, metrics are all-reduced before the callbacks see them, and every rank calls the callbacks
 with identical metrics (``info["rank"]`` tells a callback whether it should write: the store,
 TensorBoard and the console write on rank 0 only; Ray's ``report`` must run on every rank).
-Checkpoints are written by rank 0. HardMix's host generator is seeded identically on every rank,
-so its probability coin and extra forward agree across ranks.
+Checkpoints are written by rank 0.
+
+Random streams under data-parallel training. What must agree is a function of the seed (and
+the epoch) alone, the same on every rank: model init; the epoch's order (one permutation, each
+rank its disjoint slice); HardMix's host generator -- the ``prob`` coin, the batch λ and the
+batch box -- so every rank mixes on the same steps and runs the extra forward of the
+``forward`` signal on the same steps (no rank waits for another's extra forward at the
+gradient all-reduce), and the global batch has one λ and one box per step, as one batch on one
+device would. What must differ is a function of (seed, rank, epoch)
+(:func:`hardmix.data.stream_seed`), restarted at every epoch: HardMix's device generator
+(sources, per-sample λ and boxes), the crops and flips, a folder loader's worker seeds, and
+torch's global generator (dropout). A resumed run restores the shared host generator from the
+checkpoint (rank 0's, which every rank shares) and re-derives the rest, so every rank draws
+exactly what it drew in the uninterrupted run, on any number of ranks.
 """
 
 from __future__ import annotations
@@ -65,7 +77,7 @@ from hardmix.checkpoint import (atomic_write_bytes, checkpoint_path, load_checkp
 from hardmix.config import (OptimConfig, RunConfig, check_run_environment, flatten, to_dict,
                             to_yaml, validate)
 from hardmix.config.schema import PRECISIONS
-from hardmix.data import Data, build_data, epoch_seed
+from hardmix.data import Data, build_data, epoch_seed, stream_seed
 from hardmix.errors import ConfigError
 from hardmix.metrics import EPOCH_METRICS, SUMMARY_FIELDS, Callback, StopRun, applicable
 from hardmix.models import build_model
@@ -91,16 +103,28 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available. Under data-parallel training each rank takes the GPU of
-    its ``LOCAL_RANK`` when that GPU is visible, else the current device (Ray Train makes one
-    GPU visible per worker)."""
+def resolve_device(name: str, assigned: Optional[torch.device] = None) -> torch.device:
+    """``auto`` -> CUDA when available, else the CPU.
+
+    ``assigned``: the device the launcher gave this process -- under Ray Train
+    ``ray.train.torch.get_device()``, which ``tune`` passes in: the GPU Ray assigned, at
+    whatever index of the visible ones it has (a rank's ``LOCAL_RANK`` need not be it). Without
+    one (torchrun, a plain process), ``LOCAL_RANK`` picks the GPU where it is visible, else the
+    current device."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("device", name, "no CUDA device is available here; use auto or cpu")
-    local = int(os.environ.get("LOCAL_RANK", "-1"))
-    index = local if 0 <= local < torch.cuda.device_count() else torch.cuda.current_device()
+    if assigned is not None and assigned.type != "cuda":
+        if name == "cuda":
+            raise ConfigError("device", name, "this Ray Train worker was given no GPU: set "
+                              "resources.gpus >= 1, or device=auto or cpu")
+        return torch.device("cpu")
+    if assigned is not None:
+        index = assigned.index if assigned.index is not None else torch.cuda.current_device()
+    else:
+        local = int(os.environ.get("LOCAL_RANK", "-1"))
+        index = local if 0 <= local < torch.cuda.device_count() else torch.cuda.current_device()
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -394,14 +418,14 @@ class _Run:
     """State of one run; :func:`train` drives it."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, callbacks: Sequence[Callback],
-                 eval_epochs: Sequence[int] = ()):
+                 eval_epochs: Sequence[int] = (), device: Optional[torch.device] = None):
         from hardmix import HardMix
 
         self.cfg, self.run_dir, self.callbacks = cfg, run_dir, list(callbacks)
         self.augment = to_dict(cfg.augment)
         self.extra_eval_epochs = frozenset(int(e) for e in eval_epochs)
         self.rank, self.world_size = dist_info()
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, device)
         cuda = self.device.type == "cuda"
         self.precision = precision_policy(cfg.optim, self.device)
         if cuda:
@@ -430,8 +454,6 @@ class _Run:
         self.mix = HardMix.from_config(cfg.augment, num_classes=self.num_classes,
                                        dataset_size=self.data.sizes["train"], seed=cfg.seed,
                                        inplace=True)
-        # Dropout draws from the global generator: give the ranks different streams.
-        torch.manual_seed(epoch_seed(cfg.seed + 7 * self.rank, 0))
         self.start_epoch = 0
         self.history: list[dict] = []
         self.wall_before = 0.0
@@ -491,9 +513,21 @@ class _Run:
 
     # ---- one epoch ---------------------------------------------------------------------
 
+    def seed_epoch(self, epoch: int) -> None:
+        """Restart this rank's own streams for ``epoch`` from (seed, rank, epoch): torch's global
+        generator (dropout) and HardMix's device generator; the loaders do the same for crops,
+        flips and worker seeds (``set_epoch``). The shared host generator goes on untouched."""
+        seed, rank = self.cfg.seed, self.rank
+        torch.manual_seed(stream_seed(seed, rank, epoch, "global"))
+        state = self.mix.state_dict()  # the device stream restarts at a new seed, nothing else
+        state.update(device_seed=stream_seed(seed, rank, epoch, "mix"), device_generators={},
+                     signal={})
+        self.mix.load_state_dict(state)
+
     def train_epoch(self, epoch: int, bar) -> dict:
         cfg, dev, c = self.cfg, self.device, self.num_classes
         self.model.train()
+        self.seed_epoch(epoch)
         self.data.train.set_epoch(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         mix_sums = torch.zeros(3, dtype=torch.float64, device=dev)  # hard share, fallback, sources
@@ -686,7 +720,8 @@ def flatten_mapping(raw: dict, prefix: str = "") -> dict:
 
 
 def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), run_dir: str | Path = "runs/run",
-          resume: bool = False, eval_epochs: Sequence[int] = ()) -> dict:
+          resume: bool = False, eval_epochs: Sequence[int] = (),
+          device: Optional[torch.device] = None) -> dict:
     """Train one run and return its summary (:data:`hardmix.metrics.SUMMARY_FIELDS`).
 
     ``run_dir`` receives ``config.yaml``, ``run.json`` and ``checkpoints/last.pt``; callbacks
@@ -694,6 +729,9 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), run_dir: str | Pat
     is one (else starts fresh), reproducing the uninterrupted run on the deterministic CPU path;
     a checkpoint trained with other options is refused before anything changes.
     ``eval_epochs``: extra epochs that evaluate validation error (a scheduler's decisions).
+    ``device``: the device the launcher assigned this process (Ray Train's
+    ``ray.train.torch.get_device()``), used for ``cfg.device`` auto or cuda
+    (:func:`resolve_device`).
     See the module docstring for pruning (:class:`StopRun`) and failure semantics.
     """
     run_dir = Path(run_dir)
@@ -708,7 +746,7 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), run_dir: str | Pat
     run: Optional[_Run] = None
     status, error, failure = "completed", "", None
     try:
-        run = _Run(cfg, run_dir, callbacks, eval_epochs)
+        run = _Run(cfg, run_dir, callbacks, eval_epochs, device)
         if resume:
             run.restore(checkpoint_path(run_dir))
         info = run.info()

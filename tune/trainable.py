@@ -353,11 +353,11 @@ def _set_threads(cpus: float) -> None:
 
 
 def _run(ctx: SweepContext, cfg: RunConfig, callbacks: list, run_dir: Path,
-         resume: bool) -> dict:
+         resume: bool, device: Any = None) -> dict:
     """``train()``; it records a failure through the callbacks and re-raises it, so Tune
-    retries the trial."""
+    retries the trial. ``device``: the one Ray Train assigned a worker (its own lookup)."""
     summary = hardmix.train.train(cfg, callbacks=callbacks, run_dir=run_dir, resume=resume,
-                                  eval_epochs=ctx.eval_epochs)
+                                  eval_epochs=ctx.eval_epochs, device=device)
     if summary.get("status") == "failed":  # train() raises on failure; be strict anyway
         raise TrialFailed(summary.get("error") or "the run failed")
     return summary
@@ -495,6 +495,7 @@ def _fit_data_parallel(ctx: SweepContext, cfg: RunConfig, trial_id: str, run_dir
 def _worker_loop(config: dict) -> None:
     """One Ray Train worker: ``train()`` on its shard; DDP set up by ``train()`` itself."""
     import ray.train
+    import ray.train.torch
     from ablations.store import ResultStore, StoreCallback
 
     ctx: SweepContext = config["ctx"]
@@ -513,7 +514,8 @@ def _worker_loop(config: dict) -> None:
     store_cb = StoreCallback(ResultStore(ctx.sweep_dir), config["trial_id"], cfg,
                              extra=_extra(ctx, config["attempt"], config["tune_trial_id"]))
     _run(ctx, cfg, trial_callbacks(cfg, store_cb, run_dir, config["attempt"], train=True,
-                                   hparams=ctx.hparam_fields()), run_dir, resume)
+                                   hparams=ctx.hparam_fields()), run_dir, resume,
+         device=ray.train.torch.get_device())  # the GPU Ray assigned, not LOCAL_RANK's
 
 
 # --------------------------------------------------------------------------------------------
