@@ -87,27 +87,56 @@ def error_by_variant(table: pd.DataFrame, colors: dict, path: Path) -> Path | No
     return _save(fig, path)
 
 
-def contrast_forest(contrasts: Sequence, family: str, path: Path) -> Path | None:
-    """Δ top-1 error of every compared pair with the family's interval (vertical line at 0)."""
+VERDICT_COLORS = {"better": "tab:green", "worse": "tab:red", "equivalent": "tab:blue",
+                  "undetermined": "0.45"}
+
+
+def contrast_forest(contrasts: Sequence, family: str, path: Path, margin: float | None = None,
+                    outcome=None) -> Path | None:
+    """Δ of every compared pair with its family's interval, named in the title (simultaneous
+    or per-comparison), coloured by verdict; with a margin, the band ±margin and, thick, the
+    (1 − 2·level) interval the equivalence test reads. A line at 0."""
     items = [c for c in contrasts if c.difference.tested]
     if not items:
         return None
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(items) + 1.8))
+    title_metric = getattr(outcome, "title", "top-1 error")
+    unit = getattr(outcome, "unit", "points")
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(items) + 2.2))
     labels = []
+    if margin:
+        ax.axvspan(-margin, margin, color="tab:blue", alpha=0.10, lw=0,
+                   label=f"±{margin:g} {unit}: the declared margin")
     for i, c in enumerate(reversed(items)):
         d = c.difference
-        color = "tab:green" if d.distinguishable and d.diff < 0 else \
-            "tab:red" if d.distinguishable else "0.35"
+        color = VERDICT_COLORS.get(d.verdict, "0.45")
         ax.errorbar(d.diff, i, xerr=[[d.diff - d.ci_low], [d.ci_high - d.diff]], fmt="o",
-                    color=color, capsize=3, ms=5)
+                    color=color, capsize=3, ms=5, lw=1.2)
+        if margin and np.isfinite(d.eq_low):
+            ax.plot([d.eq_low, d.eq_high], [i, i], color=color, lw=4, alpha=0.55,
+                    solid_capstyle="butt")
         name = c.factor.rsplit(".", 1)[-1]
-        labels.append(_wrap(f"{name}: {c.change}  [{d.baseline}], n={d.n}", 70))
+        labels.append(_wrap(f"{name}: {c.change}  [vs {d.baseline}], n={d.n}", 60))
     ax.axvline(0, color="0.2", lw=0.8)
-    ax.set_yticks(range(len(items)), labels, fontsize=7)
-    ax.set(xlabel="Δ final test top-1 error (points); green: lower error, red: higher",
-           title=_wrap("Δ with 95% intervals, " + family, 90))
+    ax.set_yticks(range(len(items)), labels, fontsize=8)
+    ax.set_ylim(-0.7, len(items) - 0.3)
+    label = items[0].difference.interval_label
+    ax.set(xlabel=f"Δ final test {title_metric} ({unit}), variant − reference (lower: better)")
+    ax.set_title(_wrap(f"Δ with {label} intervals" + (" (thin) and the TOST's "
+                       f"{_pct_text(1 - 2 * items[0].difference.level)} intervals (thick)"
+                       if margin else ""), 95) + "\n" + _wrap(family, 120), fontsize=9)
     ax.grid(axis="x", alpha=0.3)
+    handles = [plt.Line2D([], [], color=col, marker="o", lw=1.2, label=v)
+               for v, col in VERDICT_COLORS.items()
+               if any(c.difference.verdict == v for c in items)]
+    if margin:
+        handles.append(plt.Rectangle((0, 0), 1, 1, color="tab:blue", alpha=0.10,
+                                     label=f"±{margin:g} {unit}: the declared margin"))
+    _legend_below(fig, handles, [h.get_label() for h in handles], ncol=5)
     return _save(fig, path)
+
+
+def _pct_text(x: float) -> str:
+    return f"{100 * x:.1f}".rstrip("0").rstrip(".") + "%"
 
 
 def _best_variants(trials: pd.DataFrame, k: int = MAX_LINES) -> list[str]:

@@ -58,13 +58,15 @@ from ablations.factors import (INERT, factor_frame, fixed_settings, fmt_value, h
                                is_relevant, method_order, relevance, short_names, variant_labels,
                                varying_factors)
 from ablations.importance import factor_importance, rung_target
-from ablations.stats import Difference, difference, holm, mean_std_text, summarize, verdict
-from ablations.store import FOLLOWUP_PREFIX, MAIN_PREFIX, _resolve, parse_trial_id, read_results
+from ablations.stats import (ALPHA, CORRECTIONS, Difference, correct, difference,
+                             interval_label, mean_std_text, summarize, verdict)
+from ablations.store import (FOLLOWUP_PREFIX, MAIN_PREFIX, _resolve, parse_trial_id, read_results,
+                             sweep_roots)
 from hardmix.config import RunConfig, flatten
 from hardmix.config.environment import check_writable
 from hardmix.errors import ConfigError
 from hardmix.methods import METHODS, SWITCHES
-from hardmix.metrics import EPOCH_METRICS, diagnostics, witness_of
+from hardmix.metrics import EPOCH_METRICS, OUTCOMES, diagnostics, witness_of
 
 #: Why a trial is not in the tables, by status.
 LEFT_OUT_REASONS = {"running": "still running", "failed": "failed", "pruned": "pruned (stopped early)"}
@@ -72,7 +74,9 @@ MANIFEST = ".hardmix-report.json"
 #: The paper's HardMix as the library's defaults: the setting an ablation departs from.
 _DEFAULTS = {k: hashable(v) for k, v in flatten(RunConfig()).items()}
 _SWITCH_COLS = tuple(f"augment.{s}" for s in SWITCHES)
-CORRECTIONS = ("holm", "none")
+#: Per-class columns of trials.csv only up to this many classes (CIFAR-100 and ImageNet get the
+#: class table's CSV, not 100 or 1000 columns per trial).
+MAX_CLASS_COLUMNS = 20
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Contrast:
     difference: Difference
     dependents: str = ""
     excluded: str = ""  # why it is not in the family ("" = in it)
+    outcome: str = "top1"  # the hardmix.metrics.OUTCOMES entry the difference is on
 
     @property
     def change(self) -> str:
@@ -115,6 +120,10 @@ class Report:
     n_trials: int = 0
     n_used: int = 0
     terminal: str = ""
+    secondary: dict[str, list[Contrast]] = field(default_factory=dict)
+    margin: Optional[float] = None
+    trials: pd.DataFrame = field(default_factory=pd.DataFrame)
+    notes: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,17 +315,21 @@ def _matches_family(factor: str, family: Optional[Sequence[str]]) -> bool:
 
 def one_factor_contrasts(used: pd.DataFrame, factors: list[str], same: dict[str, str],
                          family: Optional[Sequence[str]] = None,
-                         correction: str = "holm") -> list[Contrast]:
+                         correction: str = "bonferroni", margin: Optional[float] = None,
+                         outcome: str = "top1") -> list[Contrast]:
     """Every pair of variants that differ in exactly one factor both have (the method counts
-    as one), as ``variant − reference``, paired by seed.
+    as one), as ``variant − reference`` in ``outcome`` (:data:`hardmix.metrics.OUTCOMES`),
+    paired by seed.
 
     Settings only one side has are dependents of the changed switch and are named with the
     change (``cutmix → hardmix (fallback=skip, min_hard=40)``). Pairs left out of the family:
     one side identical to another variant (only the first of identical variants takes part),
     both sides identical, or a factor whose witness metric (:func:`hardmix.metrics.witness_of`)
     is 0 on both sides (the switch never acted), and factors outside ``family``. The rest is
-    corrected together (``correction``: ``holm`` or ``none``).
+    one family (:func:`ablations.stats.correct`: ``correction`` ``bonferroni`` or ``none``,
+    the equivalence tests against ``margin``).
     """
+    column = OUTCOMES[outcome].column
     cols = ["augment.method"] + [f for f in factors if f != "augment.method"]
     if used.empty:
         return []
@@ -342,8 +355,8 @@ def one_factor_contrasts(used: pd.DataFrame, factors: list[str], same: dict[str,
             deps = ", ".join(f"{short[x]}={fmt_value(reps[var][x])}" for x in one_sided
                              if acts[var][x])
             gv, gr = groups[var], groups[ref]
-            d = difference(var, gv["final_top1_err"].tolist(), gv["seed"].tolist(),
-                           ref, gr["final_top1_err"].tolist(), gr["seed"].tolist())
+            d = difference(var, gv[column].tolist(), gv["seed"].tolist(),
+                           ref, gr[column].tolist(), gr["seed"].tolist())
             excluded = ""
             if var in same or ref in same:
                 twin = var if var in same else ref
@@ -359,13 +372,41 @@ def one_factor_contrasts(used: pd.DataFrame, factors: list[str], same: dict[str,
                         excluded = f"{short[c]} never acted ({witness} 0 on both sides)"
             if not excluded and not _matches_family(c, family):
                 excluded = "outside the family"
-            found.append(Contrast(c, reps[ref][c], reps[var][c], d, deps, excluded))
+            found.append(Contrast(c, reps[ref][c], reps[var][c], d, deps, excluded, outcome))
     members = [i for i, ct in enumerate(found) if not ct.excluded]
-    corrected = holm([found[i].difference for i in members]) if correction == "holm" else \
-        holm([found[i].difference for i in members], single=True)
+    corrected = correct([found[i].difference for i in members], ALPHA, correction, margin)
     for i, d in zip(members, corrected):
         found[i].difference = d
     return found
+
+
+def retest(contrasts: list[Contrast], used: pd.DataFrame, outcome: str, correction: str,
+           margin: Optional[float] = None) -> list[Contrast]:
+    """The primary family's member contrasts on another ``outcome``: a secondary family,
+    corrected on its own. A contrast where the outcome was not recorded (NaN on a side) is
+    ``n too small``; one with the same outcome on every seed is left out of the family, as in
+    the primary one."""
+    column = OUTCOMES[outcome].column
+    groups = dict(tuple(used.groupby("variant", sort=False)))
+    out = []
+    for c in contrasts:
+        if c.excluded:
+            continue
+        gv, gr = groups[c.difference.variant], groups[c.difference.baseline]
+        vals = pd.to_numeric(gv[column], errors="coerce") if column in gv else \
+            pd.Series(np.nan, index=gv.index)
+        base = pd.to_numeric(gr[column], errors="coerce") if column in gr else \
+            pd.Series(np.nan, index=gr.index)
+        d = difference(c.difference.variant, vals.tolist(), gv["seed"].tolist(),
+                       c.difference.baseline, base.tolist(), gr["seed"].tolist())
+        same = d.tested and d.se == 0 and d.diff == 0
+        out.append(Contrast(c.factor, c.reference_value, c.value, d, c.dependents,
+                            "identical results on every seed" if same else "", outcome))
+    members = [c for c in out if not c.excluded]
+    for c, d in zip(members, correct([c.difference for c in members], ALPHA, correction,
+                                     margin)):
+        c.difference = d
+    return out
 
 
 def differences_from(contrasts: list[Contrast], used: pd.DataFrame, baseline: str
@@ -399,22 +440,35 @@ def differences_from(contrasts: list[Contrast], used: pd.DataFrame, baseline: st
     return diffs, notes
 
 
+CONTRAST_COLUMNS = ["outcome", "factor", "change", "variant", "reference", "n", "delta", "sd",
+                    "interval", "level", "ci_low", "ci_high", "p", "p_adjusted", "comparisons",
+                    "margin", "p_noninf", "p_nonsup", "p_tost", "eq_low", "eq_high", "mde",
+                    "seeds_margin", "seeds_resolve", "verdict", "test", "excluded", "sentence"]
+
+
 def contrast_table(contrasts: list[Contrast]) -> pd.DataFrame:
+    """One row per contrast: Δ (variant − reference, in the outcome's units), its interval
+    and what kind it is, the tests at the contrast's level (two-sided, the one-sided margin
+    tests, TOST), the power figures and the verdict with its sentence."""
     names = short_names(sorted({c.factor for c in contrasts}))
     rows = []
     for c in contrasts:
-        d = c.difference
-        rows.append({"factor": names.get(c.factor, c.factor), "change": c.change,
-                     "variant": d.variant, "reference": d.baseline, "n": d.n,
-                     "delta_top1": d.diff, "ci_low": d.ci_low, "ci_high": d.ci_high,
-                     "p": d.p, "p_adjusted": d.p_holm, "comparisons": d.m if not c.excluded else 0,
-                     "distinguishable": d.distinguishable if not c.excluded else None,
-                     "test": d.kind, "excluded": c.excluded,
-                     "verdict": verdict(d) if not c.excluded else ""})
-    return pd.DataFrame(rows, columns=["factor", "change", "variant", "reference", "n",
-                                       "delta_top1", "ci_low", "ci_high", "p", "p_adjusted",
-                                       "comparisons", "distinguishable", "test", "excluded",
-                                       "verdict"])
+        d, o = c.difference, OUTCOMES[c.outcome]
+        member = not c.excluded and d.tested
+        rows.append({"outcome": c.outcome, "factor": names.get(c.factor, c.factor),
+                     "change": c.change, "variant": d.variant, "reference": d.baseline,
+                     "n": d.n, "delta": d.diff, "sd": d.sd,
+                     "interval": d.interval_label if member else "", "level": d.level,
+                     "ci_low": d.ci_low, "ci_high": d.ci_high, "p": d.p,
+                     "p_adjusted": d.p_adjusted, "comparisons": d.m if not c.excluded else 0,
+                     "margin": d.margin, "p_noninf": d.p_noninf, "p_nonsup": d.p_nonsup,
+                     "p_tost": d.p_tost, "eq_low": d.eq_low, "eq_high": d.eq_high,
+                     "mde": d.mde, "seeds_margin": d.seeds_margin,
+                     "seeds_resolve": d.seeds_resolve,
+                     "verdict": d.verdict if not c.excluded else "", "test": d.kind,
+                     "excluded": c.excluded,
+                     "sentence": verdict(d, o.title, o.unit) if not c.excluded else ""})
+    return pd.DataFrame(rows, columns=CONTRAST_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,32 +552,80 @@ def _ci_text(d: Difference) -> str:
 
 
 def _family_text(contrasts: list[Contrast], family: Optional[Sequence[str]],
-                 correction: str) -> str:
+                 correction: str, margin: Optional[float] = None, outcome: str = "top1") -> str:
+    """The family in one sentence: outcome, which contrasts, how many, the correction, the
+    interval's meaning and the margin."""
     m = sum(1 for c in contrasts if not c.excluded and c.difference.tested)
+    o = OUTCOMES[outcome]
     which = ("all one-factor contrasts of this report" if not family else
              "the one-factor contrasts over " + ", ".join(family))
+    label = interval_label(correction, ALPHA, m)
     if correction == "none":
-        return (f"uncorrected: each 95% interval answers its own question ({m} "
-                f"comparison{'s' if m != 1 else ''} of {which}; no multiplicity correction)")
-    return (f"Holm-corrected over the {m} comparison{'s' if m != 1 else ''} of {which} "
-            "(family-wise 5%)")
+        how = (f"uncorrected: each contrast tested at {ALPHA:g}, each interval a per-comparison "
+               f"{label.split()[1]} interval for its own question")
+    elif m > 1:
+        how = (f"Bonferroni: each contrast tested at {ALPHA:g}/{m} = {ALPHA / m:.3g}; the "
+               f"intervals are {label}, so all {m} cover their true Δ together with "
+               f"probability ≥ {1 - ALPHA:.0%}")
+    else:
+        how = f"one contrast, tested at {ALPHA:g}"
+    marg = (f"; margin ±{margin:g} {o.unit} (declared smallest effect of interest)" if margin
+            else "; no margin declared: no equivalence verdicts")
+    return (f"{o.title}, the {m} comparison{'s' if m != 1 else ''} of {which}; {how}{marg}")
+
+
+def _interval_head(items: list[Contrast]) -> str:
+    tested = [c.difference for c in items if c.difference.tested]
+    return (f"{tested[0].interval_label} interval" if tested else "interval")
+
+
+def _verdict_cell(d: Difference) -> str:
+    if not d.tested:
+        return "n too small"
+    if d.verdict == "undetermined":
+        seeds = d.seeds_resolve
+        return ("undetermined" if np.isnan(seeds) else "undetermined (> 10,000 seeds)"
+                if np.isinf(seeds) else f"undetermined (≈ {int(seeds)} seeds)")
+    if d.verdict == "equivalent":
+        return f"equivalent within ±{d.margin:g}"
+    return d.verdict
+
+
+def _seeds_cell(x: float) -> str:
+    return "—" if not (x == x) else ("> 10,000" if np.isinf(x) else str(int(x)))
 
 
 def _comparison_rows(items: list[Contrast], with_factor: bool = True) -> pd.DataFrame:
     names = short_names(sorted({c.factor for c in items}))
+    head = _interval_head(items)
     rows = []
     for c in items:
-        d = c.difference
+        d, o = c.difference, OUTCOMES[c.outcome]
         row = {}
         if with_factor:
             row["factor"] = names.get(c.factor, c.factor)
-        row.update({"change": c.change,
-                    "with the rest as in": d.baseline, "n": d.n, "Δ top-1 (points)": d.diff,
-                    "95% CI": _ci_text(d),
-                    "distinguishable": ("n too small" if not d.tested else
-                                        "yes" if d.distinguishable else "no")})
+        row.update({"change": c.change, "with the rest as in": d.baseline, "n": d.n,
+                    f"Δ {o.title} ({o.unit})": d.diff, head: _ci_text(d),
+                    "verdict": _verdict_cell(d), f"MDE ({o.unit})": d.mde})
+        if any(c.difference.margin > 0 for c in items):
+            row["TOST p"] = d.p_tost
+            row["seeds for ±margin"] = _seeds_cell(d.seeds_margin)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _family_section(title: str, items: list[Contrast], family_text: str,
+                    limit: int = 80) -> list[str]:
+    """A family's Markdown: what it is, its table, one sentence per verdict."""
+    lines = [title, "", f"Family: {family_text}.", ""]
+    if not items:
+        return lines + ["_No contrast in this family._", ""]
+    lines += [md_table(_comparison_rows(items[:limit]), 3), ""]
+    if len(items) > limit:
+        lines += [f"... {len(items) - limit} more in the CSV.", ""]
+    lines += [f"- {verdict(c.difference, OUTCOMES[c.outcome].title, OUTCOMES[c.outcome].unit)}"
+              for c in items if c.difference.tested][:40]
+    return lines + [""]
 
 
 def _markdown(ctx: dict) -> str:
@@ -566,33 +668,47 @@ def _markdown(ctx: dict) -> str:
 
     lines += ["## Comparisons", ""]
     members = [c for c in contrasts if not c.excluded]
-    if members:
-        lines += [f"Pairs of variants that differ in exactly one factor they share: the effect "
-                  "of that change with everything else held fixed. Δ = after − before "
-                  "(negative: the change lowers the error); the reference side is the earlier "
-                  "method (none < CutMix < HardMix) or the library's default (the paper's "
-                  "setting). Settings only one side has come with the change (in brackets). "
-                  f"Paired by seed; intervals are {family}. Every interval below belongs to "
-                  "this one family.", ""]
-        lines += [md_table(_comparison_rows(members[:80]), 3), ""]
-        if len(members) > 80:
-            lines += [f"... {len(members) - 80} more in `contrasts.csv`.", ""]
-        lines += [f"- {verdict(c.difference)}" for c in members if c.difference.tested][:40]
-        lines += [""]
-    else:
-        lines += ["_No two variants differ in exactly one factor (or every such pair was left "
-                  "out below)._", ""]
+    o = OUTCOMES[ctx["primary"]]
+    lines += ["Pairs of variants that differ in exactly one factor they share: the effect of "
+              "that change with everything else held fixed. Δ = after − before (negative: the "
+              "change lowers the error: every outcome here is better lower); the reference side "
+              "is the earlier method (none < CutMix < HardMix) or the library's default (the "
+              "paper's setting). Settings only one side has come with the change (in "
+              "brackets). Paired by seed. Each family is corrected on its own; each contrast "
+              "ends in one verdict at its family's level: **better** / **worse** (the two-sided "
+              "t-test rejects Δ = 0: the interval excludes 0), else **equivalent within "
+              "±margin** (with a declared margin: the TOST rejects |Δ| ≥ margin, i.e. the "
+              "(1 − 2·level) interval lies within ±margin), else **undetermined**, with the "
+              "seeds that would resolve it at the observed SD. MDE: the smallest |Δ| the "
+              "contrast detects with 80% power at its level. See docs/reports.md.", ""]
+    if ctx.get("notes"):
+        lines += [f"**Note.** {n}" for n in ctx["notes"]] + [""]
+    lines += _family_section(f"### Primary family: {o.title}", members, family)
+    if not members:
+        lines[-2:-2] = ["_No two variants differ in exactly one factor (or every such pair was "
+                        "left out below)._"]
     out = [c for c in contrasts if c.excluded and c.excluded != "outside the family"]
     if out:
         lines += ["Left out of the family (they cannot show a difference by construction):", ""]
         lines += [f"- {c.difference.variant} vs {c.difference.baseline}: {c.excluded}"
                   for c in out] + [""]
+    for name, items in ctx["secondary"].items():
+        lines += _family_section(f"### Secondary family: {OUTCOMES[name].title}",
+                                 [c for c in items if not c.excluded], ctx["secondary_text"][name])
+        lines += [f"- Left out: {c.difference.variant} vs {c.difference.baseline}: {c.excluded}."
+                  for c in items if c.excluded]
+        lines += [""] if any(c.excluded for c in items) else []
+    if ctx.get("class_note"):
+        lines += ["### Per-class test error of the primary method contrast", "",
+                  ctx["class_note"], ""]
+        if "class_errors" in ctx["tables"]:
+            lines += [md_table(ctx["tables"]["class_errors"], 2), ""]
 
     lines += [f"## Against {ctx['baseline']}", ""]
     if ctx["diffs"]:
         lines += [f"Each variant against the `{ctx['baseline']}` variant that matches it on "
-                  "every shared factor: the method comparisons above, with the same intervals "
-                  f"({family}).", ""]
+                  "every shared factor: the method comparisons of the primary family, with the "
+                  f"same intervals and verdicts ({family}).", ""]
         lines += [md_table(_comparison_rows(ctx["diffs"], with_factor=False), 3), ""]
     lines += [f"- {n}" for n in ctx["diff_notes"]]
     if not ctx["diffs"] and not ctx["diff_notes"]:
@@ -695,21 +811,198 @@ def _sweep_mode(path: str) -> str:
         return "grid"
 
 
+def declared_analysis(path: str) -> tuple[dict, list[str]]:
+    """The ``analysis`` section each sweep at ``path`` declared in its saved sweep.yaml (the
+    defaults where absent), and notes: sweeps pooled here that declared different ones (the
+    first sweep's stands)."""
+    import yaml
+
+    from hardmix.config import from_dict
+    from hardmix.config.schema import AnalysisConfig
+
+    found: list[tuple[str, dict]] = []
+    try:
+        fs, roots = sweep_roots(path)
+    except ConfigError:
+        return to_dict_analysis(AnalysisConfig()), []
+    for root in roots:
+        try:
+            with fs.open_input_stream(f"{root}/sweep.yaml") as f:
+                raw = yaml.safe_load(f.read().decode()) or {}
+            section = raw.get("analysis") if isinstance(raw, dict) else None
+            cfg = from_dict(AnalysisConfig, section or {}, "analysis.")
+        except Exception:  # noqa: BLE001 - no sweep.yaml (a folder of runs), or an old one
+            cfg = AnalysisConfig()
+        found.append((root.rsplit("/", 1)[-1], to_dict_analysis(cfg)))
+    if not found:
+        return to_dict_analysis(AnalysisConfig()), []
+    first = found[0][1]
+    notes = [f"sweep {name} declared analysis {a}, not {first}; the report uses the first "
+             f"sweep's ({found[0][0]})" for name, a in found[1:] if a != first]
+    return first, notes
+
+
+def to_dict_analysis(cfg: Any) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+def _finals(epochs: pd.DataFrame) -> pd.DataFrame:
+    """Per trial, the last epoch's value of every outcome read from the epochs table (test NLL,
+    ECE) and of the per-class test errors."""
+    wanted = [o.epoch_metric for o in OUTCOMES.values() if o.epoch_metric] + ["test_class_err"]
+    cols = [c for c in wanted if c in epochs]
+    if epochs.empty or not cols:
+        return pd.DataFrame(columns=["sweep", "trial_id"])
+    last = epochs.sort_values("epoch").groupby(["sweep", "trial_id"], as_index=False).tail(1)
+    out = last[["sweep", "trial_id", *cols]].copy()
+    rename = {o.epoch_metric: o.column for o in OUTCOMES.values() if o.epoch_metric}
+    rename["test_class_err"] = "final_test_class_err"
+    return out.rename(columns=rename)
+
+
+def _source_totals(epochs: pd.DataFrame) -> pd.DataFrame:
+    """Per trial, the source counts per class summed over its epochs (None where none)."""
+    if epochs.empty or "source_class_counts" not in epochs:
+        return pd.DataFrame(columns=["sweep", "trial_id", "source_totals"])
+    rows = []
+    for (sweep, trial), g in epochs.groupby(["sweep", "trial_id"], sort=False):
+        counts = [np.asarray(c, dtype=float) for c in g["source_class_counts"]
+                  if isinstance(c, (list, tuple, np.ndarray)) and len(c)]
+        total = None
+        if counts:
+            total = np.zeros(max(c.size for c in counts))
+            for c in counts:
+                total[:c.size] += c
+        rows.append({"sweep": sweep, "trial_id": trial, "source_totals": total})
+    return pd.DataFrame(rows)
+
+
+def _class_names(used: pd.DataFrame, width: int) -> list[str]:
+    for c in used.get("classes", []):
+        if isinstance(c, (list, tuple, np.ndarray)) and len(c) == width:
+            return [str(x) for x in c]
+    return [str(i) for i in range(width)]
+
+
+def per_trial_table(used: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+    """``trials.csv``: one row per trial the tables use (sweep, trial id, arm = the variant,
+    seed, every varying field, the final outcomes, validation error, epochs and wall time, the
+    diagnostics' per-trial means over epochs; with at most :data:`MAX_CLASS_COLUMNS` classes
+    also each class's final test error and share as a mixing source). Every number of the
+    report's tables and verdicts derives from it."""
+    frame = factor_frame(used, factors)
+    out = pd.DataFrame({"sweep": used["sweep"].to_numpy(), "trial_id": used["trial_id"].to_numpy(),
+                        "arm": used["variant"].to_numpy(),
+                        "method": used["augment.method"].to_numpy(),
+                        "seed": used["seed"].to_numpy() if "seed" in used else np.nan})
+    for f in factors:
+        out[f] = frame[f].to_numpy()
+    for o in OUTCOMES.values():
+        out[o.column] = pd.to_numeric(used[o.column], errors="coerce").to_numpy() \
+            if o.column in used else np.nan
+    for col in ("final_val_top1_err", "epochs_run", "wall_seconds"):
+        out[col] = pd.to_numeric(used[col], errors="coerce").to_numpy() if col in used else np.nan
+    diag = [c for c in dict.fromkeys(diagnostics() + [m.name for m in EPOCH_METRICS.values()
+                                                      if m.witnesses]) if c in used]
+    for col in diag:
+        out[f"mean_{col}"] = pd.to_numeric(used[col], errors="coerce").to_numpy()
+    errs = used["final_test_class_err"] if "final_test_class_err" in used else None
+    srcs = used["source_totals"] if "source_totals" in used else None
+    width = max([len(e) for e in (errs if errs is not None else [])
+                 if isinstance(e, (list, tuple, np.ndarray))] or [0])
+    if 0 < width <= MAX_CLASS_COLUMNS:
+        names = _class_names(used, width)
+        for i, name in enumerate(names):
+            out[f"class_err[{name}]"] = [float(e[i]) if isinstance(e, (list, tuple, np.ndarray))
+                                         and len(e) > i else np.nan for e in errs]
+            if srcs is not None:
+                out[f"source_share[{name}]"] = [
+                    float(t[i] / t.sum()) if isinstance(t, np.ndarray) and t.size > i
+                    and t.sum() > 0 else np.nan for t in srcs]
+    return out
+
+
+def reused_seeds(used: pd.DataFrame) -> dict[Any, list[str]]:
+    """Seeds that trials of more than one sweep used: ``{seed: [sweeps]}``. Pooled, such
+    trials share their initialisation and data order: not independent replicates."""
+    if used.empty or used["sweep"].nunique() < 2 or "seed" not in used:
+        return {}
+    by = used.groupby(used["seed"].map(hashable))["sweep"].agg(lambda s: sorted(set(s)))
+    return {seed: sweeps for seed, sweeps in by.items() if len(sweeps) > 1}
+
+
+def class_table(contrasts: list[Contrast], used: pd.DataFrame, baseline: str = "cutmix"
+                ) -> tuple[pd.DataFrame, str]:
+    """The per-class final test error of the primary family's method contrast of a
+    hard-source variant (HardMix) against ``baseline`` (else against any reference), over the
+    seeds both ran, with the classes' share as that variant's mixing sources. Descriptive: no
+    test per class."""
+    from ablations.factors import HARD_SOURCE
+
+    method = [c for c in contrasts if not c.excluded and c.factor == "augment.method"
+              and c.value in HARD_SOURCE]
+    method.sort(key=lambda c: c.reference_value != baseline)  # stable: the baseline's first
+    if not method:
+        return pd.DataFrame(), ""
+    c = method[0]
+    var, ref = c.difference.variant, c.difference.baseline
+    if "final_test_class_err" not in used:
+        return pd.DataFrame(), "No per-class test errors recorded (sweeps run before hardmix " \
+            "recorded `test_class_err`)."
+    seeds = set(c.difference.seeds) if c.difference.seeds else None
+
+    def rows(v: str) -> pd.DataFrame:
+        g = used[used["variant"] == v]
+        return g[g["seed"].map(hashable).isin(seeds)] if seeds else g
+
+    def mean_of(g: pd.DataFrame, col: str) -> Optional[np.ndarray]:
+        vals = [np.asarray(x, dtype=float) for x in g[col]
+                if isinstance(x, (list, tuple, np.ndarray)) and len(x)] if col in g else []
+        if not vals or len({v.size for v in vals}) != 1:
+            return None
+        return np.nanmean(np.stack(vals), axis=0)
+
+    gv, gr = rows(var), rows(ref)
+    ev, er = mean_of(gv, "final_test_class_err"), mean_of(gr, "final_test_class_err")
+    if ev is None or er is None or ev.size != er.size:
+        return pd.DataFrame(), ("No per-class test errors for both sides of "
+                                f"{var} vs {ref}.")
+    src = [t / t.sum() for t in gv.get("source_totals", []) if isinstance(t, np.ndarray)
+           and t.size == ev.size and t.sum() > 0]
+    share = np.mean(np.stack(src), axis=0) if src else np.full(ev.size, np.nan)
+    names = _class_names(used, ev.size)
+    table = pd.DataFrame({"class": names, f"{ref} (%)": er, f"{var} (%)": ev,
+                          "Δ (points)": ev - er, f"share as {c.value} source (%)": 100 * share})
+    n = len(set(gv["seed"].map(hashable)) & set(gr["seed"].map(hashable)))
+    note = (f"{var} against {ref} (the primary family's method contrast), mean final test "
+            f"error per class over the {n} seeds both ran, and each class's share of the "
+            f"patches as a {c.value} source (all epochs and seeds; uniform = "
+            f"{100 / ev.size:.1f}%). Descriptive: no test per class.")
+    return table, note
+
+
 # --------------------------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------------------------
 
 
 def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
-                 family: Optional[Sequence[str]] = None, correction: str = "holm") -> Report:
+                 family: Optional[Sequence[str]] = None, correction: str = "bonferroni",
+                 margin: Optional[float] = None) -> Report:
     """Read the sweep at ``path`` and write report.md, CSV tables and PNGs into ``out``
-    (default ``<path>/report``). ``family``: factors whose contrasts form the tested family
-    (default: all); ``correction``: ``holm`` (default) or ``none`` (each interval on its own).
-    Raises ConfigError on a missing or empty sweep or an unwritable ``out``."""
+    (default ``<path>/report``). ``family``: factors whose contrasts form the primary family
+    (default: the sweep's ``analysis.family``, else all); ``correction``: ``bonferroni``
+    (default) or ``none``; ``margin``: the smallest effect of interest on the primary outcome
+    (default: the sweep's ``analysis.margin``). Raises ConfigError on a missing or empty sweep,
+    a bad option or an unwritable ``out``."""
     if baseline not in METHODS:
         raise ConfigError("--baseline", baseline, f"must be one of {', '.join(METHODS)}")
     if correction not in CORRECTIONS:
         raise ConfigError("--correction", correction, f"must be one of {', '.join(CORRECTIONS)}")
+    if margin is not None and not (0 < margin <= 100):
+        raise ConfigError("--margin", margin, "must be a number of points in (0, 100]")
     path = str(path)
     out = out or _default_out(path)
     check_writable("--out", out)
@@ -722,8 +1015,16 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
             extra = f"; {len(res.skipped)} corrupt file(s), e.g. {f}: {why}"
         raise ConfigError("path", path, "holds no trial results yet (empty sweep)" + extra)
 
+    declared, notes = declared_analysis(path)
+    margin = margin if margin is not None else declared["margin"]
+    from_cli = bool(family)
+    family = family if family else (declared["family"] or None)
+    primary = declared["primary"]
+    secondary = [o for o in declared["secondary"] if o != primary]
     used, left, search = split_trials(trials)
     used = used.merge(_epoch_means(epochs), on=["sweep", "trial_id"], how="left")
+    used = used.merge(_finals(epochs), on=["sweep", "trial_id"], how="left")
+    used = used.merge(_source_totals(epochs), on=["sweep", "trial_id"], how="left")
     used.index = range(len(used))
     factors = varying_factors(used) if not used.empty else []
     used["variant"] = variant_labels(used, factors) if not used.empty else []
@@ -731,17 +1032,41 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
         known = {f for f in factors} | {f.rsplit(".", 1)[-1] for f in factors} | {"method",
                                                                                   "augment.method"}
         bad = [f for f in family if f not in known]
-        if bad:
+        if bad and from_cli:
             raise ConfigError("--family", bad[0], "must name a factor that varies in this sweep: "
                               + ", ".join(["method", *[short_names(factors)[f] for f in factors]]))
+        if bad:  # declared before the runs; not (yet) varying among the completed trials
+            notes.append(f"analysis.family names {', '.join(bad)}, which does not vary among "
+                         "the trials used: left out of the family.")
+            family = [f for f in family if f in known] or None
 
     same = identical_variants(used) if not used.empty else {}
     table = main_table(used, factors, same)
-    tables: dict[str, pd.DataFrame] = {"main_table": table}
+    per_trial = per_trial_table(used, factors) if not used.empty else pd.DataFrame()
+    tables: dict[str, pd.DataFrame] = {"main_table": table, "trials": per_trial}
     if not used.empty:
         tables["settings"] = fixed_settings(used, factors)
-    contrasts = one_factor_contrasts(used, factors, same, family, correction)
+    contrasts = one_factor_contrasts(used, factors, same, family, correction, margin, primary)
     tables["contrasts"] = contrast_table(contrasts)
+    families = {name: retest(contrasts, used, name, correction) for name in secondary}
+    for name, items in families.items():
+        tables[f"contrasts_{name}"] = contrast_table(items)
+    class_errors, class_note = class_table(contrasts, used, baseline) if not used.empty \
+        else (pd.DataFrame(), "")
+    if not class_errors.empty:
+        tables["class_errors"] = class_errors
+    reused = reused_seeds(used)
+    if reused:
+        notes.append("seeds reused across the pooled sweeps: " + "; ".join(
+            f"seed {s} in {', '.join(sw)}" for s, sw in list(reused.items())[:20])
+            + (" ..." if len(reused) > 20 else "") + ". Trials that share a seed share their "
+            "initialisation and data order: pooled, they are not independent replicates, and "
+            "a variant's runs on one seed are averaged before pairing.")
+    avoid = set(declared["avoid_seeds"]) & {hashable(s) for s in used.get("seed", [])}
+    if avoid:
+        notes.append(f"trials use seeds the sweep declared to avoid ({', '.join(map(str, sorted(avoid)))}, "
+                     "analysis.avoid_seeds): they were run before the declaration or come from "
+                     "another sweep pooled here.")
     diffs, diff_notes = (differences_from(contrasts, used, baseline) if not used.empty
                          else ([], []))
     tables["differences"] = contrast_table(diffs)
@@ -779,13 +1104,16 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous(out_dir)
 
-    family_text = _family_text(contrasts, family, correction)
+    family_text = _family_text(contrasts, family, correction, margin, primary)
+    secondary_text = {name: _family_text(items, family, correction, None, name)
+                      for name, items in families.items()}
     epochs_used = epochs.merge(used[["sweep", "trial_id", "variant"]], on=["sweep", "trial_id"])
     colors = plots.variant_colors(list(table["variant"]) if not table.empty else [])
     made: dict[str, str] = {}
     members = [c for c in contrasts if not c.excluded]
     for name, fn in (("error_by_variant", lambda p: plots.error_by_variant(table, colors, p)),
-                     ("contrasts", lambda p: plots.contrast_forest(members, family_text, p)),
+                     ("contrasts", lambda p: plots.contrast_forest(
+                         members, family_text, p, margin, OUTCOMES[primary])),
                      ("learning_curves", lambda p: plots.learning_curves(used, epochs_used,
                                                                          colors, p)),
                      ("hardness_over_epochs", lambda p: plots.hardness_dynamics(
@@ -805,10 +1133,20 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
     shown = display_table(table)
     summary = _left_out_summary(left, skipped)
     sweeps = ", ".join(res.sweeps)
+    verdict_lines = []
+    for title, items, text in ([("primary family", members, family_text)]
+                               + [("secondary family", [c for c in families[n]
+                                                        if not c.excluded], secondary_text[n])
+                                  for n in families]):
+        if items:
+            rows = _comparison_rows(items)
+            verdict_lines += ["", f"{title}: {text}",
+                              rows.map(lambda v: _fmt(v, 3)).to_string(index=False)]
     terminal = "\n".join([
         f"hardmix report: {sweeps} — {len(used)} of {len(trials)} trials used; left out: {summary}"
         + (f"; {len(search)} of the search phase (see Search)" if not search.empty else ""),
         shown.to_string(index=False) if not shown.empty else "(no completed trials yet)",
+        *verdict_lines, *[f"note: {n}" for n in notes],
         f"report: {out.rstrip('/')}/report.md"])
 
     md = _markdown(dict(path=path, sweeps=sweeps, trials=trials, used=used, left=left,
@@ -817,7 +1155,8 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
                         diff_notes=diff_notes, tables=tables, importance_note=importance_note,
                         early_note=early_note,
                         search_seeds=search["seed"] if not search.empty else pd.Series([]),
-                        made=made, baseline=baseline))
+                        made=made, baseline=baseline, primary=primary, secondary=families,
+                        secondary_text=secondary_text, class_note=class_note, notes=notes))
     _atomic_write(out_dir / "report.md", lambda p: p.write_text(md))
     written = ["report.md"] + [f"{n}.csv" for n in tables] + [Path(p).name for p in made.values()]
     _atomic_write(out_dir / MANIFEST, lambda p: p.write_text(json.dumps({"files": written})))
@@ -828,16 +1167,19 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
     return Report(out=out, path=f"{out.rstrip('/')}/report.md", text=md, main_table=table,
                   tables=tables, plots=made, contrasts=contrasts, differences=diffs,
                   left_out=left, skipped_files=skipped, factors=factors, family=family_text,
-                  n_trials=len(trials), n_used=len(used), terminal=terminal)
+                  n_trials=len(trials), n_used=len(used), terminal=terminal,
+                  secondary=families, margin=margin, trials=per_trial, notes=notes)
 
 
 def report_from_cli(path: str, out: str | None = None, baseline: str = "cutmix",
-                    family: Optional[str] = None, correction: str = "holm") -> int:
+                    family: Optional[str] = None, correction: str = "bonferroni",
+                    margin: Optional[float] = None) -> int:
     """``hardmix report``: build the report and print the main table. Exit code 0.
 
     A missing or empty sweep raises ConfigError (the CLI prints one line and exits 2).
     """
     fam = [f.strip() for f in family.split(",") if f.strip()] if family else None
-    report = build_report(path, out=out, baseline=baseline, family=fam, correction=correction)
+    report = build_report(path, out=out, baseline=baseline, family=fam, correction=correction,
+                          margin=margin)
     print(report.terminal)
     return 0

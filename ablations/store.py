@@ -91,7 +91,8 @@ _TS = pa.timestamp("us", tz="UTC")
 
 #: Arrow type of each metric kind (:data:`hardmix.metrics.KINDS`).
 KIND_TYPES = {"float": pa.float64(), "int": pa.int64(), "str": pa.string(),
-              "list_int": pa.list_(pa.int64()), "list_str": pa.list_(pa.string())}
+              "list_int": pa.list_(pa.int64()), "list_float": pa.list_(pa.float64()),
+              "list_str": pa.list_(pa.string())}
 
 #: Bookkeeping columns of a trial row around the summary: identity, attempt, provenance and
 #: where it ran (Tune trial id, node).

@@ -111,11 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="cutmix",
                    help="method every variant is compared against (its matched variant)")
     p.add_argument("--family", metavar="FACTOR[,FACTOR]",
-                   help="test only the one-factor contrasts over these factors (e.g. method); "
-                        "default: every contrast of the sweep, one Holm family")
-    p.add_argument("--correction", default="holm", choices=("holm", "none"),
-                   help="multiple-comparison correction over the family (none: each interval "
-                        "answers its own question, and the report says so)")
+                   help="the primary family: the one-factor contrasts over these factors (e.g. "
+                        "method); default: the sweep's analysis.family, else every contrast")
+    p.add_argument("--correction", default="bonferroni",
+                   help="bonferroni: every contrast of a family at alpha/m, simultaneous 95%% "
+                        "intervals; none: each a per-comparison 95%% interval, labelled so")
+    p.add_argument("--margin", type=float, metavar="POINTS",
+                   help="smallest effect of interest on the primary outcome (e.g. 0.2 points of "
+                        "top-1 error): adds the equivalence test (TOST) and the verdict "
+                        "'equivalent within ±margin'; default: the sweep's analysis.margin")
     p.set_defaults(handler=_report)
 
     p = sub.add_parser(
@@ -187,7 +191,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from ablations.report import report_from_cli
     return report_from_cli(args.path, out=args.out, baseline=args.baseline, family=args.family,
-                           correction=args.correction)
+                           correction=args.correction, margin=args.margin)
 
 
 def _export(args: argparse.Namespace) -> int:

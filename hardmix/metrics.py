@@ -19,11 +19,14 @@ from typing import Any, Callable, Mapping, Optional
 
 from hardmix.methods import METHODS, active_fields, uses_memory
 
-__all__ = ["Metric", "EPOCH_METRICS", "SUMMARY_FIELDS", "KINDS", "register_epoch_metric",
-           "applicable", "Callback", "StopRun", "reported", "diagnostics", "witness_of"]
+__all__ = ["Metric", "EPOCH_METRICS", "SUMMARY_FIELDS", "KINDS", "OUTCOMES", "Outcome",
+           "register_epoch_metric", "applicable", "Callback", "StopRun", "reported",
+           "diagnostics", "witness_of", "ECE_BINS", "evaluation_sums", "evaluation_details"]
 
 #: Value kinds of a metric (each maps to one Arrow type in the store).
-KINDS = ("float", "int", "str", "list_int", "list_str")
+KINDS = ("float", "int", "str", "list_int", "list_float", "list_str")
+#: Equal-width confidence bins of the expected calibration error.
+ECE_BINS = 15
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,12 @@ for _m in (
            "observed (cached signal, history criterion)", applies=_memory, group="hardmix"),
     Metric("source_class_counts", "list_int", "how often each class served as a source",
            applies=_has_sources),
+    Metric("val_ece", "float", f"validation expected calibration error (%, {ECE_BINS} "
+           "equal-width confidence bins)", "val", group="calibration"),
+    Metric("test_ece", "float", f"test expected calibration error (%, {ECE_BINS} equal-width "
+           "confidence bins)", "test", group="calibration"),
+    Metric("test_class_err", "list_float", "test top-1 error (%) of each class (the data set's "
+           "class order)", "test"),
 ):
     register_epoch_metric(_m)
 
@@ -134,6 +143,69 @@ SUMMARY_FIELDS: dict[str, Metric] = {m.name: m for m in (
     Metric("best_val_top1_err", "float", "lowest validation top-1 error (%) over the epochs"),
     Metric("classes", "list_str", "class names of the data set"),
 )}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A final result a report tests: ``column`` of the report's per-trial table, a summary
+    field of the trials table or, with ``epoch_metric``, that metric at the trial's last epoch
+    (the test NLL is the mean cross-entropy, ``test_loss``). Lower is better for all."""
+
+    name: str
+    title: str
+    unit: str
+    column: str
+    epoch_metric: Optional[str] = None
+
+
+#: The outcomes a sweep may declare as its primary or secondary families (``analysis.*``).
+OUTCOMES: dict[str, Outcome] = {o.name: o for o in (
+    Outcome("top1", "top-1 error", "points", "final_top1_err"),
+    Outcome("top5", "top-5 error", "points", "final_top5_err"),
+    Outcome("nll", "test NLL", "nats", "final_test_loss", "test_loss"),
+    Outcome("ece", "test ECE", "points", "final_test_ece", "test_ece"),
+)}
+
+
+def evaluation_sums(logits: Any, labels: Any, num_classes: int) -> Any:
+    """Per-batch sums for the calibration and per-class errors, on the logits' device with no
+    host sync (add them up over batches and ranks, then :func:`evaluation_details`): a float64
+    vector of ``3·ECE_BINS`` (per confidence bin: count, sum of confidences, correct) then
+    ``2·num_classes`` (per true class: count, misclassified). Confidence = the top softmax
+    probability; bin b holds confidences in (b/B, (b+1)/B]."""
+    probs = logits.float().softmax(1)
+    conf, pred = probs.max(1)
+    ok = (pred == labels).double()
+    one = ok.new_ones(ok.shape)
+    bins = (conf * ECE_BINS).ceil().long().clamp_(1, ECE_BINS) - 1
+    cal = ok.new_zeros((3, ECE_BINS))
+    cal[0].index_add_(0, bins, one)
+    cal[1].index_add_(0, bins, conf.double())
+    cal[2].index_add_(0, bins, ok)
+    cls = ok.new_zeros((2, num_classes))
+    cls[0].index_add_(0, labels, one)
+    cls[1].index_add_(0, labels, 1 - ok)
+    return _cat(cal.flatten(), cls.flatten())
+
+
+def _cat(a: Any, b: Any) -> Any:
+    out = a.new_empty(a.numel() + b.numel())
+    out[:a.numel()] = a
+    out[a.numel():] = b
+    return out
+
+
+def evaluation_details(sums: Any, num_classes: int) -> dict:
+    """``{"ece": %, "class_err": [% per class]}`` from summed :func:`evaluation_sums` (a list
+    or a host tensor); ECE = Σ_b |Σ confidence − Σ correct| / n, in %; a class without test
+    samples gets NaN."""
+    v = [float(x) for x in sums]
+    count, conf, ok = (v[i * ECE_BINS:(i + 1) * ECE_BINS] for i in range(3))
+    n = sum(count)
+    base = 3 * ECE_BINS
+    seen, wrong = v[base:base + num_classes], v[base + num_classes:base + 2 * num_classes]
+    return {"ece": 100.0 * sum(abs(c - o) for c, o in zip(conf, ok)) / n if n else None,
+            "class_err": [100.0 * w / s if s else float("nan") for s, w in zip(seen, wrong)]}
 
 
 def applicable(metric: Metric, aug: Mapping[str, Any]) -> bool:

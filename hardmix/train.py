@@ -79,7 +79,8 @@ from hardmix.config import (OptimConfig, RunConfig, check_run_environment, flatt
 from hardmix.config.schema import PRECISIONS
 from hardmix.data import Data, build_data, epoch_seed, stream_seed
 from hardmix.errors import ConfigError
-from hardmix.metrics import EPOCH_METRICS, SUMMARY_FIELDS, Callback, StopRun, applicable
+from hardmix.metrics import (ECE_BINS, EPOCH_METRICS, SUMMARY_FIELDS, Callback, StopRun,
+                             applicable, evaluation_details, evaluation_sums)
 from hardmix.models import build_model
 
 __all__ = ["train", "training_step", "evaluate", "Callback", "StopRun", "precision_policy",
@@ -387,12 +388,14 @@ def _all_reduce(t: torch.Tensor, world_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, precision: Precision,
-             world_size: int = 1) -> tuple[float, float, float]:
+             world_size: int = 1, details: Optional[dict] = None) -> tuple[float, float, float]:
     """``(loss, top1_err, top5_err)`` over a loader (errors in %); sums over ranks. Runs under
-    the run's precision policy, like training."""
+    the run's precision policy, like training. ``details``: filled with ``ece`` and
+    ``class_err`` (:func:`hardmix.metrics.evaluation_details`), summed on the device."""
     model.eval()
     dev = next(model.parameters()).device
     sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, top1 ok, top5 ok, n
+    extra = torch.zeros(3 * ECE_BINS + 2 * num_classes, dtype=torch.float64, device=dev)
     k = min(5, num_classes)
     for x, y, _ in loader:
         x = x.contiguous(memory_format=precision.memory_format)  # a no-op for device batches
@@ -403,7 +406,12 @@ def evaluate(model: nn.Module, loader, num_classes: int, precision: Precision,
         sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
                              hit[:, 0].sum().double(), hit.any(1).sum().double(),
                              torch.full((), float(len(y)), dtype=torch.float64, device=dev)])
-    loss, ok1, ok5, n = _all_reduce(sums, world_size).tolist()
+        if details is not None:
+            extra += evaluation_sums(logits, y, num_classes)
+    loss, ok1, ok5, n, *rest = _all_reduce(torch.cat([sums, extra]) if details is not None
+                                           else sums, world_size).tolist()
+    if details is not None and n:
+        details.update(evaluation_details(rest, num_classes))
     if n == 0:
         return math.nan, math.nan, math.nan
     return loss / n, 100.0 * (1 - ok1 / n), 100.0 * (1 - ok5 / n)
@@ -609,11 +617,12 @@ class _Run:
             none3 = (None, None, None)  # not evaluated this epoch: NULL in the results
             # The module inside DDP: ranks may run different numbers of eval batches, and a DDP
             # forward would start a buffer broadcast on each (BN buffers are rank 0's anyway).
-            ev = lambda loader: evaluate(self.raw_model, loader, self.num_classes, self.precision,
-                                         self.world_size)
-            val = (ev(self.data.val) if self.data.val is not None and self.evaluates(epoch, "val")
-                   else none3)
-            test = ev(self.data.test) if self.evaluates(epoch, "test") else none3
+            vd, td = {}, {}  # calibration and per-class errors of the evaluations that ran
+            ev = lambda loader, out: evaluate(self.raw_model, loader, self.num_classes,
+                                              self.precision, self.world_size, details=out)
+            val = (ev(self.data.val, vd) if self.data.val is not None
+                   and self.evaluates(epoch, "val") else none3)
+            test = ev(self.data.test, td) if self.evaluates(epoch, "test") else none3
             t_epoch = time.perf_counter() - t0
             if self.world_size > 1:  # the slowest rank sets the pace
                 import torch.distributed as dist
@@ -623,6 +632,8 @@ class _Run:
                 t_train, t_epoch = times.tolist()
             values = {**tr, "val_loss": val[0], "val_top1_err": val[1], "val_top5_err": val[2],
                       "test_loss": test[0], "test_top1_err": test[1], "test_top5_err": test[2],
+                      "val_ece": vd.get("ece"), "test_ece": td.get("ece"),
+                      "test_class_err": td.get("class_err"),
                       "images_per_s": tr["seen"] / max(t_train, 1e-9), "epoch_seconds": t_epoch}
             metrics = self.epoch_metrics(epoch, values)
             self.history.append(metrics)

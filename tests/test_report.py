@@ -1,8 +1,8 @@
 """`hardmix report` on synthetic sweeps with known answers.
 
-Expected means, standard deviations, differences and Holm-corrected intervals are recomputed
-here with numpy/scipy, and the main table once more with DuckDB straight from the Parquet files
-(independently of the project's reader).
+Expected means, standard deviations, differences, Bonferroni levels, simultaneous intervals and
+verdicts are recomputed here with numpy/scipy, and the main table once more with DuckDB straight
+from the Parquet files (independently of the project's reader).
 """
 
 from __future__ import annotations
@@ -107,20 +107,6 @@ def test_main_table_means_and_stds(report):
     assert "best_top1_mean" not in table  # a minimum over epochs of *test* error: never shown
 
 
-def _holm(ps):
-    m, out, prev, ok = len(ps), {}, 0.0, True
-    levels = {}
-    fail_level = None
-    for rank, i in enumerate(np.argsort(ps)):
-        prev = max(prev, min(1.0, (m - rank) * ps[i]))
-        ok = ok and ps[i] <= 0.05 / (m - rank)
-        if not ok and fail_level is None:
-            fail_level = 0.05 / (m - rank)
-        levels[i] = 0.05 / (m - rank) if ok else fail_level
-        out[i] = (prev, ok)
-    return out, levels
-
-
 def _variants():
     """(method, alpha, criterion) -> {seed: error} of the synthetic sweep (criterion None for
     CutMix, where it does not act)."""
@@ -145,9 +131,10 @@ def _test(var: dict, ref: dict):
         sps.ttest_ind(x, y, equal_var=False).pvalue
 
 
-def test_contrasts_are_every_one_factor_pair_with_one_holm_family(report):
+def test_contrasts_are_every_one_factor_pair_with_one_bonferroni_family(report):
     """Recomputed here: the pairs of variants that differ in exactly one factor both have
-    (CutMix has no criterion), their paired or Welch tests, Holm over the tested ones."""
+    (CutMix has no criterion), their paired or Welch tests, Bonferroni over the tested ones:
+    each at 0.05/m with its (1 - 0.05/m) interval, better / worse exactly when it excludes 0."""
     variants = _variants()
     keys = list(variants)
     expected = {}
@@ -178,7 +165,7 @@ def test_contrasts_are_every_one_factor_pair_with_one_holm_family(report):
     want = {(label(ref), label(var)): v for (_, ref, var), v in expected.items()}
     assert set(got) == set(want)
     tested = [k for k, v in want.items() if v[0] != "too_small"]
-    holm, levels = _holm([want[k][4] for k in tested])
+    m = len(tested)
     for key, c in got.items():
         d = c.difference
         kind, mean, se, df, p = want[key]
@@ -186,11 +173,14 @@ def test_contrasts_are_every_one_factor_pair_with_one_holm_family(report):
         if kind == "too_small":
             assert d.distinguishable is None
             continue
-        j = tested.index(key)
-        assert d.m == len(tested) and d.p == pytest.approx(p) and d.diff == pytest.approx(mean)
-        assert d.p_holm == pytest.approx(holm[j][0]) and d.distinguishable == holm[j][1]
-        half = sps.t.ppf(1 - levels[j] / 2, df) * se
+        assert d.m == m and d.p == pytest.approx(p) and d.diff == pytest.approx(mean)
+        assert d.p_adjusted == pytest.approx(min(1.0, m * p))
+        assert d.verdict == ("better" if p <= 0.05 / m and mean < 0 else
+                             "worse" if p <= 0.05 / m else "undetermined")  # no margin
+        half = sps.t.ppf(1 - 0.05 / m / 2, df) * se
         assert (d.ci_low, d.ci_high) == pytest.approx((mean - half, mean + half))
+        assert d.interval_label == f"simultaneous 95% (Bonferroni over {m}: each " \
+            f"{100 * (1 - 0.05 / m):.1f}%)"
 
 
 def test_differences_are_the_matched_method_contrasts(report):
@@ -221,8 +211,10 @@ def test_files_and_markdown(report, sweep):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "## Main table" in md and "cutmix (alpha=1)" in md
-    assert "distinguishable from noise" in md and "n too small" in md
-    assert "Holm-corrected over the 6 comparisons" in md and "## Factor importance" in md
+    assert "**better**" in md and "n too small" in md and "**undetermined**" in md
+    assert "the 6 comparisons of all one-factor contrasts of this report; Bonferroni" in md
+    assert "simultaneous 95% (Bonferroni over 6: each 99.2%) interval" in md
+    assert "95% CI" not in md and "## Factor importance" in md
     for png in report.plots.values():
         assert f"]({Path(png).name})" in md
     csv = pd.read_csv(out / "main_table.csv")
@@ -430,7 +422,8 @@ def test_a_contrast_reads_the_same_in_the_tables_and_the_plot(tmp_path, monkeypa
     from ablations.stats import Difference
 
     d = Difference("hardmix (min_hard=16)", "hardmix", "paired", 5, 5, diff=-0.2, se=0.1,
-                   df=4.0, p=0.1, p_holm=0.2, ci_low=-0.5, ci_high=0.1, m=2,
+                   df=4.0, p=0.1, p_adjusted=0.2, ci_low=-0.5, ci_high=0.1, m=2,
+                   correction="bonferroni", alpha=0.05, level=0.025, verdict="undetermined",
                    distinguishable=False)
     c = Contrast("augment.min_hard", 1.0, 16.0, d, dependents="fallback=random")
     assert c.change == "1 → 16 (fallback=random)"
@@ -574,3 +567,211 @@ def test_an_importance_outside_its_own_interval_is_flagged():
     table = pd.DataFrame({"factor": ["a", "b", "c"], "importance": [0.945, 0.03, 0.02],
                           "ci_low": [0.002, 0.01, 0.03], "ci_high": [0.943, 0.6, 0.5]})
     assert outside_interval(table) == ["a", "c"]
+
+
+# --------------------------------------------------------------------------------------------
+# Four-valued verdicts, declared families, the per-trial CSV, seeds reused / avoided
+# --------------------------------------------------------------------------------------------
+
+CLASSES = ["plane", "car", "bird", "cat"]
+STUDY_SEEDS = list(range(8))
+
+
+def _study_runs(st: ResultStore, arms: dict, seeds=STUDY_SEEDS, prefix: str = "") -> dict:
+    """Arms ``name -> (config changes, top-1 shift)``: per seed a top-1 error, a top-5 error,
+    a final test NLL and ECE, per-class errors and (mixing arms) source counts, written as a run
+    writes them. Returns ``{(arm, seed): row}`` with the numbers written."""
+    rng = np.random.default_rng(len(prefix))
+    written = {}
+    for name, (changes, shift) in arms.items():
+        for seed in seeds:
+            noise = np.random.default_rng(1000 + seed).normal(0, 0.3)  # shared by seed: paired
+            top1 = 30.0 + shift + noise + rng.normal(0, 0.05)
+            row = dict(top1=top1, top5=top1 / 4 + rng.normal(0, 0.02),
+                       nll=top1 / 30 + rng.normal(0, 0.001), ece=2.0 + shift + rng.normal(0, 0.1),
+                       cls=[top1 + d for d in (-5.0, -10.0, 8.0, 7.0)],
+                       src=[int(x) for x in rng.integers(10, 60, 4)])
+            tid = f"{prefix}{name}-s{seed}"
+            cfg = config(seed=seed, optim__epochs=2, **changes)
+            base = {**cfg, "trial_id": tid, "attempt": 1, "device": "cpu",
+                    "versions": {"torch": "x"}, "git_commit": "abc", "classes": CLASSES}
+            st.write_trial({**base, "status": "running", "error": ""})
+            mixes = changes.get("augment__method", "hardmix") != "none"
+            for e in (1, 2):
+                last = e == 2
+                st.write_epochs(tid, [dict(
+                    epoch=e, train_loss=1.0, test_top1_err=top1 + (0 if last else 5),
+                    test_top5_err=row["top5"], test_loss=row["nll"] + (0 if last else 0.3),
+                    test_ece=row["ece"] + (0 if last else 3.0), lr=0.1,
+                    test_class_err=row["cls"] if last else [50.0] * 4,
+                    source_class_counts=row["src"] if mixes else None)])
+            st.write_trial({**base, "status": "completed", "error": "", "final_top1_err": top1,
+                            "final_top5_err": row["top5"], "final_val_top1_err": top1 + 1,
+                            "epochs_run": 2, "wall_seconds": 6.0})
+            written[(name, seed)] = row
+    return written
+
+
+MAIN_ARMS = {"none": (dict(augment__method="none"), 3.0),
+             "cutmix": (dict(augment__method="cutmix"), 0.0),
+             "hardmix": (dict(augment__method="hardmix"), -0.02)}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study") / "main"
+    written = _study_runs(ResultStore(str(root)), MAIN_ARMS)
+    (root / "sweep.yaml").write_text("name: main\nmode: grid\nanalysis:\n  margin: 0.5\n"
+                                     "  family: [method]\n  avoid_seeds: [7]\n")
+    return root, written, build_report(str(root))
+
+
+def _paired(written, arm, ref, key):
+    return np.array([written[(arm, s)][key] - written[(ref, s)][key] for s in STUDY_SEEDS])
+
+
+def test_declared_margin_gives_four_valued_verdicts_with_power(study):
+    """sweep.yaml declares margin 0.5 and the method family: cutmix -> hardmix (a true Δ of
+    -0.02 with tiny noise) is equivalent within ±0.5; none -> cutmix is better; each verdict,
+    TOST and MDE recomputed here with scipy."""
+    root, written, rep = study
+    assert rep.margin == 0.5
+    members = {(c.difference.baseline.split()[0], c.difference.variant.split()[0]): c
+               for c in rep.contrasts if not c.excluded}
+    assert set(members) == {("none", "cutmix"), ("none", "hardmix"), ("cutmix", "hardmix")}
+    m = 3
+    for (ref, var), c in members.items():
+        d = c.difference
+        x = _paired(written, var, ref, "top1")
+        se = x.std(ddof=1) / math.sqrt(x.size)
+        assert d.diff == pytest.approx(x.mean()) and d.level == pytest.approx(0.05 / m)
+        p_tost = max(sps.t.sf((x.mean() + 0.5) / se, x.size - 1),
+                     sps.t.cdf((x.mean() - 0.5) / se, x.size - 1))
+        assert d.p_tost == pytest.approx(p_tost)
+        p = sps.ttest_1samp(x, 0).pvalue
+        expect = ("better" if p <= 0.05 / m and x.mean() < 0 else "worse" if p <= 0.05 / m
+                  else "equivalent" if p_tost <= 0.05 / m else "undetermined")
+        assert d.verdict == expect
+        # MDE: the effect the test detects with 80% power at 0.05/3, from the noncentral t.
+        df, c_t = x.size - 1, sps.t.isf(0.05 / m / 2, x.size - 1)
+        ncp = d.mde / x.std(ddof=1) * math.sqrt(x.size)
+        assert sps.nct.sf(c_t, df, ncp) + sps.nct.cdf(-c_t, df, ncp) == pytest.approx(0.8, abs=1e-3)
+    assert members[("cutmix", "hardmix")].difference.verdict == "equivalent"
+    assert members[("none", "cutmix")].difference.verdict == "better"
+    md = rep.text
+    assert "equivalent within ±0.5" in md and "margin ±0.5 points" in md
+    assert "TOST of |Δ| ≥ 0.5" in md and "MDE at 80% power" in md
+    table = pd.read_csv(root / "report" / "contrasts.csv")
+    assert {"verdict", "mde", "seeds_margin", "p_tost", "interval", "sentence"} <= set(table)
+    assert set(table["verdict"]) == {"better", "equivalent"}
+    # Printed on the terminal too: every contrast's verdict, MDE and seeds.
+    assert "primary family: top-1 error" in rep.terminal
+    assert rep.terminal.count("equivalent within ±0.5") == 1
+
+
+def test_margin_on_the_command_line_overrides_the_declared_one(study, tmp_path, capsys):
+    root, _, _ = study
+    rep = build_report(str(root), out=str(tmp_path / "r"), margin=0.01)
+    pair = [c.difference for c in rep.contrasts
+            if c.difference.variant.startswith("hardmix") and
+            c.difference.baseline.startswith("cutmix")][0]
+    assert pair.margin == 0.01 and pair.verdict == "undetermined"
+    assert pair.seeds_resolve > pair.n and "seeds would resolve it" in rep.text
+    assert main(["report", str(root), "--out", str(tmp_path / "c"), "--margin", "0.01"]) == 0
+    assert "undetermined (≈" in capsys.readouterr().out
+    assert main(["report", str(root), "--out", str(tmp_path / "c"), "--margin", "-1"]) == 2
+    assert "--margin" in capsys.readouterr().err
+
+
+def test_secondary_families_are_corrected_on_their_own(study):
+    """top-5 error, test NLL (the last epoch's mean cross-entropy) and ECE: the primary
+    family's contrasts, each family at 0.05/3, each in its own section."""
+    root, written, rep = study
+    assert list(rep.secondary) == ["top5", "nll", "ece"]
+    for name, key in (("top5", "top5"), ("nll", "nll"), ("ece", "ece")):
+        items = rep.secondary[name]
+        assert len(items) == 3
+        for c in items:
+            d = c.difference
+            ref, var = d.baseline.split()[0], d.variant.split()[0]
+            x = _paired(written, var, ref, key)
+            assert d.diff == pytest.approx(x.mean()) and d.m == 3
+            assert d.p == pytest.approx(sps.ttest_1samp(x, 0).pvalue)
+            assert math.isnan(d.margin) and d.verdict != "equivalent"
+        assert (root / "report" / f"contrasts_{name}.csv").is_file()
+    md = rep.text
+    for title in ("### Secondary family: top-5 error", "### Secondary family: test NLL",
+                  "### Secondary family: test ECE"):
+        assert title in md
+    assert md.index("### Primary family: top-1 error") < md.index("### Secondary family")
+
+
+def test_per_trial_csv_reproduces_every_number(study):
+    """trials.csv alone (no Parquet) gives back the main table's means and every contrast's Δ,
+    p-value and interval."""
+    root, written, rep = study
+    trials = pd.read_csv(root / "report" / "trials.csv")
+    assert len(trials) == 3 * len(STUDY_SEEDS) and trials["trial_id"].is_unique
+    assert {"sweep", "trial_id", "arm", "seed", "final_top1_err", "final_top5_err",
+            "final_test_loss", "final_test_ece", "mean_hard_share"} <= set(trials)
+    for _, row in rep.main_table.iterrows():
+        g = trials[trials["arm"] == row["variant"]]
+        assert g["final_top1_err"].mean() == pytest.approx(row["top1_mean"])
+        assert g["final_top1_err"].std(ddof=1) == pytest.approx(row["top1_std"])
+    for c in rep.contrasts:
+        d = c.difference
+        a = trials[trials["arm"] == d.variant].set_index("seed")["final_top1_err"]
+        b = trials[trials["arm"] == d.baseline].set_index("seed")["final_top1_err"]
+        x = (a - b).dropna()
+        assert d.diff == pytest.approx(x.mean()) and d.p == pytest.approx(
+            sps.ttest_1samp(x, 0).pvalue)
+        half = sps.t.ppf(1 - d.level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+        assert (d.ci_low, d.ci_high) == pytest.approx((x.mean() - half, x.mean() + half))
+    # Per-class errors and source shares: the class table derives from the same rows.
+    hard = trials[trials["arm"] == "hardmix"]
+    cut = trials[trials["arm"] == "cutmix"]
+    table = rep.tables["class_errors"].set_index("class")
+    for name in CLASSES:
+        assert table.loc[name, "hardmix (%)"] == pytest.approx(hard[f"class_err[{name}]"].mean())
+        assert table.loc[name, "Δ (points)"] == pytest.approx(
+            hard[f"class_err[{name}]"].mean() - cut[f"class_err[{name}]"].mean())
+        assert table.loc[name, "share as hardmix source (%)"] == pytest.approx(
+            100 * hard[f"source_share[{name}]"].mean())
+
+
+def test_seeds_declared_to_avoid_and_seeds_reused_across_pooled_sweeps(study, tmp_path):
+    root, _, rep = study
+    assert any("declared to avoid (7" in n for n in rep.notes)
+    pooled = tmp_path / "pool"
+    _study_runs(ResultStore(str(pooled / "a")), {"cutmix": MAIN_ARMS["cutmix"]}, seeds=[0, 1, 2])
+    _study_runs(ResultStore(str(pooled / "b")), {"hardmix": MAIN_ARMS["hardmix"]},
+                seeds=[2, 3, 4], prefix="b-")
+    rep2 = build_report(str(pooled))
+    (note,) = [n for n in rep2.notes if "seeds reused" in n]
+    assert "seed 2 in a, b" in note and "seed 3" not in note
+    assert "seeds reused across the pooled sweeps" in rep2.text
+
+
+def test_forest_plot_names_its_interval_and_draws_the_margin(study, monkeypatch, tmp_path):
+    from ablations import plots
+
+    _, _, rep = study
+    members = [c for c in rep.contrasts if not c.excluded]
+    seen = {}
+
+    def grab(fig, path):
+        ax = fig.axes[0]
+        seen["title"] = ax.get_title()
+        seen["spans"] = [p for p in ax.patches]
+        seen["legend"] = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+        return path
+
+    monkeypatch.setattr(plots, "_save", grab)
+    plots.contrast_forest(members, rep.family, tmp_path / "f.png", 0.5)
+    title = seen["title"].replace("\n", " ")
+    assert "simultaneous 95% (Bonferroni over 3: each 98.3%) intervals" in title
+    assert "TOST's 96.7% intervals" in title
+    assert any(abs(p.get_x() + 0.5) < 1e-9 and abs(p.get_width() - 1.0) < 1e-9
+               for p in seen["spans"])  # the band from -0.5 to +0.5
+    assert "±0.5 points: the declared margin" in seen["legend"]
+    assert {"better", "equivalent"} <= set(seen["legend"])

@@ -274,9 +274,9 @@ def test_one_interval_per_question_with_its_family_stated(tmp_path):
             and c.difference.baseline.startswith("cutmix")][0].difference
     (diff,) = [c.difference for c in rep.differences if c.difference.variant == pair.variant]
     assert (diff.ci_low, diff.ci_high) == (pair.ci_low, pair.ci_high)
-    assert "Holm-corrected over the 3 comparisons" in rep.text
+    assert "the 3 comparisons of all one-factor contrasts of this report; Bonferroni" in rep.text
     only = build_report(_study(tmp_path / "m", arms), family=["method"], correction="none")
-    assert "uncorrected: each 95% interval answers its own question" in only.text
+    assert "each interval a per-comparison 95% interval for its own question" in only.text
 
 
 def test_importance_is_not_printed_for_a_grid_or_too_few_trials(tmp_path):

@@ -21,6 +21,7 @@ from hardmix.architectures import ARCHITECTURES, check_model_name
 from hardmix.datasets import DATASETS
 from hardmix.errors import ConfigError
 from hardmix.methods import BOXES, CRITERIA, DEFAULTS, FALLBACKS, METHODS, SALIENCY, SIGNALS
+from hardmix.metrics import OUTCOMES
 
 STEMS = ("auto", "cifar", "imagenet")
 #: The learning-rate schedules, each with the optim fields only it reads (the others ignore them).
@@ -271,6 +272,47 @@ class FollowupConfig:
                                   "prob, box, ...), with the same seeds", choices=None)
 
 
+def _check_outcomes(value: Any, path: str) -> None:
+    """``analysis.secondary``: distinct outcome names (:data:`hardmix.metrics.OUTCOMES`)."""
+    for name in value or []:
+        if name not in OUTCOMES:
+            raise ConfigError(path, name, f"must list outcomes of {', '.join(OUTCOMES)}")
+    if len(set(value or [])) != len(value or []):
+        raise ConfigError(path, value, "must not repeat an outcome")
+
+
+def _check_family(value: Any, path: str) -> None:
+    """``analysis.family``: ``method`` or run fields (dotted, or an augment field's name)."""
+    fields = set(flatten(RunConfig()))
+    short = {f.rsplit(".", 1)[-1] for f in fields if f.startswith("augment.")}
+    for name in value or []:
+        if name not in fields | short | {"method"}:
+            raise ConfigError(path, name, "must list method or run fields (e.g. augment.prob, "
+                              "or prob for an augment field)")
+
+
+@dataclass
+class AnalysisConfig:
+    """What the report tests, declared before the sweep runs (``hardmix report`` reads it from
+    the saved sweep.yaml; ``--margin`` / ``--family`` override it)."""
+
+    margin: Optional[float] = opt(None, "smallest effect of interest on the primary outcome, in "
+                                  "its units (points of error): with it every primary contrast "
+                                  "also gets the equivalence test (TOST) and can end "
+                                  "'equivalent within ±margin'; null: better / worse / "
+                                  "undetermined only", gt=0, le=100)
+    primary: str = opt("top1", "the primary family's outcome", choices=OUTCOMES)
+    family: list[str] = opt(help="factors whose one-factor contrasts form the primary family "
+                            "(e.g. [method]); empty: every one-factor contrast",
+                            factory=list, check=_check_family)
+    secondary: list[str] = opt(help="outcomes of the secondary families, each over the primary "
+                               "family's contrasts and corrected on its own",
+                               factory=lambda: ["top5", "nll", "ece"], check=_check_outcomes)
+    avoid_seeds: list[int] = opt(help="seeds this sweep must not use (a pilot's, whose results "
+                                 "shaped the design); a sweep that lists one is refused",
+                                 factory=list)
+
+
 @dataclass
 class SweepConfig:
     name: str = opt("sweep", "sweep id: the folder under `storage` (no timestamp, so --resume "
@@ -304,6 +346,7 @@ class SweepConfig:
                                     "max(4, cores))", gt=0, le=4096)
     followup: FollowupConfig = opt(factory=FollowupConfig)
     report: bool = opt(True, "write `hardmix report` output when the sweep ends")
+    analysis: AnalysisConfig = opt(factory=AnalysisConfig)
     run: RunConfig = opt(factory=RunConfig)
 
 
