@@ -191,6 +191,51 @@ def test_every_command_of_every_cluster_file_parses_in_bash():
     assert checked >= 2 * 9  # both launcher files' setup and start commands were seen
 
 
+def _commented_block(text: str, key: str) -> dict:
+    """A commented-out YAML block (``# key:`` and the ``#`` lines under it), uncommented."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"# {key}:")
+    indent = lines[start].index("#")
+    block = []
+    for line in lines[start:]:
+        if not line.strip().startswith("#") or line.index("#") != indent:
+            break
+        block.append(line[indent + 2:])
+    return yaml.safe_load("\n".join(block))
+
+
+def test_imagenet_staging_block_parses_and_keeps_the_gpu_check():
+    """The commented ImageNet staging of gpu-4x, once uncommented: a list that passes bash -n
+    and, since a node type's list replaces the global one, still starts with the GPU check."""
+    import shlex
+    import subprocess
+
+    from ray.autoscaler._private.command_runner import _with_interactive
+
+    commands = _commented_block((REPO / "cluster.yaml").read_text(),
+                                "worker_setup_commands")["worker_setup_commands"]
+    assert commands[0] == _raw()["worker_setup_commands"][0]
+    assert "s3://BUCKET/imagenet" in commands[-1] and "~/data/imagenet" in commands[-1]
+    for command in commands:
+        script = shlex.split(_with_interactive(command)[4])[0]
+        assert subprocess.run(["bash", "-n", "-c", script], capture_output=True).returncode == 0
+    # As the file says: a node type's own list replaces the global one (Ray's autoscaler).
+    cfg = _raw()
+    cfg["available_node_types"]["gpu-4x"]["worker_setup_commands"] = commands
+    assert _ray_validate(cfg)["available_node_types"]["gpu-4x"]["worker_setup_commands"] == commands
+
+
+def test_every_aws_node_is_in_the_security_group_of_ones_own():
+    """SSH is narrowed by a group the docs create (all traffic from itself, SSH from one
+    network): every node type names it, so Ray creates no group with SSH open to 0.0.0.0/0."""
+    prepared = _ray_validate(_raw())
+    groups = {n: t["node_config"].get("SecurityGroupIds")
+              for n, t in prepared["available_node_types"].items()}
+    assert set(map(tuple, groups.values())) == {("SECURITY_GROUP",)}, groups
+    setup = (REPO / "docs" / "cluster-setup.md").read_text()
+    assert "SECURITY_GROUP" in setup and "--port 22" in setup and "--cidr" in setup
+
+
 def test_bash_check_catches_a_command_cut_by_a_yaml_comment():
     """The check above on the line that once reached the nodes cut in half."""
     import subprocess
@@ -231,8 +276,151 @@ def test_no_credentials_in_cluster_files(name):
     text = (REPO / name).read_text()
     assert tc.find_secrets(text) == []
     assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", text)
-    assert not re.search(r"(?i)secret|aws_access_key_id|password", text.replace("secrets", ""))
+    # The ECR login pipes a short-lived token from `aws ecr get-login-password` to
+    # `docker login --password-stdin`: command names, no credential in the file.
+    words = text.replace("secrets", "").replace("get-login-password", "").replace(
+        "--password-stdin", "")
+    assert not re.search(r"(?i)secret|aws_access_key_id|password", words)
     assert "BEGIN" not in text
+
+
+# ------------------------------------------------------------------------------------------------
+# IAM policies of the AWS setup (deploy/)
+# ------------------------------------------------------------------------------------------------
+
+DEPLOY = REPO / "deploy"
+
+
+def _policy(name: str) -> dict:
+    import json
+
+    return json.loads((DEPLOY / name).read_text())
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _allows(policy: dict, action: str, resource: str, context: dict | None = None) -> bool:
+    """IAM's decision for a policy of Allow statements only: some statement names the action
+    and the resource (IAM wildcards) and every one of its conditions holds; a condition whose key
+    the request lacks does not hold."""
+    import fnmatch
+
+    context = context or {}
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow" and set(statement) <= {
+            "Sid", "Effect", "Action", "Resource", "Condition"}
+        if not any(fnmatch.fnmatchcase(action.lower(), a.lower())
+                   for a in _as_list(statement["Action"])):
+            continue
+        if not any(fnmatch.fnmatchcase(resource, r) for r in _as_list(statement["Resource"])):
+            continue
+        conditions = statement.get("Condition", {})
+        assert set(conditions) <= {"StringEquals"}, conditions  # what this evaluator knows
+        if all(context.get(key) in _as_list(values)
+               for values_by_key in conditions.values() for key, values in values_by_key.items()):
+            return True
+    return False
+
+
+POLICIES = ("iam-policy-hardmix.json", "iam-policy-hardmix-head.json", "ec2-trust.json")
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_iam_policies_are_valid_and_scoped(name):
+    """Policy JSON as IAM reads it; S3 only ever on the sweep bucket (never "Resource": "*");
+    no action wildcard; only the placeholders the docs fill in (ACCOUNT, BUCKET)."""
+    policy = _policy(name)
+    assert policy["Version"] == "2012-10-17" and policy["Statement"]
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        actions = _as_list(statement["Action"])
+        assert actions and all(re.fullmatch(r"[a-z0-9]+:[A-Za-z]+", a) for a in actions), actions
+        if any(a.startswith("s3:") for a in actions):
+            assert set(_as_list(statement["Resource"])) <= {"arn:aws:s3:::BUCKET",
+                                                            "arn:aws:s3:::BUCKET/*"}, statement
+        if statement.get("Resource") == "*":  # only actions that IAM cannot scope to a resource
+            assert all(a.startswith("ec2:Describe") or a == "ecr:GetAuthorizationToken"
+                       for a in actions), statement
+    text = (DEPLOY / name).read_text()
+    assert set(re.findall(r"\b[A-Z]{4,}\b", text)) <= {"ACCOUNT", "BUCKET"}
+
+
+def test_sweep_policy_reaches_the_bucket_and_nothing_else():
+    policy = _policy("iam-policy-hardmix.json")
+    obj = "arn:aws:s3:::BUCKET/hardmix/quickstart/trials/part-0.parquet"
+    for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"):
+        assert _allows(policy, action, obj), action  # pyarrow writes, Tune prunes checkpoints
+    assert _allows(policy, "s3:ListBucket", "arn:aws:s3:::BUCKET")
+    for action, resource in [("s3:GetObject", "arn:aws:s3:::other-bucket/x"),
+                             ("s3:ListBucket", "arn:aws:s3:::other-bucket"),
+                             ("s3:DeleteBucket", "arn:aws:s3:::BUCKET"),
+                             ("s3:PutBucketPolicy", "arn:aws:s3:::BUCKET"),
+                             ("s3:ListAllMyBuckets", "*"),
+                             ("ec2:RunInstances", "arn:aws:ec2:us-east-2:ACCOUNT:instance/i-1")]:
+        assert not _allows(policy, action, resource), (action, resource)
+
+
+def test_head_policy_launches_and_ends_only_this_clusters_workers():
+    """What Ray 2.60's AWS node provider does from the head (launch a worker type with the
+    cluster's tag and the worker role, retag and terminate its nodes) is allowed; other
+    instance types, other instances and other roles are not. Instance types, the cluster tag,
+    the roles and the region are those of cluster.yaml."""
+    head = _policy("iam-policy-hardmix-head.json")
+    cfg = _ray_validate(_raw())
+    region = cfg["provider"]["region"]
+    types = cfg["available_node_types"]
+    workers = {n: t["node_config"] for n, t in types.items() if n != cfg["head_node_type"]}
+    head_node = types[cfg["head_node_type"]]["node_config"]
+    instance = f"arn:aws:ec2:{region}:ACCOUNT:instance/i-0123"
+    ours = {"aws:RequestTag/ray-cluster-name": cfg["cluster_name"]}
+    for node in workers.values():
+        assert _allows(head, "ec2:RunInstances", instance,
+                       {**ours, "ec2:InstanceType": node["InstanceType"]})
+    for uses in (f"arn:aws:ec2:{region}::image/{head_node['ImageId']}",
+                 f"arn:aws:ec2:{region}:ACCOUNT:subnet/subnet-1",
+                 f"arn:aws:ec2:{region}:ACCOUNT:security-group/sg-1",
+                 f"arn:aws:ec2:{region}:ACCOUNT:volume/vol-1"):
+        assert _allows(head, "ec2:RunInstances", uses)
+    assert not _allows(head, "ec2:RunInstances", instance,
+                       {**ours, "ec2:InstanceType": "p5.48xlarge"})
+    assert not _allows(head, "ec2:RunInstances", instance, {"ec2:InstanceType": "g5.2xlarge"})
+    assert not _allows(head, "ec2:RunInstances", instance.replace(region, "eu-west-1"),
+                       {**ours, "ec2:InstanceType": "g5.2xlarge"})
+    assert _allows(head, "ec2:CreateTags", instance, {"ec2:CreateAction": "RunInstances"})
+    tagged = {"ec2:ResourceTag/ray-cluster-name": cfg["cluster_name"]}
+    for action in ("ec2:TerminateInstances", "ec2:CreateTags"):
+        assert _allows(head, action, instance, tagged)
+        assert not _allows(head, action, instance, {"ec2:ResourceTag/ray-cluster-name": "other"})
+        assert not _allows(head, action, instance)
+    assert _allows(head, "ec2:DescribeInstances", "*", {"aws:RequestedRegion": region})
+    worker_roles = {n["IamInstanceProfile"]["Name"] for n in workers.values()}
+    assert len(worker_roles) == 1
+    role = f"arn:aws:iam::ACCOUNT:role/{worker_roles.pop()}"
+    assert _allows(head, "iam:PassRole", role, {"iam:PassedToService": "ec2.amazonaws.com"})
+    admin = f"arn:aws:iam::ACCOUNT:role/{head_node['IamInstanceProfile']['Name']}"
+    assert not _allows(head, "iam:PassRole", admin, {"iam:PassedToService": "ec2.amazonaws.com"})
+    assert not _allows(head, "s3:GetObject", "arn:aws:s3:::BUCKET/x")  # the sweep policy's job
+    # Where the nodes run Ray in an image from ECR, both policies' pull rights name its repository.
+    image = (cfg.get("docker") or {}).get("image", "")
+    if ".dkr.ecr." in image:
+        registry, _, repo = image.partition("/")
+        repo_arn = (f"arn:aws:ecr:{registry.split('.')[3]}:ACCOUNT:repository/"
+                    f"{repo.split(':')[0]}")
+        assert _allows(_policy("iam-policy-hardmix.json"), "ecr:BatchGetImage", repo_arn)
+
+
+def test_setup_docs_use_the_policy_files_not_account_wide_access():
+    text = (REPO / "docs" / "cluster-setup.md").read_text()
+    for name in POLICIES:
+        assert f"file://deploy/{name}" in text or f"deploy/{name}" in text, name
+    # Managed policies reach every bucket, instance or repository of the account.
+    for managed in ("AmazonS3FullAccess", "AmazonEC2FullAccess",
+                    "AmazonEC2ContainerRegistryReadOnly"):
+        assert managed not in text, managed
+    # SSH is narrowed by a group of one's own, named in every node_config of cluster.yaml.
+    assert "authorize-security-group-ingress" in text and "SecurityGroupIds" in text
 
 
 def _drop(path):

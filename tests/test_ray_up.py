@@ -143,6 +143,28 @@ def _wait_gone(uid: int, marks: tuple[str, ...], seconds: float) -> dict[int, st
     return left
 
 
+#: PATH of a command that sshd runs (Debian's default for users).
+NODE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def _node_python_problem() -> str | None:
+    """The node's venv (the file's `python3 -m venv`) must be able to load this suite's
+    packages: the same Python minor version, and their folder readable by any user."""
+    python3 = shutil.which("python3", path=NODE_PATH)
+    if python3 is None:
+        return f"no python3 on the node's PATH ({NODE_PATH})"
+    version = subprocess.run([python3, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        return (f"the node's {python3} is Python {version}, this suite's "
+                f"{tuple(sys.version_info[:2])}: its venv cannot load this suite's packages")
+    site = Path(sysconfig.get_paths()["purelib"])
+    closed = [str(p) for p in (site, *site.parents) if os.stat(p).st_mode & 0o005 != 0o005]
+    if closed:
+        return f"{closed[0]} is not readable by other users (the node's user reads {site})"
+    return None
+
+
 def _prerequisites() -> None:
     missing = sorted({pkg for tool, pkg in TOOLS.items() if not shutil.which(tool)})
     problem = None
@@ -151,6 +173,8 @@ def _prerequisites() -> None:
                    f"(apt-get install -y {' '.join(missing)}; .ci/run installs them)")
     elif os.geteuid() != 0:
         problem = "`ray up` over SSH needs root (to create the node's user and run sshd)"
+    else:
+        problem = _node_python_problem()
     if problem:
         if IN_CI:
             pytest.fail(problem)
@@ -185,7 +209,7 @@ def _substitute(config: dict, *, user: str, key: Path, ssh_port: int, ports: dic
     done.append("auth.ssh_user, auth.ssh_private_key: the test's user and key")
     # Ray's SSH command runner has no port option (command_runner.SSHOptions: no Port, and ssh
     # reads ~/.ssh/config from the passwd home, not $HOME); its ProxyCommand is the way.
-    config["auth"]["ssh_proxy_command"] = f"nc 127.0.0.1 {ssh_port}"
+    config["auth"]["ssh_proxy_command"] = f"nc %h {ssh_port}"
     done.append(f"auth.ssh_proxy_command: the test's sshd listens on port {ssh_port}, not 22")
     # Torch and the rest are 5 GB to download: the node's venv sees this suite's packages
     # through a .pth file; pip then installs only what they lack (hardmix itself, editable).
