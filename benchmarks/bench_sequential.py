@@ -1,7 +1,7 @@
 """Sequential seeds by simulation: error rates and seeds used by the group-sequential design of
 ``ablations.sequential`` against the fixed-n design with the same power.
 
-    python benchmarks/bench_sequential.py [--sequences 10000] [--sd 0.5] [--margin 0.25]
+    python benchmarks/bench_sequential.py [--sequences 40000] [--sd 0.5] [--margin 0.25]
                                           [--rounds 5] [--alpha 0.05] [--power 0.8] [--smoke]
 
 Each sequence is one paired contrast whose per-seed differences are N(Δ, sd²), fed to the very
@@ -18,7 +18,9 @@ correct better / worse verdict) and the mean seeds used.
 Last line: ``seq_false_verdict_rate=<x> seq_mean_seeds=<y> fixed_seeds=<z>
 equivalence_reached=<w>``: x = rate of better / worse verdicts at Δ = 0 (≤ alpha), y = mean
 seeds of the sequential design at Δ = −margin, z = the fixed design's seeds, w = rate of
-"equivalent" at Δ = 0. ``--smoke``: 2,000 sequences (for the test suite).
+"equivalent" at Δ = 0. ``--smoke``: 2,000 sequences (for the test suite). The default 40,000
+sequences put the Monte Carlo SE of x near 0.001 (at 10,000 it is 0.002, as large as the gap
+between a design at exactly alpha and alpha).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from ablations.sequential import (BETTER, EQUIVALENT, NAMES, UNDETERMINED, WORSE
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sequences", type=int, default=10_000, help="simulated contrasts per "
+    ap.add_argument("--sequences", type=int, default=40_000, help="simulated contrasts per "
                     "scenario and design")
     ap.add_argument("--sd", type=float, default=0.5, help="SD of the paired differences")
     ap.add_argument("--margin", type=float, default=0.25, help="smallest effect of interest")
