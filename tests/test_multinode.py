@@ -457,7 +457,7 @@ def test_trial_of_a_removed_node_is_retried_elsewhere_from_its_checkpoint(grid_n
 METRICS = ("train_loss", "val_loss", "val_top1_err", "test_loss", "test_top1_err")
 DDP_EPOCHS = 16
 DDP = ["resources.workers=2", "resources.cpus=1", f"run.optim.epochs={DDP_EPOCHS}",
-       "max_failures=2"]
+       "max_failures=2", "run.output.tensorboard=true"]
 
 
 def train_workers_by_job(cluster: Owner, since: dict) -> dict[str, list[dict]]:
@@ -595,6 +595,42 @@ def test_node_removed_under_a_data_parallel_worker(ddp_runs, cluster, shared):
     again = raw[raw.written_at > ev["killed_at"]]
     # Resumed from the checkpoint Ray Train held (or a newer one), not restarted.
     assert ev["ckpt_epoch"] + 1 <= again.epoch.min() <= before + 1
+
+
+def tensorboard_epochs(run_dir: Path, tag: str = "loss/train_loss") -> list[int]:
+    """The epochs of ``tag`` in a run folder's TensorBoard events (every event file)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    return sorted(e.step for e in acc.Scalars(tag))
+
+
+def test_data_parallel_run_folder_reaches_the_storage_from_a_worker_node(ddp_runs, cluster,
+                                                                         shared):
+    """A data-parallel trial's run folder is written by Ray Train's rank 0 on a worker node,
+    into a temporary folder of that node which is deleted when the run ends (on a real cluster
+    it would stay on that node's disk and go with the node). What is in <sweep>/runs/<trial>
+    can only have come through the storage (the file:// URI, pyarrow's filesystem): it must
+    hold the run's TensorBoard events, run.json and config.yaml. The nodes here share one disk,
+    so the old path (the Tune trial folder, which Ray syncs from the trial driver's node) must
+    hold none of it. In the spread sweep the first attempt died with a node: its epochs reached
+    the storage as they ran (a copy after every epoch), so the events cover every epoch."""
+    import tempfile
+
+    ev = ddp_runs
+    assert ev["rc_single"] == 0 and ev["rc_spread"] == 0, ev["out_spread"][-3000:]
+    trials, _ = results(f"file://{shared}/ddp-single")
+    assert trials.iloc[0].node_id == cluster.nodes["a"]  # rank 0 wrote from worker node a
+    for name in ("ddp-single", "ddp-spread"):
+        run = shared / name / "runs" / "c000-s0"
+        assert json.loads((run / "run.json").read_text())["world_size"] == 2, name
+        assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.pt").is_file()
+        assert set(tensorboard_epochs(run)) == set(range(1, DDP_EPOCHS + 1)), name
+        assert not list((shared / name).glob("tune*/**/run.json")), name
+    # Rank 0's node-local folder of the completed runs is gone: nothing else held the files.
+    assert not list(Path(tempfile.gettempdir()).glob("hardmix-ddp-single-c000-s0-rank*"))
+    spread = shared / "ddp-spread" / "runs" / "c000-s0"
+    assert len(list(spread.glob("events.out.tfevents.*"))) >= 2  # one per attempt
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ The training run knows nothing about Ray; this module adapts it:
   trial id and attempt (as ``extra``);
 * TensorBoard logs come from the run itself, one run folder per trial under
   ``<sweep>/runs/<trial>`` (Tune's own loggers are switched off, so there is no second copy);
+  with a URI storage a trial's run folder is its Tune trial folder, which Ray syncs, except for
+  a data-parallel trial, whose rank 0 may run on another node: it writes into a folder of its
+  own node and copies it into ``<sweep>/runs/<trial>`` through the storage
+  (:class:`RunFolderSync`);
 * ``resources.workers > 1`` fits a Ray Train ``TorchTrainer`` (gloo on CPU, nccl on GPU) whose
   workers each call ``train()``; ``TuneReportCallback`` carries rank 0's reports to Tune.
 
@@ -330,16 +334,77 @@ class RayReporter(Callback):
             raise
 
 
+class RunFolderSync(Callback):
+    """Copies a run folder written on this node (``local``) into the sweep's storage
+    (``remote``, a path or URI: ``<sweep>/runs/<trial>``) through the storage's filesystem:
+    the files that changed since the last copy, when the run starts, after every epoch and at
+    the end. A data-parallel trial's rank 0 may run on any node, and a node the autoscaler
+    removes takes its disk with it."""
+
+    def __init__(self, local: Path, remote: str):
+        self.local, self.remote = Path(local), remote
+        self.copied: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns)
+
+    def clear_remote(self) -> None:
+        """A fresh start: drop what a killed attempt left in the storage (as a local run
+        folder is emptied)."""
+        from tune.sweep import _fs
+
+        fs, inner = _fs(self.remote)
+        fs.delete_dir_contents(inner, missing_dir_ok=True)
+
+    def sync(self) -> int:
+        """Copy what changed; the number of files copied."""
+        import pyarrow.fs as pafs
+
+        from tune.sweep import _fs
+
+        if not self.local.is_dir():
+            return 0
+        fs, base = _fs(self.remote)
+        n = 0
+        for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
+            rel = path.relative_to(self.local).as_posix()
+            if rel.startswith(".") or "/." in rel:  # temporary files of atomic writes
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # replaced while we looked
+                continue
+            stamp = (st.st_size, st.st_mtime_ns)
+            if self.copied.get(rel) == stamp:
+                continue
+            dest = f"{base.rstrip('/')}/{rel}"
+            fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(str(path), dest, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=fs)
+            self.copied[rel] = stamp
+            n += 1
+        return n
+
+    def on_run_start(self, cfg: RunConfig, info: dict) -> None:
+        self.sync()  # config.yaml and run.json
+
+    def on_epoch_end(self, metrics: dict, checkpoint: str | None = None) -> None:
+        self.sync()
+
+    def on_run_end(self, summary: dict) -> None:
+        self.sync()
+
+
 def trial_callbacks(cfg: RunConfig, store_cb: Callback, run_dir: Path, attempt: int,
-                    train: bool = False, hparams: Optional[list[str]] = None) -> list[Callback]:
-    """Store, TensorBoard (the run's own logs, in its run folder), then the Ray reporter: an
-    epoch's rows are written before Ray hears of it (and possibly stops the trial)."""
+                    train: bool = False, hparams: Optional[list[str]] = None,
+                    sync: Optional[Callback] = None) -> list[Callback]:
+    """Store, TensorBoard (the run's own logs, in its run folder), the run folder's copy into
+    the storage (``sync``, where the run folder is a node-local one), then the Ray reporter: an
+    epoch's rows and files are written before Ray hears of it (and possibly stops the trial)."""
     writers = [store_cb]
     if cfg.output.tensorboard:
         from hardmix.tensorboard import TensorBoardCallback
         writers.append(TensorBoardCallback(hparams=hparams))
     guard = Writers(writers)
-    return [guard, RayReporter(run_dir, attempt, guard, train=train)]
+    return [guard, *([sync] if sync is not None else []),
+            RayReporter(run_dir, attempt, guard, train=train)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,20 +567,40 @@ def _worker_loop(config: dict) -> None:
     cfg: RunConfig = config["cfg"]
     rank = ray.train.get_context().get_world_rank()
     run_dir = Path(config["run_dir"])
+    sync = None
+    if not ctx.local_runs:
+        # The run folder the Tune trial names lives on the trial driver's node, not
+        # necessarily this one: write into a folder of this node, and (rank 0) copy it into
+        # <sweep>/runs/<trial> through the storage as the run goes.
+        from tune.sweep import join
+
+        sweep = ctx.sweep_dir.rstrip("/").rsplit("/", 1)[-1]
+        run_dir = Path(tempfile.mkdtemp(prefix=f"hardmix-{sweep}-{config['trial_id']}-"
+                                               f"rank{rank}-"))
+        if rank == 0:
+            sync = RunFolderSync(run_dir, join(ctx.sweep_dir, "runs", config["trial_id"]))
     _set_threads(ctx.resources.cpus)
-    checkpoint = ray.train.get_checkpoint()
-    with (checkpoint.as_directory() if checkpoint else _no_dir()) as ckpt_dir:
-        if ckpt_dir is not None:
-            resume = restore_checkpoint(ckpt_dir, run_dir)  # every rank loads the same state
-        else:
-            resume = False
-            if rank == 0:
-                restore_checkpoint(None, run_dir)
-    store_cb = StoreCallback(ResultStore(ctx.sweep_dir), config["trial_id"], cfg,
-                             extra=_extra(ctx, config["attempt"], config["tune_trial_id"]))
-    _run(ctx, cfg, trial_callbacks(cfg, store_cb, run_dir, config["attempt"], train=True,
-                                   hparams=ctx.hparam_fields()), run_dir, resume,
-         device=ray.train.torch.get_device())  # the GPU Ray assigned, not LOCAL_RANK's
+    try:
+        checkpoint = ray.train.get_checkpoint()
+        with (checkpoint.as_directory() if checkpoint else _no_dir()) as ckpt_dir:
+            if ckpt_dir is not None:
+                resume = restore_checkpoint(ckpt_dir, run_dir)  # every rank loads the same state
+            else:
+                resume = False
+                if rank == 0:
+                    restore_checkpoint(None, run_dir)
+                    if sync is not None:
+                        sync.clear_remote()
+        store_cb = StoreCallback(ResultStore(ctx.sweep_dir), config["trial_id"], cfg,
+                                 extra=_extra(ctx, config["attempt"], config["tune_trial_id"]))
+        _run(ctx, cfg, trial_callbacks(cfg, store_cb, run_dir, config["attempt"], train=True,
+                                       hparams=ctx.hparam_fields(), sync=sync), run_dir, resume,
+             device=ray.train.torch.get_device())  # the GPU Ray assigned, not LOCAL_RANK's
+    finally:
+        if sync is not None:
+            sync.sync()  # whatever the last epoch or a failure left
+        if not ctx.local_runs:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
