@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from hardmix.config import RunConfig, SweepConfig, flatten, load_config, preset_kind, \
     preset_names, read_preset
@@ -380,6 +381,20 @@ def test_presets_printed_and_fed_back_as_config_give_the_same_config(tmp_path, c
                 "npz", "folder") else []
         assert flatten(load_config(cls, None, str(path), extra)) == \
             flatten(load_config(cls, name, None, extra)), name
+    # and through the command line: the same plan from --config as from --preset
+    plans = []
+    for source in (["--preset", "quickstart"], ["--config", str(tmp_path / "quickstart.yaml")]):
+        assert main(["sweep", *source, "--dry-run", "--set", f"storage={tmp_path}"]) == 0
+        plans.append(capsys.readouterr().out)
+    assert plans[0] == plans[1] and "= 18" in plans[0]
+    tiny = ["--set", "data.name=synthetic", "--set", "data.path=null", "--set", "optim.epochs=1",
+            "--set", "model.width=8", "--set", "device=cpu", "--set", f"output.dir={tmp_path}"]
+    for source, name in ((["--preset", "cpu-quick"], "p"), (["--config", str(tmp_path / "cpu-quick.yaml")], "c")):
+        assert main(["train", *source, *tiny, "--set", f"output.name={name}"]) == 0
+    capsys.readouterr()
+    stored = [yaml.safe_load((tmp_path / n / "config.yaml").read_text()) for n in ("p", "c")]
+    stored[0]["output"].pop("name"), stored[1]["output"].pop("name")
+    assert stored[0] == stored[1]
 
 
 def test_dry_run_flop_estimate_matches_a_counted_epoch(tmp_path, capsys):
