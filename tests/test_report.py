@@ -696,6 +696,8 @@ def test_secondary_families_are_corrected_on_their_own(study):
             ref, var = d.baseline.split()[0], d.variant.split()[0]
             x = _paired(written, var, ref, key)
             assert d.diff == pytest.approx(x.mean()) and d.m == 3
+            assert d.level == pytest.approx(0.05 / 3) and d.interval_label.startswith(
+                "simultaneous 95% (Bonferroni over 3")
             assert d.p == pytest.approx(sps.ttest_1samp(x, 0).pvalue)
             assert math.isnan(d.margin) and d.verdict != "equivalent"
         assert (root / "report" / f"contrasts_{name}.csv").is_file()
@@ -775,3 +777,19 @@ def test_forest_plot_names_its_interval_and_draws_the_margin(study, monkeypatch,
                for p in seen["spans"])  # the band from -0.5 to +0.5
     assert "±0.5 points: the declared margin" in seen["legend"]
     assert {"better", "equivalent"} <= set(seen["legend"])
+
+
+def test_a_sweep_that_lists_a_seed_it_declared_to_avoid_is_refused(tmp_path):
+    """analysis.avoid_seeds (a pilot's seeds): the sweep's seeds, an arm's and the follow-up's
+    are checked before anything runs; one error naming the field."""
+    from hardmix.config import SweepConfig, load_config
+
+    base = [f"storage={tmp_path}", f"run.output.dir={tmp_path}", "analysis.avoid_seeds=[3, 4]"]
+    load_config(SweepConfig, overrides=base + ["seeds=[0, 1, 2]"])
+    for extra, field in ((["seeds=[2, 3]"], "seeds"),
+                         (["followup.top=2", "followup.seeds=[4]"], "followup.seeds"),
+                         (["mode=grid", "arms=[{augment.method: cutmix, seeds: [1, 4]}]"],
+                          "arms[0].seeds")):
+        with pytest.raises(ConfigError) as err:
+            load_config(SweepConfig, overrides=base + extra)
+        assert err.value.field == field and "analysis.avoid_seeds" in str(err.value)

@@ -170,7 +170,8 @@ def check_sweep(cfg: SweepConfig) -> None:
     check_run(cfg.run, prefix="run.")  # the base run first: its errors are the clearest
     _check_arms(cfg)
     avoid = set(cfg.analysis.avoid_seeds)
-    for path, seeds in [("seeds", cfg.seeds), ("followup.seeds", cfg.followup.seeds)] + [
+    followup = [("followup.seeds", cfg.followup.seeds)] if cfg.followup.top else []
+    for path, seeds in [("seeds", cfg.seeds)] + followup + [
             (f"arms[{i}].seeds", a.get("seeds") or []) for i, a in enumerate(cfg.arms)]:
         if avoid & set(seeds):
             raise ConfigError(path, sorted(avoid & set(seeds)), "must avoid analysis.avoid_seeds "
