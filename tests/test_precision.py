@@ -18,7 +18,8 @@ from hardmix.config import ConfigError, ModelConfig, OptimConfig, RunConfig, loa
 from hardmix.config.environment import check_run_environment
 from hardmix.hardness import clean_logits
 from hardmix.models import build_model
-from hardmix.train import Precision, cpu_bf16_native, precision_policy, train, training_step
+from hardmix.train import (Precision, check_resumable, cpu_bf16_native, precision_policy,
+                           train, training_step)
 
 BF16 = Precision("cpu", torch.bfloat16, False, "bf16 autocast")
 FP32 = Precision("cpu", None, False, "fp32")
@@ -260,16 +261,24 @@ def test_forced_precision_the_device_lacks_is_refused_before_work(tmp_path, monk
 
 
 def test_run_row_says_which_precision_ran_and_old_switches_still_load(tmp_path):
-    cfg = load_config(RunConfig, overrides=[
-        "data.name=synthetic", "model.name=smallnet", "model.width=8", "data.batch_size=64",
-        "optim.epochs=1", "output.progress=false", "optim.amp=false",  # the old boolean
-        f"output.dir={tmp_path}", "output.tensorboard=false"])
+    fields = ["data.name=synthetic", "model.name=smallnet", "model.width=8",
+              "data.batch_size=64", "optim.epochs=1", "output.progress=false",
+              f"output.dir={tmp_path}", "output.tensorboard=false"]
+    cfg = load_config(RunConfig, overrides=fields + ["optim.amp=false"])  # the old boolean
     assert cfg.optim.amp == "fp32"
     assert load_config(RunConfig, overrides=["optim.amp=true"]).optim.amp == "auto"
     summary = train(cfg, [], tmp_path / "r")
     assert summary["precision"] == "fp32 (optim.amp=fp32), channels_last"
     assert json.loads((tmp_path / "r" / "run.json").read_text())["precision"] == \
         summary["precision"]
+    # A checkpoint of an earlier version (optim.amp: false) resumes as fp32, and only as fp32.
+    ckpt = tmp_path / "r" / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["optim"]["amp"] = False
+    torch.save(state, ckpt)
+    check_resumable(cfg, tmp_path / "r")
+    with pytest.raises(ConfigError, match="optim.amp='fp32', not 'auto'"):
+        check_resumable(load_config(RunConfig, overrides=fields), tmp_path / "r")
 
 
 # ---- fp16 + GradScaler -----------------------------------------------------------------------
