@@ -76,7 +76,9 @@ def error_by_variant(table: pd.DataFrame, colors: dict, path: Path) -> Path | No
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(t) + 1.6))
     for i, r in t.iterrows():
         half = _t_half(r["top1_std"], int(r["n"]))
-        ax.errorbar(r["top1_mean"], i, xerr=None if math.isnan(half) else half, fmt="o",
+        # An error rate is never below 0: the interval is cut there, not drawn past it.
+        xerr = None if math.isnan(half) else [[min(half, r["top1_mean"])], [half]]
+        ax.errorbar(r["top1_mean"], i, xerr=xerr, fmt="o",
                     color=colors.get(r["variant"]), capsize=3, ms=5)
         ax.annotate(f"n={int(r['n'])}", (r["top1_mean"], i), xytext=(6, 4),
                     textcoords="offset points", fontsize=7, color="0.3")
@@ -144,18 +146,21 @@ def _best_variants(trials: pd.DataFrame, k: int = MAX_LINES) -> list[str]:
     return list(means.index[:k])
 
 
-def _mean_band(ax, epochs: pd.DataFrame, column: str, variants: list[str], colors: dict) -> bool:
+def _mean_band(ax, epochs: pd.DataFrame, column: str, variants: list[str], colors: dict,
+               since: float = 0, marker: str | None = None) -> bool:
+    """Mean ± std over seeds per epoch of ``column`` for each variant (epochs ≥ ``since``), the
+    band clipped to what some seed showed (a rate or an error is never drawn below 0)."""
     drawn = False
     for v in variants:
-        sub = epochs[epochs["variant"] == v]
+        sub = epochs[(epochs["variant"] == v) & (epochs["epoch"] >= since)]
         sub = sub[np.isfinite(pd.to_numeric(sub[column], errors="coerce").astype(float))]
         if sub.empty:
             continue
         g = sub.groupby("epoch")[column]
         mean, std, n = g.mean(), g.std().fillna(0.0), g.count()
         ax.plot(mean.index, mean.values, label=f"{v} (n={int(n.max())})", lw=1.4,
-                color=colors.get(v), marker="." if len(mean) < 12 else None)
-        # The band never leaves what some seed showed (a rate never drawn below 0).
+                color=colors.get(v), marker=marker or ("." if len(mean) < 12 else None),
+                ms=3 if marker else None)
         low, high = np.maximum(mean - std, g.min()), np.minimum(mean + std, g.max())
         ax.fill_between(mean.index, low.values, high.values, alpha=0.15, color=colors.get(v))
         drawn = True
@@ -163,30 +168,55 @@ def _mean_band(ax, epochs: pd.DataFrame, column: str, variants: list[str], color
     return drawn
 
 
+def _eval_ticks(ax, epochs: pd.DataFrame, column: str, variants: list[str]) -> list[int]:
+    """Minor ticks at the epochs that evaluated ``column`` (the curve's points)."""
+    sub = epochs[epochs["variant"].isin(variants)]
+    ok = np.isfinite(pd.to_numeric(sub[column], errors="coerce").astype(float))
+    ticks = sorted({int(e) for e in sub.loc[ok, "epoch"]})
+    if ticks:
+        ax.xaxis.remove_overlapping_locs = False  # an evaluated epoch on a major tick counts
+        ax.set_xticks(ticks, minor=True)
+        ax.tick_params(axis="x", which="minor", length=5, width=1, color="0.35")
+    return ticks
+
+
 def learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, colors: dict,
                     path: Path) -> Path | None:
-    """Validation and test top-1 error (on the epochs that evaluated them) and training loss,
-    mean ± std over seeds, for the best variants."""
+    """Test error (all epochs, and zoomed on the last 20% of them, where the gaps are),
+    validation error and training loss, mean ± std over seeds, for the best variants; the
+    epochs that evaluated test / validation error are the minor ticks of those panels."""
     if epochs.empty or trials.empty:
         return None
     variants = _best_variants(trials)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    fig.subplots_adjust(wspace=0.3)  # room for each panel's y label beside its neighbour
-    ok = _mean_band(axes[0], epochs, "test_top1_err", variants, colors)
-    _mean_band(axes[1], epochs, "val_top1_err", variants, colors)
-    _mean_band(axes[2], epochs, "train_loss", variants, colors)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.4))
+    fig.subplots_adjust(wspace=0.25, hspace=0.35, top=0.9, bottom=0.08)
+    (full, zoom), (val, loss) = axes
+    ok = _mean_band(full, epochs, "test_top1_err", variants, colors)
     if not ok:
         plt.close(fig)
         return None
-    axes[0].set(xlabel="epoch", ylabel="test top-1 error (%)", title="Test error")
-    axes[1].set(xlabel="epoch", ylabel="validation top-1 error (%)", title="Validation error")
-    axes[2].set(xlabel="epoch", ylabel="training loss (mixed loss on mixed steps)",
-                title="Training loss")
-    for ax in axes:
+    last = int(pd.to_numeric(epochs["epoch"], errors="coerce").max())
+    since = max(1, math.ceil(0.8 * last)) if last >= 5 else 1
+    _mean_band(zoom, epochs, "test_top1_err", variants, colors, since=since, marker="o")
+    _mean_band(val, epochs, "val_top1_err", variants, colors)
+    _mean_band(loss, epochs, "train_loss", variants, colors)
+    for ax, col in ((full, "test_top1_err"), (zoom, "test_top1_err"), (val, "val_top1_err")):
+        _eval_ticks(ax, epochs[epochs["epoch"] >= (since if ax is zoom else 0)], col, variants)
+    if since > 1:
+        full.axvspan(since, last, color="0.5", alpha=0.08, lw=0)
+    full.set(xlabel="epoch (minor ticks: evaluated)", ylabel="test top-1 error (%)",
+             title="Test error")
+    zoom.set(xlabel="epoch (minor ticks: evaluated)", ylabel="test top-1 error (%)",
+             title=f"Test error, last 20% of epochs ({since}–{last}, shaded left)")
+    val.set(xlabel="epoch (minor ticks: evaluated)", ylabel="validation top-1 error (%)",
+            title="Validation error")
+    loss.set(xlabel="epoch", ylabel="training loss (mixed loss on mixed steps)",
+             title="Training loss")
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.suptitle(f"Mean ± std over seeds (n per variant in the legend); best {len(variants)} "
-                 "variants by final test error", fontsize=9, y=1.02)
-    handles, labels = axes[0].get_legend_handles_labels()
+                 "variants by final test error", fontsize=9, y=0.94)
+    handles, labels = full.get_legend_handles_labels()
     _legend_below(fig, handles, labels)
     return _save(fig, path)
 

@@ -793,3 +793,64 @@ def test_a_sweep_that_lists_a_seed_it_declared_to_avoid_is_refused(tmp_path):
         with pytest.raises(ConfigError) as err:
             load_config(SweepConfig, overrides=base + extra)
         assert err.value.field == field and "analysis.avoid_seeds" in str(err.value)
+
+
+def _curves_fixture(n_epochs: int = 20):
+    """Two variants x 3 seeds, test error evaluated every 5 epochs and at the last,
+    validation every 2."""
+    rows, trials = [], []
+    for v, off in (("cutmix", 0.0), ("hardmix", -0.5)):
+        for seed in range(3):
+            tid = f"{v}-{seed}"
+            trials.append({"trial_id": tid, "variant": v, "final_top1_err": 25 + off})
+            for e in range(1, n_epochs + 1):
+                test = e % 5 == 0 or e == n_epochs
+                rows.append({"trial_id": tid, "variant": v, "epoch": e,
+                             "test_top1_err": 25 + off + 20 / e + seed if test else np.nan,
+                             "val_top1_err": 26 + off + 20 / e if e % 2 == 0 else np.nan,
+                             "train_loss": 1 / e})
+    return pd.DataFrame(trials), pd.DataFrame(rows)
+
+
+def test_learning_curves_zoom_on_the_last_fifth_and_tick_the_evaluated_epochs(monkeypatch,
+                                                                                tmp_path):
+    from ablations import plots
+
+    trials, epochs = _curves_fixture(20)
+    seen = {}
+
+    def grab(fig, path):
+        seen["axes"] = fig.axes
+        return path
+
+    monkeypatch.setattr(plots, "_save", grab)
+    colors = plots.variant_colors(["cutmix", "hardmix"])
+    assert plots.learning_curves(trials, epochs, colors, tmp_path / "c.png") is not None
+    full, zoom, val, loss = seen["axes"]
+    assert "last 20% of epochs (16–20" in zoom.get_title()
+    zoomed = [line.get_xdata() for line in zoom.get_lines()]
+    assert zoomed and all(min(x) >= 16 for x in zoomed)  # only the last 20% of 20 epochs
+    # The zoom's y range is the one of the last epochs, not of the whole run.
+    last_test = epochs.loc[epochs["epoch"] >= 16, "test_top1_err"].dropna()
+    assert zoom.get_ylim()[1] < epochs["test_top1_err"].max()
+    assert zoom.get_ylim()[0] <= last_test.min()
+    assert list(full.get_xticks(minor=True)) == [5, 10, 15, 20]
+    assert list(val.get_xticks(minor=True)) == list(range(2, 21, 2))
+    assert list(zoom.get_xticks(minor=True)) == [20]
+
+
+def test_error_bars_never_reach_below_zero(monkeypatch, tmp_path):
+    from ablations import plots
+
+    table = pd.DataFrame({"variant": ["a"], "top1_mean": [0.4], "top1_std": [2.0], "n": [3]})
+    seen = {}
+
+    def grab(fig, path):
+        ax = fig.axes[0]
+        seen["x"] = [seg[:, 0] for coll in ax.collections for seg in coll.get_segments()]
+        return path
+
+    monkeypatch.setattr(plots, "_save", grab)
+    plots.error_by_variant(table, {"a": "tab:blue"}, tmp_path / "e.png")
+    ends = np.concatenate(seen["x"])
+    assert ends.min() == pytest.approx(0.0) and ends.max() > 0.4 + 1.0
