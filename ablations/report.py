@@ -10,13 +10,20 @@ writes into ``<sweep>/report/`` (or ``out``):
 * ``main_table.csv`` -- one row per variant: mean ± std final test top-1 / top-5 error over
   seeds, n, the diagnostics of :mod:`hardmix.metrics` (hard share, fallback rate, source
   diversity), and which variants trained *identically* to another (same result for every seed);
-* ``contrasts.csv`` -- the comparisons: every pair of variants that differ in exactly one
+* ``trials.csv`` -- one row per trial used (sweep, trial id, arm, seed, every varying field,
+  final outcomes, diagnostics' means, per-class errors and source shares): every number of the
+  tables and verdicts derives from it (:func:`per_trial_table`);
+* ``contrasts.csv`` -- the primary family: every pair of variants that differ in exactly one
   factor they share (the method counts as one; settings only one side has, such as HardMix's
-  fallback against CutMix, belong to the changed switch and are named in the change). Paired by
-  seed, with one multiple-comparison family (Holm over all of them, or over ``family``'s
-  factors) stated in the report. Pairs that cannot be told apart by construction are left out
-  of the family and listed: identical results, or a switch whose witness metric shows it never
-  acted (a fallback that fired on 0% of steps);
+  fallback against CutMix, belong to the changed switch and are named in the change), on the
+  primary outcome, paired by seed, tested as one family (Bonferroni, or uncorrected) with a
+  four-valued verdict, MDE and seeds each (:mod:`ablations.stats`). Pairs that cannot be told
+  apart by construction are left out of the family and listed: identical results, or a switch
+  whose witness metric shows it never acted (a fallback that fired on 0% of steps);
+* ``contrasts_<outcome>.csv`` -- the secondary families (top-5 error, test NLL, ECE by
+  default): the same contrasts on another outcome, each corrected on its own;
+* ``class_errors.csv`` -- per-class test error of the primary method contrast, with the
+  classes' share as HardMix sources;
 * ``differences.csv`` -- the same comparisons seen from the baseline method (default CutMix):
   each variant against the CutMix variant that matches it on every shared factor (prob, α, box,
   ...), with the family's interval; a variant without such a match is listed as unmatched;
