@@ -29,6 +29,8 @@ from ablations.factors import HARD_SOURCE  # noqa: E402
 
 #: Curves get unreadable beyond this many variants: learning curves show the best ones.
 MAX_LINES = 10
+#: Runs shorter than this get no panel zoomed on their last 20% of epochs.
+MIN_ZOOM_EPOCHS = 10
 TITLES = {"error_by_variant": "Final test error per variant",
           "contrasts": "One-factor contrasts",
           "learning_curves": "Learning curves",
@@ -188,34 +190,41 @@ def learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, colors: dict,
     if epochs.empty or trials.empty:
         return None
     variants = _best_variants(trials)
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.4))
-    fig.subplots_adjust(wspace=0.25, hspace=0.35, top=0.9, bottom=0.08)
-    (full, zoom), (val, loss) = axes
-    ok = _mean_band(full, epochs, "test_top1_err", variants, colors)
-    if not ok:
+    last = int(pd.to_numeric(epochs["epoch"], errors="coerce").max())
+    since = math.ceil(0.8 * last) if last >= MIN_ZOOM_EPOCHS else 0
+    if since:
+        fig, grid = plt.subplots(2, 2, figsize=(13, 8.4))
+        fig.subplots_adjust(wspace=0.25, hspace=0.35, top=0.87, bottom=0.08)
+        (full, zoom), (val, loss) = grid
+    else:  # too few epochs for the last fifth to show anything the first panel does not
+        fig, grid = plt.subplots(1, 3, figsize=(15, 4.4))
+        fig.subplots_adjust(wspace=0.3, top=0.8)
+        (full, val, loss), zoom = grid, None
+    if not _mean_band(full, epochs, "test_top1_err", variants, colors):
         plt.close(fig)
         return None
-    last = int(pd.to_numeric(epochs["epoch"], errors="coerce").max())
-    since = max(1, math.ceil(0.8 * last)) if last >= 5 else 1
-    _mean_band(zoom, epochs, "test_top1_err", variants, colors, since=since, marker="o")
+    if zoom is not None:
+        _mean_band(zoom, epochs, "test_top1_err", variants, colors, since=since, marker="o")
+        _eval_ticks(zoom, epochs[epochs["epoch"] >= since], "test_top1_err", variants)
+        full.axvspan(since, last, color="0.5", alpha=0.08, lw=0)
+        zoom.set(xlabel="epoch (minor ticks: evaluated)", ylabel="test top-1 error (%)",
+                 title=f"Test error, last 20% of epochs ({since}–{last}, shaded left)")
     _mean_band(val, epochs, "val_top1_err", variants, colors)
     _mean_band(loss, epochs, "train_loss", variants, colors)
-    for ax, col in ((full, "test_top1_err"), (zoom, "test_top1_err"), (val, "val_top1_err")):
-        _eval_ticks(ax, epochs[epochs["epoch"] >= (since if ax is zoom else 0)], col, variants)
-    if since > 1:
-        full.axvspan(since, last, color="0.5", alpha=0.08, lw=0)
+    _eval_ticks(full, epochs, "test_top1_err", variants)
+    _eval_ticks(val, epochs, "val_top1_err", variants)
     full.set(xlabel="epoch (minor ticks: evaluated)", ylabel="test top-1 error (%)",
              title="Test error")
-    zoom.set(xlabel="epoch (minor ticks: evaluated)", ylabel="test top-1 error (%)",
-             title=f"Test error, last 20% of epochs ({since}–{last}, shaded left)")
     val.set(xlabel="epoch (minor ticks: evaluated)", ylabel="validation top-1 error (%)",
             title="Validation error")
     loss.set(xlabel="epoch", ylabel="training loss (mixed loss on mixed steps)",
              title="Training loss")
-    for ax in axes.flat:
+    for ax in np.ravel(grid):
         ax.grid(alpha=0.3)
     fig.suptitle(f"Mean ± std over seeds (n per variant in the legend); best {len(variants)} "
-                 "variants by final test error", fontsize=9, y=0.94)
+                 "variants by final test error" + ("" if zoom is not None else
+                                                  f"; no zoom panel below {MIN_ZOOM_EPOCHS} "
+                                                  "epochs"), fontsize=9, y=0.96)
     handles, labels = full.get_legend_handles_labels()
     _legend_below(fig, handles, labels)
     return _save(fig, path)

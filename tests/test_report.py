@@ -837,6 +837,11 @@ def test_learning_curves_zoom_on_the_last_fifth_and_tick_the_evaluated_epochs(mo
     assert list(full.get_xticks(minor=True)) == [5, 10, 15, 20]
     assert list(val.get_xticks(minor=True)) == list(range(2, 21, 2))
     assert list(zoom.get_xticks(minor=True)) == [20]
+    # A run of 4 epochs has no last fifth worth a panel: three panels, and the title says so.
+    trials, epochs = _curves_fixture(4)
+    plots.learning_curves(trials, epochs, colors, tmp_path / "s.png")
+    assert len(seen["axes"]) == 3
+    assert "no zoom panel below 10 epochs" in seen["axes"][0].figure._suptitle.get_text()
 
 
 def test_error_bars_never_reach_below_zero(monkeypatch, tmp_path):
