@@ -183,7 +183,9 @@ def git_commit() -> str:
     if _git(here, "ls-files", "--error-unmatch", "__init__.py") is not None:
         sha = (_git(here, "rev-parse", "HEAD") or "").strip()
         if sha:
-            status = _git(here, "status", "--porcelain")
+            # core.fileMode=false: an unpacked copy (a Ray job's working_dir) loses executable
+            # bits, which changes no code.
+            status = _git(here, "-c", "core.fileMode=false", "status", "--porcelain")
             return sha if status is not None and not status.strip() else f"{sha}+modified"
     baked = here / BUILD_COMMIT_FILE
     if baked.is_file():

@@ -317,7 +317,9 @@ def test_ray_up_job_submit_and_ray_down_on_an_ssh_node():
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(HOME=str(launcher), TMPDIR=str(launcher), RAY_TMPDIR=str(launcher),
                    RAY_AUTH_MODE="token", PATH=f"{bin_dir}:{os.environ['PATH']}",
-                   RAY_USAGE_STATS_ENABLED="0")
+                   RAY_USAGE_STATS_ENABLED="0",
+                   # as docs/cluster-setup.md step 4 exports it: .git travels with the job
+                   RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES=".venv,venv,__pycache__")
         # As the file's header says: the cluster's token, once, on the launching machine.
         proc = _run(["ray", "get-auth-token", "--generate"], 120, log, env=env)
         assert proc.returncode == 0 and (launcher / ".ray/auth_token").is_file(), _tail(log)
@@ -342,6 +344,9 @@ def test_ray_up_job_submit_and_ray_down_on_an_ssh_node():
         assert "# hardmix venv" in (home / ".bashrc").read_text()  # the command once cut
 
         # -- the quickstart, submitted as the docs do ------------------------------------------
+        from hardmix.train import git_commit
+
+        submitted = git_commit()  # what the working dir holds as it is uploaded
         t0 = time.time()
         overrides = [x for o in [*SHORT, f"storage={store}"] for x in ("--set", o)]
         proc = _run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{ports['dash']}",
@@ -360,6 +365,9 @@ def test_ray_up_job_submit_and_ray_down_on_an_ssh_node():
         assert set(trials.seed) == {0}
         assert sorted(epochs.epoch.unique()) == [1] and len(epochs) == len(trials)
         assert (store / quick.name / "report/report.md").is_file()
+        # Every row names the code that produced it: the commit of what was submitted (here,
+        # this checkout: "+modified" when it is not clean), not the node's copy without .git.
+        assert set(trials.git_commit) == {submitted}, set(trials.git_commit)
 
         # -- ray down, and nothing left behind ------------------------------------------------
         t0 = time.time()
