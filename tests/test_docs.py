@@ -348,7 +348,9 @@ def command_problems(command: Command) -> list[str]:
                 problems += hardmix_problems(argv, command.fails_on_purpose)
             else:
                 problems += other_problems(cmd)
-            for word in cmd[1:]:  # a quoted command line handed to another program
+            for prev, word in zip(cmd, cmd[1:]):  # a quoted command line handed to a program
+                if prev.startswith("--"):  # the value of a long option is text (--description)
+                    continue
                 if " " in word and re.search(r"(^|[\s;&|(])hardmix\s", word):
                     try:
                         pending.append(tokens(word))
