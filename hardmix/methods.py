@@ -113,6 +113,8 @@ FALLBACKS: dict[str, Switch] = {s.name: s for s in (
     Switch("random", (), "plain CutMix from the whole batch"),
     Switch("skip", (), "no mixing this step"),
     Switch("topk_loss", ("k",), "the top-k loss set stands in for the hard set"),
+    Switch("topup", (), "keep every hard sample and top the set up with the next-highest-loss "
+                        "samples to min_hard distinct sources"),
 )}
 
 #: ``augment.signal``: where hardness comes from.

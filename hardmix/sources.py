@@ -10,7 +10,9 @@ Three registries, names as in the config (``hardmix.config``):
 * :data:`FALLBACKS` -- what a *thresholded* criterion (``misclassified``, ``history``; see
   :data:`hardmix.methods.CRITERIA`) does when fewer than ``min_hard`` samples are hard:
   ``random`` (plain CutMix from the whole batch), ``skip`` (no mixing this step: every sample is
-  its own source) and ``topk_loss`` (the top-k loss set stands in for the hard set). A top-k
+  its own source), ``topk_loss`` (the top-k loss set stands in for the hard set) and ``topup``
+  (the hard samples kept, topped up with the next-highest-loss ones to ``min_hard`` distinct
+  sources: the "few sources" mechanism's test). A top-k
   criterion always has its k samples: no fallback, whatever ``min_hard`` says.
 * :data:`SOURCES` -- the strategies: ``random`` (a permutation of the batch) and ``hard``.
 
@@ -113,11 +115,23 @@ def _fallback_topk(hard: Tensor, n_hard: Tensor, fired: Tensor, scores: Scores,
     return torch.where(fired, topk_loss(scores, cfg), hard), torch.where(fired, count, n_hard)
 
 
+def _fallback_topup(hard: Tensor, n_hard: Tensor, fired: Tensor, scores: Scores,
+                    cfg: AugmentConfig) -> tuple[Tensor, Tensor]:
+    # HardMix's sources kept, never fewer than min_hard distinct ones: the hard samples rank
+    # above every other (+inf against finite losses), the highest remaining losses fill up.
+    count = min(cfg.min_hard, hard.shape[0])  # a short last batch holds fewer
+    loss = scores.loss().float()
+    finite = loss.nan_to_num(nan=torch.finfo(loss.dtype).min, posinf=torch.finfo(loss.dtype).max)
+    topped = topk_mask(torch.where(hard, torch.full_like(finite, float("inf")), finite), count)
+    return torch.where(fired, topped, hard), torch.where(fired, count, n_hard)
+
+
 #: Fallback policies by name (``augment.fallback``).
 FALLBACKS: dict[str, Fallback] = {
     "random": Fallback("random", _fallback_random),
     "skip": Fallback("skip", None, skip=True),
     "topk_loss": Fallback("topk_loss", _fallback_topk),
+    "topup": Fallback("topup", _fallback_topup),
 }
 
 

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Mapping
 from hardmix.config import (ConfigError, ParamSpec, RunConfig, SweepConfig, flatten,
                             validate, with_overrides)
 from hardmix.config.acts import CONDITIONAL, SWITCH_COLUMNS, field_acts
+from hardmix.methods import FALLBACKS
 
 #: The space a search explores when the config names none: the axes this platform exists for.
 #: α; the hard-sample criterion (the paper's ``misclassified``, the ``history`` of it, or the
@@ -39,7 +40,7 @@ DEFAULT_SPACE: dict[str, dict] = {
     "augment.alpha": {"type": "float", "low": 0.1, "high": 2.0, "log": True},
     "augment.criterion": {"type": "choice", "values": ["misclassified", "history", "topk_loss"]},
     "augment.k": {"type": "float", "low": 0.05, "high": 0.5},
-    "augment.fallback": {"type": "choice", "values": ["random", "skip", "topk_loss"]},
+    "augment.fallback": {"type": "choice", "values": list(FALLBACKS)},  # every policy
 }
 
 _SCALARS = (str, int, float, bool, type(None))

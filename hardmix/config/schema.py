@@ -17,11 +17,12 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
-from hardmix.architectures import ARCHITECTURES, check_model_name
+from hardmix.architectures import ARCHITECTURES, check_model_kwargs, check_model_name
 from hardmix.datasets import DATASETS
 from hardmix.errors import ConfigError
 from hardmix.methods import BOXES, CRITERIA, DEFAULTS, FALLBACKS, METHODS, SALIENCY, SIGNALS
 from hardmix.metrics import OUTCOMES
+from hardmix.optimizers import OPTIMIZERS, check_betas
 
 STEMS = ("auto", "cifar", "imagenet")
 #: The learning-rate schedules, each with the optim fields only it reads (the others ignore them).
@@ -97,15 +98,28 @@ class ModelConfig:
                     "max-pool) or auto (by image size); other models have their own", choices=STEMS)
     dropout: float = opt(0.0, "dropout before the classifier (WideResNet: inside blocks)", ge=0, lt=1)
     width: int = opt(64, "base width of smallnet", gt=0, le=4096)
+    kwargs: dict[str, Any] = opt(
+        help="timm models only: keyword arguments of timm.create_model, e.g. {drop_path_rate: "
+             "0.1} (hardmix sets num_classes, in_chans, drop_rate and pretrained itself)",
+        factory=dict, check=check_model_kwargs)
+    pretrained: bool = opt(False, "timm models only: start from timm's pretrained weights "
+                           "(fetched from the Hugging Face Hub or its local cache; the classifier "
+                           "is new); refused up front when timm has none or they cannot be fetched")
 
 
 @dataclass
 class OptimConfig:
+    name: str = opt("sgd", "optimiser: " + "; ".join(f"{o.name} = {o.description} (reads "
+                    f"{', '.join(o.reads)})" for o in OPTIMIZERS.values()), choices=OPTIMIZERS)
     epochs: int = opt(200, "training epochs", gt=0, le=100_000)
     lr: float = opt(0.1, "peak learning rate", gt=0)
-    momentum: float = opt(0.9, "SGD momentum", ge=0, lt=1)
-    nesterov: bool = opt(True, "Nesterov momentum")
-    weight_decay: float = opt(5e-4, "L2 weight decay", ge=0, le=10)
+    momentum: float = opt(0.9, "sgd only: momentum", ge=0, lt=1)
+    nesterov: bool = opt(True, "sgd only: Nesterov momentum")
+    betas: list[float] = opt(help="adamw only: the running averages' coefficients (beta1, beta2)",
+                             factory=lambda: [0.9, 0.999], check=check_betas)
+    eps: float = opt(1e-8, "adamw only: added to the denominator", gt=0, le=1)
+    weight_decay: float = opt(5e-4, "weight decay: L2 added to the gradient (sgd), decoupled "
+                              "(adamw)", ge=0, le=10)
     schedule: str = opt("multistep", "learning-rate schedule", choices=SCHEDULES)
     milestones: list[int] = opt(help="epochs at which multistep decays the lr",
                                 factory=lambda: [60, 120, 160])
@@ -144,7 +158,8 @@ class AugmentConfig:
                    "a count (>= 1) or a fraction of the batch (< 1)", gt=0)
     fallback: str = opt(DEFAULTS["fallback"], "when a thresholded criterion (misclassified, history) finds "
                         "fewer than min_hard hard samples: random (plain CutMix), skip (no "
-                        "mixing this step) or topk_loss", choices=FALLBACKS)
+                        "mixing this step), topk_loss, or topup (the hard samples plus the "
+                        "next-highest-loss ones, min_hard distinct sources)", choices=FALLBACKS)
     min_hard: int = opt(1, "the fallback applies below this many hard samples (thresholded "
                         "criteria only: a top-k set is never short)", ge=1)
     history_window: int = opt(4, "history criterion: the last N observations of each sample",
