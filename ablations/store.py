@@ -15,7 +15,8 @@ same order and types (NULL where a value is absent, does not apply to the trial'
 was not evaluated that epoch), so a folder reads directly with any of them.
 
 The columns derive from one place each: the run config's fields (:mod:`hardmix.config`, as they
-run: :func:`hardmix.methods.effective_augment` NULLs an inert field and resolves ``box: auto``),
+run: :func:`hardmix.config.acts.as_run` NULLs every field that does not act and resolves
+``box: auto``),
 the run summary and the per-epoch metrics (:mod:`hardmix.metrics`).
 
 Rules that make many writers on many nodes safe without any coordination:
@@ -75,7 +76,7 @@ import pyarrow.parquet as pq
 
 from hardmix.config import RunConfig, field_type, flatten
 from hardmix.errors import ConfigError, ResultsError
-from hardmix.methods import effective_augment
+from hardmix.config.acts import as_run as _acting
 from hardmix.metrics import EPOCH_METRICS, SUMMARY_FIELDS, Callback, applicable
 
 #: Version of the schema this code writes. Bump it (and add a migration) when a column changes.
@@ -444,18 +445,10 @@ def _fsync_dir(folder: str) -> None:
 
 
 def as_run(row: dict) -> dict:
-    """A trial row's config columns as they run: inert ``augment.*`` fields NULL, ``box: auto``
-    resolved (:func:`hardmix.methods.effective_augment`). Rows of an unknown method stay as
-    they are."""
-    aug = {k[len("augment."):]: v for k, v in row.items() if k.startswith("augment.")}
-    if "method" not in aug:
-        return row
-    try:
-        eff = effective_augment(aug)
-    except ConfigError:
-        return row
-    row.update({f"augment.{k}": v for k, v in eff.items()})
-    return row
+    """A trial row's config columns as they run: every field that does not act NULL (inert
+    ``augment.*`` fields, another optimiser's or model's fields, ...), ``box: auto`` resolved
+    (:func:`hardmix.config.acts.as_run`)."""
+    return _acting(row)
 
 
 def _check_trial_id(trial_id: Any) -> str:

@@ -16,11 +16,17 @@ from dataclasses import dataclass
 from hardmix.errors import ConfigError
 
 __all__ = ["Architecture", "ARCHITECTURES", "TIMM_PREFIX", "TIMM_READS", "register_architecture",
-           "check_model_name", "model_reads"]
+           "check_model_name", "check_model_kwargs", "model_reads"]
 
 TIMM_PREFIX = "timm:"
-#: The model fields a ``timm:<name>`` model reads (``dropout`` is timm's ``drop_rate``).
-TIMM_READS = ("dropout",)
+#: The model fields a ``timm:<name>`` model reads (``dropout`` is timm's ``drop_rate``;
+#: ``kwargs`` go to ``timm.create_model``; ``pretrained`` loads timm's weights). Only timm models
+#: read ``kwargs`` and ``pretrained``: for the others they are inert.
+TIMM_READS = ("dropout", "kwargs", "pretrained")
+#: ``timm.create_model`` arguments hardmix sets from other fields (not ``model.kwargs``).
+TIMM_OWN_KWARGS = {"num_classes": "the data set's classes", "in_chans": "the data's channels",
+                   "drop_rate": "model.dropout", "pretrained": "model.pretrained",
+                   "model_name": "model.name"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,26 @@ def check_model_name(name: object, field: str = "model.name") -> None:
         return
     raise ConfigError(field, name, f"must be one of {', '.join(ARCHITECTURES)} or "
                                    f"{TIMM_PREFIX}<any timm model>")
+
+
+def check_model_kwargs(value: object, field: str = "model.kwargs") -> None:
+    """``model.kwargs``: a mapping of argument names to plain values (numbers, strings,
+    booleans, null, lists of them), none of which hardmix sets itself. Whether timm's model
+    takes them is checked where timm is at hand (:func:`hardmix.models.check_timm_options`)."""
+    if not isinstance(value, dict):
+        raise ConfigError(field, value, "must be a mapping of timm.create_model arguments, e.g. "
+                                        "{drop_path_rate: 0.1}")
+    plain = (int, float, str, bool, type(None))
+    for key, v in value.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(field, key, "must name keyword arguments (identifiers)")
+        if key in TIMM_OWN_KWARGS:
+            raise ConfigError(f"{field}.{key}", v, f"is set by hardmix from "
+                                                   f"{TIMM_OWN_KWARGS[key]}; drop it here")
+        if not (isinstance(v, plain) or isinstance(v, list) and all(isinstance(x, plain)
+                                                                    for x in v)):
+            raise ConfigError(f"{field}.{key}", v, "must be a number, string, boolean, null or "
+                                                   "a list of them")
 
 
 def model_reads(name: object) -> tuple[str, ...] | None:

@@ -13,6 +13,7 @@ picks the CIFAR stem for images smaller than 64 pixels.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Callable
 
 import torch
@@ -38,8 +39,9 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3,
 
 
 def timm_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """Any timm model by name, with the data set's classes and input channels (and
-    ``model.dropout`` as timm's ``drop_rate``)."""
+    """Any timm model by name, with the data set's classes and input channels, ``model.dropout``
+    as timm's ``drop_rate``, ``model.kwargs`` as further ``timm.create_model`` arguments and
+    ``model.pretrained`` (timm's weights; the classifier of ``num_classes`` is new)."""
     try:
         import timm
     except ImportError:
@@ -47,10 +49,96 @@ def timm_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size:
             from None
     name = cfg.name[len(TIMM_PREFIX):]
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes,
-                                 in_chans=in_channels, drop_rate=cfg.dropout)
+        return timm.create_model(name, pretrained=cfg.pretrained, num_classes=num_classes,
+                                 in_chans=in_channels, drop_rate=cfg.dropout, **cfg.kwargs)
+    except TypeError as exc:  # an argument the model does not take
+        raise ConfigError("model.kwargs", cfg.kwargs, f"are not arguments timm's {name} takes "
+                                                      f"({exc})") from None
     except RuntimeError as exc:  # timm's "Unknown model"
         raise ConfigError("model.name", cfg.name, f"is not a timm model ({exc})") from None
+    except OSError as exc:  # the weights could not be fetched (checked up front as well)
+        raise ConfigError("model.pretrained", True, f"timm's weights for {name} could not be "
+                                                    f"loaded ({exc})") from None
+
+
+def check_timm_options(cfg: ModelConfig, prefix: str = "") -> None:
+    """Before any work: timm's model takes ``model.kwargs`` (checked by building it on the meta
+    device, which allocates nothing) and, with ``model.pretrained``, timm has weights for it and
+    they are in the local cache or can be fetched now (fetched here, once, so the runs find
+    them in the cache). Raises ConfigError (one line)."""
+    import timm
+
+    name = cfg.name[len(TIMM_PREFIX):]
+    if cfg.kwargs:
+        try:
+            with torch.device("meta"):
+                timm.create_model(name, pretrained=False, **cfg.kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"{prefix}model.kwargs", cfg.kwargs,
+                              f"are not arguments timm's {name} takes ({exc})") from None
+        except Exception:  # noqa: BLE001 - a model that cannot be built on meta: built later
+            pass
+    if cfg.pretrained:
+        check_timm_weights(name, f"{prefix}model.pretrained")
+
+
+def check_timm_weights(name: str, field: str) -> None:
+    """timm has pretrained weights for model ``name`` and they are at hand: in the local cache
+    (the Hugging Face Hub's, ``HF_HOME``, or torch.hub's), or fetched now. Offline
+    (``HF_HUB_OFFLINE=1``) or with the Hub unreachable, one line says so at once."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if not timm.is_model_pretrained(name):
+        raise ConfigError(field, True, f"timm has no pretrained weights for {name} "
+                                       "(timm.list_pretrained() lists the models that have)")
+    pc = get_pretrained_cfg(name)
+    if _weights_cached(pc):
+        return
+    import huggingface_hub.constants as hub
+
+    where = pc.hf_hub_id and f"{hub.ENDPOINT}/{pc.hf_hub_id}" or pc.url or pc.file
+    if hub.is_offline_mode():
+        raise ConfigError(field, True, f"timm's weights for {name} ({where}) are not in the "
+                                       f"local cache ({hub.HF_HUB_CACHE}) and HF_HUB_OFFLINE is "
+                                       "set: fetch them once where the Hub is reachable, or set "
+                                       "model.pretrained=false")
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(where if "://" in str(where) else hub.ENDPOINT).hostname
+    try:  # fail in seconds, not after the Hub client's minute of retries
+        socket.create_connection((host, 443), timeout=10).close()
+    except OSError as exc:
+        raise ConfigError(field, True, f"timm's weights for {name} cannot be fetched: {host} is "
+                                       f"unreachable ({exc}); put them in the cache "
+                                       f"({hub.HF_HUB_CACHE}) or set model.pretrained=false") \
+            from None
+    try:
+        timm.create_model(name, pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to fetch is the same answer
+        raise ConfigError(field, True, f"timm's weights for {name} could not be fetched "
+                                       f"({type(exc).__name__}: {exc})") from None
+
+
+def _weights_cached(pc) -> bool:
+    """Whether the weights a timm pretrained config names are on this machine already."""
+    if pc.file:
+        return os.path.isfile(pc.file)
+    if pc.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = pc.hf_hub_id.partition("@")
+        names = [pc.hf_hub_filename] if pc.hf_hub_filename else ["model.safetensors",
+                                                                 "pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, n, revision=revision or None), str)
+               for n in names):
+            return True
+    if pc.url:
+        from timm.models._hub import check_cached_file
+
+        return bool(check_cached_file(pc.url))
+    return False
 
 
 def resolve_stem(stem: str, image_size: int) -> str:

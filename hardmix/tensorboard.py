@@ -10,10 +10,11 @@
   result (bottom row);
 * at the end, the HParams entry of the run: exactly the fields given as ``hparams`` (a sweep
   passes the seed and the fields that vary within it, so the view's columns are the sweep's
-  factors), by default the run's acting augment fields, model, data and seed; augment fields
-  that do not act for the run's method show as ``null``; the final validation and test errors
-  (and the best validation error) are its metrics, absent for a run that ended without them;
-  written with ``run_name="."`` so they land in the same run, not a sub-run.
+  factors), by default the run's acting augment fields, model, data and seed; fields that do
+  not act for the run (another method's, optimiser's or model's) show as ``null``; the final
+  validation and test errors (and the best validation error) are its metrics, absent for a
+  run that ended without them; written with ``run_name="."`` so they land in the same run,
+  not a sub-run.
 
 Point TensorBoard at a folder of runs (``tensorboard --logdir runs``) or of sweep trials.
 """
@@ -25,7 +26,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hardmix.config import RunConfig, flatten, to_dict, to_yaml
-from hardmix.methods import active_fields, effective_augment
+from hardmix.config.acts import as_run
+from hardmix.methods import active_fields
 from hardmix.metrics import EPOCH_METRICS, Callback
 
 #: Summary values shown in the HParams dashboard (as ``hparam/<key>`` scalars).
@@ -48,11 +50,10 @@ def default_hparams(cfg: RunConfig) -> list[str]:
 
 def run_hparams(cfg: RunConfig, names: Sequence[str]) -> dict[str, Any]:
     """The HParams entry of a run: exactly the fields ``names`` (no status or other extras,
-    so the view's columns are the sweep's factors), with augment fields that do not act for
-    the run's method as ``"null"`` (as in the Parquet rows: a ``none`` run has no criterion)."""
-    flat = flatten(cfg)
-    aug = {k[len("augment."):]: v for k, v in flat.items() if k.startswith("augment.")}
-    flat.update({f"augment.{k}": v for k, v in effective_augment(aug).items()})
+    so the view's columns are the sweep's factors), with fields that do not act for the run
+    as ``"null"`` (as in the Parquet rows: a ``none`` run has no criterion, an SGD run no
+    betas; :func:`hardmix.config.acts.as_run`)."""
+    flat = as_run(flatten(cfg))
     return {k: hparam_value(flat[k]) for k in names if k in flat}
 
 

@@ -20,7 +20,7 @@ import os
 from typing import Any, Optional
 
 from hardmix.config import RunConfig, flatten
-from hardmix.methods import effective_augment
+from hardmix.config.acts import as_run
 from hardmix.metrics import Callback, reported
 
 DEFAULT_PROJECT = "hardmix"
@@ -37,11 +37,10 @@ def _summary_scalars(summary: dict) -> dict[str, float]:
 
 
 def _params(cfg: RunConfig) -> dict[str, Any]:
-    """The run config, flattened, as it runs: augment fields that do not act None (as in the
-    Parquet rows), ``box: auto`` resolved; lists and mappings as text."""
-    flat = flatten(cfg)
-    aug = {k[len("augment."):]: v for k, v in flat.items() if k.startswith("augment.")}
-    flat.update({f"augment.{k}": v for k, v in effective_augment(aug).items()})
+    """The run config, flattened, as it runs: fields that do not act None (as in the Parquet
+    rows: :func:`hardmix.config.acts.as_run`), ``box: auto`` resolved; lists and mappings as
+    text."""
+    flat = as_run(flatten(cfg))
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
             for k, v in flat.items()}
 

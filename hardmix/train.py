@@ -368,9 +368,11 @@ def training_step(model: nn.Module, raw_model: nn.Module, mix, optimizer, x: tor
 
 
 def build_optimizer(model: nn.Module, o: OptimConfig, steps_per_epoch: int):
-    """SGD (Nesterov when asked) + a per-step LambdaLR of :func:`lr_factor`."""
-    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
-                          nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
+    """The optimiser ``optim.name`` from the registry (:mod:`hardmix.optimizers`: the paper's
+    Nesterov SGD by default) + a per-step LambdaLR of :func:`lr_factor`."""
+    from hardmix.optimizers import build_optimizer as build
+
+    opt = build(model.parameters(), o)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, o))
     return opt, sched
 

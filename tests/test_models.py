@@ -84,7 +84,8 @@ def test_unknown_model_is_a_config_error():
 
 
 #: A value other than the default of each model field a builder may read.
-_OTHER_MODEL_VALUE = {"stem": "imagenet", "width": 16, "dropout": 0.3}
+_OTHER_MODEL_VALUE = {"stem": "imagenet", "width": 16, "dropout": 0.3,
+                      "kwargs": {"drop_path_rate": 0.2}, "pretrained": True}
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_NAMES))

@@ -558,7 +558,7 @@ def test_timm_model_builds_with_the_data_shape_trains_and_is_costed(tmp_path):
 
     from hardmix.config import ModelConfig
     from hardmix.models import build_model
-    from tune.sweep import trial_cost
+    from tune.plan import trial_cost
 
     model = build_model(ModelConfig(name="timm:resnet10t"), num_classes=7, in_channels=1,
                         image_size=16)
@@ -577,6 +577,82 @@ def test_timm_model_builds_with_the_data_shape_trains_and_is_costed(tmp_path):
     from hardmix.errors import ConfigError
     with pytest.raises(ConfigError, match="model.name"):
         build_model(ModelConfig(name="timm:no_such_model_x"), 10, 3, 16)
+
+
+def test_timm_kwargs_reach_the_model_and_a_kwarg_it_does_not_take_is_one_line(tmp_path, capsys):
+    """``model.kwargs`` go to timm.create_model (drop_path_rate builds DropPath layers); one the
+    model does not take, or one hardmix sets itself, is refused before anything is written."""
+    pytest.importorskip("timm")
+    from hardmix.config import ModelConfig
+    from hardmix.models import build_model
+
+    def drop_paths(kwargs: dict) -> list[float]:
+        model = build_model(ModelConfig(name="timm:test_resnet", kwargs=kwargs), 5, 3, 32)
+        return [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+
+    assert not drop_paths({}) and max(drop_paths({"drop_path_rate": 0.2})) == pytest.approx(0.2)
+    for kwargs, field in (("{no_such_arg: 1}", "model.kwargs"),
+                          ("{num_classes: 3}", "model.kwargs.num_classes")):
+        code = main(["train", *[a for o in TINY for a in ("--set", o)], "--set",
+                     "model.name=timm:test_resnet", "--set", f"model.kwargs={kwargs}", "--set",
+                     f"output.dir={tmp_path}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith(f"hardmix: error: {field} = ")
+        assert not list(tmp_path.iterdir())
+
+
+def _hub_cache(folder: Path, repo: str, state: dict) -> None:
+    """``state`` as the Hugging Face Hub cache holds a downloaded ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    snapshot = folder / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / "model.safetensors"))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+
+
+def test_timm_pretrained_loads_cached_weights_and_offline_without_them_is_one_line(
+        tmp_path, monkeypatch, capsys):
+    """``model.pretrained``: timm's weights from the local Hub cache (the classifier is new);
+    offline (HF_HUB_OFFLINE) without them in the cache, one line and exit 2 before anything is
+    written, at once (no download is tried); a model timm has no weights for, likewise."""
+    pytest.importorskip("timm")
+    import huggingface_hub.constants as hub
+    import timm
+    import torch
+
+    from hardmix.config import ModelConfig
+    from hardmix.models import build_model
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    args = ["train", *[a for o in TINY for a in ("--set", o)], "--set",
+            "model.name=timm:test_resnet", "--set", "model.pretrained=true", "--set",
+            f"output.dir={tmp_path / 'runs'}"]
+    t0 = time.perf_counter()
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and time.perf_counter() - t0 < 20
+    assert err[0].startswith("hardmix: error: model.pretrained = True: ") and \
+        "HF_HUB_OFFLINE" in err[0] and "not in the local cache" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+    torch.manual_seed(3)
+    weights = timm.create_model("test_resnet").state_dict()  # the "pretrained" ImageNet model
+    _hub_cache(tmp_path / "hub", "timm/test_resnet.r160_in1k", weights)
+    model = build_model(ModelConfig(name="timm:test_resnet", pretrained=True), 5, 3, 32)
+    got = model.state_dict()
+    assert got["fc.weight"].shape == (5, weights["fc.weight"].shape[1])  # a new classifier
+    assert all(torch.equal(got[k], v) for k, v in weights.items() if not k.startswith("fc."))
+    assert main([*args, "--set", "optim.epochs=1"]) == 0  # the whole run, from the cache
+
+    code = main(["train", *[a for o in TINY for a in ("--set", o)], "--set",
+                 "model.name=timm:botnet50ts_256", "--set", "model.pretrained=true", "--set",
+                 f"output.dir={tmp_path / 'r2'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "model.pretrained" in err[0] and \
+        "no pretrained weights" in err[0]
 
 
 # --------------------------------------------------------------------------------------------

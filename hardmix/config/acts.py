@@ -5,35 +5,41 @@ importance analysis share, derived from the registries that own each fact.
 * a schedule's own ``optim.*`` fields (multistep's milestones and gamma): the schedule table
   (:data:`hardmix.config.schema.SCHEDULE_FIELDS`);
 * a pipeline's own ``data.*`` fields (a folder's image_size): the data-set registry;
-* ``model.*`` fields other than the name (smallnet's width, a ResNet's stem): the model
-  registry (:func:`hardmix.architectures.model_reads`);
+* an optimiser's own ``optim.*`` fields (SGD's momentum, AdamW's betas): the optimiser
+  registry (:func:`hardmix.optimizers.optimizer_reads`);
+* ``model.*`` fields other than the name (smallnet's width, a ResNet's stem, a timm model's
+  kwargs and pretrained): the model registry (:func:`hardmix.architectures.model_reads`);
 * every other field always.
 
-A row whose switch is unknown (a method, schedule, data set or model not registered) keeps every
-field. Torch-free.
+A row whose switch is unknown (a method, schedule, optimiser, data set or model not registered,
+or a row of an older version without the switch's column) keeps every field.
+:func:`as_run` applies the rule to a row: every field that does not act is None, which is how
+the Parquet rows, the trackers and TensorBoard's HParams hold it. Torch-free.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 from hardmix.architectures import ARCHITECTURES, TIMM_READS, model_reads
 from hardmix.config.schema import SCHEDULE_FIELDS
 from hardmix.datasets import DATASETS
 from hardmix.errors import ConfigError
-from hardmix.methods import SWITCHES, active_fields
+from hardmix.methods import SWITCHES, active_fields, effective_augment
+from hardmix.optimizers import OPTIMIZERS, optimizer_reads
 
-__all__ = ["field_acts", "CONDITIONAL", "SWITCH_COLUMNS"]
+__all__ = ["field_acts", "as_run", "CONDITIONAL", "SWITCH_COLUMNS"]
 
 _SCHEDULE_ONLY = {f"optim.{f}" for fields in SCHEDULE_FIELDS.values() for f in fields}
+_OPTIMIZER_ONLY = {f"optim.{f}" for entry in OPTIMIZERS.values() for f in entry.reads}
 _DATASET_ONLY = {f"data.{f}" for spec in DATASETS.values() for f in spec.reads}
 _MODEL_ONLY = ({f"model.{f}" for arch in ARCHITECTURES.values() for f in arch.reads}
                | {f"model.{f}" for f in TIMM_READS})
 #: Config columns outside ``augment.*`` that act only for some runs.
-CONDITIONAL = frozenset(_SCHEDULE_ONLY | _DATASET_ONLY | _MODEL_ONLY)
+CONDITIONAL = frozenset(_SCHEDULE_ONLY | _OPTIMIZER_ONLY | _DATASET_ONLY | _MODEL_ONLY)
 #: The columns that decide which others act: decided first in a conditional space.
 SWITCH_COLUMNS = tuple(f"augment.{s}" for s in SWITCHES) + ("model.name", "data.name",
-                                                            "optim.schedule")
+                                                            "optim.schedule", "optim.name")
 
 
 def _suffix(column: str) -> str:
@@ -45,6 +51,9 @@ def field_acts(column: str, row: Mapping) -> bool:
     (a mapping of flattened fields; only the switches are read) does?"""
     if column in _SCHEDULE_ONLY:
         reads = SCHEDULE_FIELDS.get(row.get("optim.schedule"))
+        return reads is None or _suffix(column) in reads
+    if column in _OPTIMIZER_ONLY:
+        reads = optimizer_reads(row.get("optim.name"))
         return reads is None or _suffix(column) in reads
     if column in _DATASET_ONLY:
         spec = DATASETS.get(row.get("data.name"))
@@ -59,3 +68,20 @@ def field_acts(column: str, row: Mapping) -> bool:
         return _suffix(column) in active_fields(aug)
     except ConfigError:
         return True
+
+
+def as_run(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` (flattened run fields, and possibly other columns) as the run uses it, in place:
+    every config field that does not act None (NULL in Parquet), ``box: auto`` resolved
+    (:func:`hardmix.methods.effective_augment`). Augment fields of an unknown method stay as
+    they are."""
+    aug = {_suffix(k): v for k, v in row.items() if k.startswith("augment.")}
+    if "method" in aug:
+        try:
+            row.update({f"augment.{k}": v for k, v in effective_augment(aug).items()})
+        except ConfigError:
+            pass
+    for column in CONDITIONAL & row.keys():
+        if not field_acts(column, row):
+            row[column] = None
+    return row

@@ -154,6 +154,9 @@ def check_packages(cfg: RunConfig, prefix: str = "") -> None:
     if cfg.model.name.startswith(TIMM_PREFIX):
         require_package("timm", f"{prefix}model.name", cfg.model.name)
         check_timm_model(cfg.model.name, f"{prefix}model.name")
+        if cfg.model.kwargs or cfg.model.pretrained:  # model.kwargs taken, weights at hand
+            from hardmix.models import check_timm_options
+            check_timm_options(cfg.model, prefix)
     for logger in cfg.output.loggers:
         require_package(logger, f"{prefix}output.loggers", logger)
 

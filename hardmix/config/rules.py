@@ -109,9 +109,8 @@ def check_run(cfg: RunConfig, prefix: str = "") -> None:
     if sorted(o.milestones) != o.milestones or any(m <= 0 for m in o.milestones):
         raise ConfigError(f"{prefix}optim.milestones", o.milestones,
                           "must be increasing positive epochs")
-    if o.nesterov and o.momentum == 0:
-        raise ConfigError(f"{prefix}optim.nesterov", o.nesterov,
-                          "needs optim.momentum > 0 (or set optim.nesterov=false)")
+    from hardmix.optimizers import check_optim
+    check_optim(o, f"{prefix}optim.")  # the chosen optimiser's own rules (its fields only)
     if o.warmup_epochs >= o.epochs and o.warmup_epochs > 0:
         raise ConfigError(f"{prefix}optim.warmup_epochs", o.warmup_epochs,
                           f"must be < optim.epochs ({o.epochs})")
