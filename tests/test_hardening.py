@@ -531,6 +531,9 @@ def test_sigterm_stops_like_ctrl_c_and_kill_9_resumes_without_rerunning(tmp_path
     proc.wait(timeout=60)
     done_before = _epochs(sweep, "c001-s0")
     short = sorted(p.name for p in (sweep / "trials").rglob("c000-s0-*.parquet"))
+    # Tune's pickled state replaced by pickles that would run a command if a resume loaded them
+    planted = _plant_evil_pickles(sweep, tmp_path / "pwned")
+    assert planted
     res = subprocess.run([sys.executable, "-m", "hardmix.cli", "sweep", "--resume", str(sweep),
                           "--set", f"address={address}"], cwd=root, env=env, capture_output=True,
                          text=True, timeout=300)
@@ -544,3 +547,27 @@ def test_sigterm_stops_like_ctrl_c_and_kill_9_resumes_without_rerunning(tmp_path
     run_json = json.loads((sweep / "runs" / "c001-s0" / "run.json").read_text())
     assert 1 <= run_json["resumed_from_epoch"] <= max(done_before)
     assert "2 trials: 2 completed" in res.stdout and "min in all" in res.stdout
+    assert not (tmp_path / "pwned").exists()  # the resume that proceeded unpickled nothing
+    pickle.loads(next(iter(planted.values())).replace(b"pwned", b"alive"))  # the plant is live
+    assert (tmp_path / "alive").exists()
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant_evil_pickles(sweep: Path, marker: Path) -> dict:
+    """Every ``tuner.pkl`` a resume could restore from (Tune's experiment folders) and every
+    other pickle Tune left in the sweep folder (searcher state), replaced by one that creates
+    ``marker`` when unpickled. Returns what was written, by path."""
+    targets = set(sweep.rglob("*.pkl")) | {sweep / "tune" / "tuner.pkl"}
+    planted = {}
+    for path in targets:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(_Evil(marker)))
+        planted[path] = path.read_bytes()
+    return planted

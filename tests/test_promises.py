@@ -286,7 +286,8 @@ def test_missing_optional_packages_and_a_failed_run_exit_codes(tmp_path):
         runs.append(["train", *base, *args, "--set", f"output.dir={tmp_path / f'o{i}'}"])
     runs.append(["sweep", "--preset", "quickstart", "--set", f"storage={tmp_path / 'sw'}",
                  "--set", "run.model.name=timm:resnet18"])
-    runs.append(["train", "--set", "data.name=synthetic", "--set", "model.width=8", "--set",
+    runs.append(["train", "--set", "data.name=synthetic", "--set", "model.name=smallnet",
+                 "--set", "model.width=8", "--set",
                  "optim.epochs=1", "--set", "device=cpu", "--set", "output.progress=false",
                  "--set", "optim.lr=1e30", "--set", f"output.dir={tmp_path / 'nan'}", "--set",
                  "output.name=nan"])
