@@ -276,7 +276,23 @@ def _row_table(row: Mapping[str, Any], schema: pa.Schema) -> pa.Table:
     names = list(schema.names) + sorted(k for k in row if k not in schema.names)
     arrays = [_column(n, row.get(n), schema.field(n).type if n in schema.names else None)
               for n in names]
-    return pa.table(dict(zip(names, arrays)))
+    return with_pandas_types(pa.table(dict(zip(names, arrays))))
+
+
+#: pandas dtypes of the Arrow types whose NumPy form would lose a NULL (int64 -> float64).
+_NULLABLE = {pa.int64(): "Int64", pa.bool_(): "boolean"}
+
+
+def with_pandas_types(table: pa.Table) -> pa.Table:
+    """``table`` with pandas metadata naming the nullable dtypes of its integer and boolean
+    columns, so that ``pd.read_parquet`` of a file or folder reads integers as ``Int64`` (NULL
+    as ``<NA>``), never as floats. Other readers ignore it."""
+    cols = [{"name": f.name, "field_name": f.name, "pandas_type": str(f.type),
+             "numpy_type": _NULLABLE[f.type], "metadata": None}
+            for f in table.schema if f.type in _NULLABLE]
+    meta = {"index_columns": [], "column_indexes": [], "columns": cols,
+            "creator": {"library": "hardmix"}, "pandas_version": "2.0.0"}
+    return table.replace_schema_metadata({b"pandas": json.dumps(meta).encode()})
 
 
 class ResultStore:
@@ -589,8 +605,13 @@ class Results:
     sweeps: list[str] = field(default_factory=list)
 
     def to_pandas(self):
-        """``(trials_df, epochs_df)`` as pandas DataFrames."""
-        return self.trials.to_pandas(), self.epochs.to_pandas()
+        """``(trials_df, epochs_df)`` as pandas DataFrames; integer and boolean columns in
+        pandas' nullable dtypes (``Int64``, ``boolean``: NULL is ``<NA>``, never a float)."""
+        import pandas as pd
+
+        types = {k: pd.api.types.pandas_dtype(v) for k, v in _NULLABLE.items()}
+        return (self.trials.to_pandas(types_mapper=types.get),
+                self.epochs.to_pandas(types_mapper=types.get))
 
 
 def sweep_roots(path: str, filesystem: pafs.FileSystem | None = None
@@ -938,7 +959,7 @@ def _compacted_rows(tables: list[pa.Table], kind: str, trials: pa.Table | None =
     i = table.column_names.index("schema_version")
     table = table.set_column(i, "schema_version",
                              pa.array([SCHEMA_VERSION] * table.num_rows, pa.int64()))
-    return table, dropped
+    return with_pandas_types(table), dropped
 
 
 def _num_rows(fs: pafs.FileSystem, path: str) -> int | None:
