@@ -10,8 +10,9 @@ an ordinary column, in one of three shapes chosen by ``--out``:
 * ``NAME.duckdb``: one DuckDB database file with the tables ``trials`` and ``epochs`` (needs the
   optional package duckdb).
 
-Every file is written under a hidden temporary name and renamed into place at the end, so an
-export that fails leaves nothing behind; existing files are replaced only with ``force``.
+Every file is written under a hidden temporary name, fsynced, and renamed into place at the end
+(:mod:`ablations.storage`), so an export that fails leaves nothing behind; existing files are
+replaced only with ``force``.
 
 Compaction (:meth:`ablations.store.ResultStore.compact`) merges the store's many small files
 into a few, in place, without losing a row and safely while the sweep runs.
@@ -30,6 +31,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ablations import storage
 from ablations.store import (SCHEMA_VERSION, TABLES, Compaction, ResultStore, read_results,
                              sweep_roots)
 from hardmix.config.environment import check_writable
@@ -73,7 +75,7 @@ def export_targets(out: str) -> dict[str, Path]:
 
 def check_export(out: str, force: bool = False) -> dict[str, Path]:
     """Every check on ``--out`` before anything is read or written; the targets."""
-    if not out or "://" in str(out):
+    if not out or storage.is_uri(out):
         raise ConfigError("--out", out, "must be a local file or folder (export to a local path, "
                                         "then copy it where it is needed)")
     targets = export_targets(out)
@@ -111,7 +113,7 @@ def _with_metadata(table: pa.Table, source: str, sweeps: list[str]) -> pa.Table:
 
 
 def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return path.with_name(storage.temporary_name(path.name))
 
 
 def _write_parquet(tables: dict[str, pa.Table], targets: dict[str, Path]) -> None:
@@ -121,10 +123,13 @@ def _write_parquet(tables: dict[str, pa.Table], targets: dict[str, Path]) -> Non
             target = targets[name]
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = _tmp(target)
-            pq.write_table(table, tmp)
             written.append((tmp, target))
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f)
+                storage.fsync_file(f)
         for tmp, target in written:  # publish only once every table is written
             os.replace(tmp, target)
+            storage.fsync_dir(str(target.parent))
     except BaseException:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)
@@ -148,6 +153,7 @@ def _write_duckdb(tables: dict[str, pa.Table], target: Path) -> None:
         finally:
             con.close()
         os.replace(tmp, target)
+        storage.fsync_dir(str(target.parent))
     except BaseException:
         tmp.unlink(missing_ok=True)
         Path(f"{tmp}.wal").unlink(missing_ok=True)
@@ -192,7 +198,7 @@ def export_from_cli(path: str, out: str, force: bool = False) -> int:
 def compact_sweeps(path: str, max_rows: int | None = None) -> dict[str, Compaction]:
     """Compact every sweep at ``path`` (a sweep folder or a folder of sweeps)."""
     fs, roots = sweep_roots(path)
-    if "://" not in str(path):
+    if not storage.is_uri(path):
         for root in roots:
             check_writable("path", root)
     return {root: ResultStore(root, filesystem=fs).compact(max_rows) for root in roots}

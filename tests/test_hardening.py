@@ -338,8 +338,8 @@ def test_tampered_sweep_folder_on_resume(tmp_path, capsys, monkeypatch):
 
 
 def test_checkpoint_paths_from_storage_are_checked(tmp_path):
-    from tune.resume import safe_relpath
-    from tune.trainable import CKPT_META, restore_checkpoint
+    from ablations.storage import safe_relpath
+    from tune.checkpoints import CKPT_META, restore_checkpoint
 
     for bad in ("../../etc/passwd", "/etc/passwd", "a/../../b", "", "c:\\x", "a\x00b", 3):
         with pytest.raises(ValueError):
@@ -428,7 +428,7 @@ def test_space_overrides_merge_key_by_key(tmp_path):
 
 def test_resume_with_more_seeds_adds_grid_cells_and_refuses_other_changes():
     from hardmix.config import ConfigError, load_config
-    from tune.sweep import check_resume_changes
+    from tune.resume import check_resume_changes
 
     saved = load_config(SweepConfig, "quickstart")
     more = load_config(SweepConfig, "quickstart", None, ["seeds=[0, 1, 2, 3]"])

@@ -86,7 +86,7 @@ def test_evaluation_cadence_and_scheduler_epochs(tmp_path):
 
 def test_asha_rungs_are_the_epochs_ray_decides_on():
     from hardmix.config import SweepConfig
-    from tune.sweep import scheduler_epochs
+    from tune.search import scheduler_epochs
 
     cfg = load_config(SweepConfig, None, None, ["scheduler.type=asha", "scheduler.grace_period=2",
                                                 "scheduler.reduction_factor=3",

@@ -28,7 +28,8 @@ def _bench():
 @pytest.mark.ray
 @pytest.mark.timeout(180)
 def test_rows_arrive_exactly_once_despite_a_crash_and_an_interruption(ray_local, tmp_path):
-    from tune.sweep import run_sweep, sweep_dir_of
+    from tune.plan import sweep_dir_of
+    from tune.sweep import run_sweep
 
     bench = _bench()
     config = tmp_path / "scale.yaml"

@@ -68,7 +68,7 @@ def test_define_by_run_space_samples_conditionals_only_where_they_exist(sampler)
 def test_ray_searcher_repeats_each_configuration_once_per_seed():
     from ray.tune.search.repeater import TRIAL_INDEX
 
-    from tune.sweep import make_searcher
+    from tune.search import make_searcher
 
     cfg = with_default_space(sweep("seeds=[3, 7]", "num_samples=12"))
     searcher = make_searcher(cfg)
@@ -243,7 +243,7 @@ def test_a_resumed_search_tells_optuna_what_it_finished_without_any_pickle():
     """Configurations read back from the store (one per index, all seeds final) go into a
     fresh study as COMPLETE trials with the mean over seeds; the searcher loads that study."""
     from tune.resume import stored_configurations, warm_study
-    from tune.sweep import make_searcher
+    from tune.search import make_searcher
 
     cfg = with_default_space(sweep("seeds=[0, 1]", "num_samples=6"))
     rows = {

@@ -125,7 +125,8 @@ def test_quickstart_covers_both_criteria_and_all_fallbacks_on_real_data():
 @pytest.mark.parametrize("name", ["quickstart", "ablation-baselines", "ablation-signal",
                                   "ablation-box", "ablation-prob", "search-hardmix"])
 def test_sweep_presets_are_valid_and_plannable(name):
-    from tune.sweep import plan_text, prepare
+    from tune.plan import plan_text
+    from tune.preflight import prepare
 
     text = plan_text(prepare(load_config(SweepConfig, name)))
     assert f"sweep {name!r}" in text and "trials:" in text
@@ -138,7 +139,8 @@ def test_cifar10_study_compares_five_seeds_and_ablates_every_axis_with_three(tmp
     import numpy as np
 
     from tune.space import grid_trials, trial_config
-    from tune.sweep import plan_text, prepare
+    from tune.plan import plan_text
+    from tune.preflight import prepare
 
     path = tmp_path / "c10.npz"
     rng = np.random.RandomState(0)

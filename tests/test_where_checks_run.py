@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from hardmix.config import ConfigError, SweepConfig, load_config
-from tune.sweep import check_gpu_request, plan_text, prepare
+from tune.plan import plan_text
+from tune.preflight import check_gpu_request, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["run.data.name=synthetic", "run.model.name=smallnet", "run.model.width=4",

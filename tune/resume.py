@@ -5,7 +5,7 @@ read with ``yaml.safe_load``), ``followup.json`` (the follow-up configurations),
 store (which trials finished, with which parameters and results), ``sweep_state.json`` (how
 often the sweep was started and for how long) and every trial's checkpoint (a
 ``torch.load(weights_only=True)`` file in its run folder, or in its Ray checkpoint folders on
-a URI storage). Ray Tune's own experiment state (``tuner.pkl``, the searcher's pickles) is
+a URI storage: :func:`tune.checkpoints.stored_checkpoint`). Ray Tune's own experiment state (``tuner.pkl``, the searcher's pickles) is
 never read: anyone who can write the sweep folder could otherwise run code on the driver.
 
 On ``--resume`` a grid runs the cells the store has no final row for; a search first finishes
@@ -19,23 +19,81 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import posixpath
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping
 
+from ablations import storage
 from ablations.store import MAIN_PREFIX, parse_trial_id
-from hardmix.config import ParamSpec, SweepConfig
+from hardmix.config import (ParamSpec, SweepConfig, deep_merge, flatten, from_dict,
+                            parse_overrides, validate)
 from hardmix.errors import ConfigError
+from tune.plan import SWEEP_FILE
 
 STATE_FILE = "sweep_state.json"
 #: Statuses of a trial that is not run again on resume.
 FINAL = ("completed", "pruned")
+
+
+# --------------------------------------------------------------------------------------------
+# The saved config
+# --------------------------------------------------------------------------------------------
+
+
+def resumed_config(folder: str, given: str, overrides: list[str]) -> SweepConfig:
+    """The config of the sweep in ``folder`` (``given``: what ``--resume`` said, for errors):
+    its saved ``sweep.yaml``, with ``overrides`` on top (e.g. a new ``address``), checked to
+    continue the same sweep (:func:`check_resume_changes`)."""
+    saved = storage.join(folder, SWEEP_FILE)
+    if not storage.exists(saved):
+        raise ConfigError("--resume", given or folder,
+                          f"is not a sweep folder (no {SWEEP_FILE} in {folder})")
+    import yaml
+
+    try:
+        raw = yaml.safe_load(storage.read_text(saved)) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError("--resume", saved, f"is not a readable {SWEEP_FILE} "
+                                             f"({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("--resume", saved, f"is not a sweep config ({SWEEP_FILE} must hold a "
+                                             "mapping)")
+    storage_root, name = storage.split(folder)
+    raw.update(storage=storage_root, name=name)  # the folder being resumed wins
+    try:
+        saved_cfg = from_dict(SweepConfig, raw)
+        validate(saved_cfg)
+    except ConfigError as exc:
+        raise ConfigError("--resume", saved, f"holds an invalid sweep config ({exc})") from None
+    cfg = from_dict(SweepConfig, deep_merge(raw, parse_overrides(overrides, SweepConfig)))
+    validate(cfg)
+    check_resume_changes(saved_cfg, cfg)
+    return cfg
+
+
+#: Sweep fields a resume may change: how and where it runs, not which trials it has.
+RESUMABLE = ("address", "local_cpus", "max_concurrent_trials", "max_failures", "report",
+             "storage", "name", "description")
+
+
+def check_resume_changes(saved: SweepConfig, new: SweepConfig) -> None:
+    """A resume continues the saved sweep. It may change how it runs (address, concurrency,
+    retries, report) and, in a grid, add seeds (their trials run as part of the sweep);
+    anything else would silently mix two sweeps: one line, nothing started."""
+    before, after = flatten(saved), flatten(new)
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) == after.get(key) or key.split(".")[0] in RESUMABLE:
+            continue
+        if key == "seeds" and new.mode == "grid" and not new.arms \
+                and set(before["seeds"]) <= set(after["seeds"]):
+            continue  # added seeds: new cells of the grid
+        raise ConfigError(key, after.get(key),
+                          f"cannot change on --resume (the sweep was started with "
+                          f"{before.get(key)!r}); start a new sweep with --set name=... "
+                          + ("or add seeds to a grid without arms" if key == "seeds" else ""))
 
 
 @dataclass
@@ -49,13 +107,11 @@ class SweepState:
 
     @classmethod
     def load(cls, sweep_dir: str) -> "SweepState":
-        from tune.sweep import _exists, _read_text, join
-
-        path = join(sweep_dir, STATE_FILE)
-        if not _exists(path):
+        path = storage.join(sweep_dir, STATE_FILE)
+        if not storage.exists(path):
             return cls()
         try:
-            raw = json.loads(_read_text(path))
+            raw = json.loads(storage.read_text(path))
             state = cls(runs=int(raw.get("runs", 0)), wall_seconds=float(raw.get("wall_seconds", 0)))
         except (ValueError, TypeError, AttributeError) as exc:
             raise ConfigError("--resume", path, f"holds an unreadable {STATE_FILE} ({exc})") \
@@ -65,9 +121,7 @@ class SweepState:
         return state
 
     def save(self, sweep_dir: str) -> None:
-        from tune.sweep import _write_text, join
-
-        _write_text(join(sweep_dir, STATE_FILE), json.dumps(asdict(self)))
+        storage.write_text(storage.join(sweep_dir, STATE_FILE), json.dumps(asdict(self)))
 
     @contextmanager
     def clock(self, sweep_dir: str, every: float = 60.0) -> Iterator[None]:
@@ -163,57 +217,3 @@ def warm_study(cfg: SweepConfig, configs: Mapping[int, dict], metric_of) -> tupl
             params=params, distributions=space.distributions(params),
             value=float(sum(values) / len(values))))
     return storage, name
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints found in storage
-# --------------------------------------------------------------------------------------------
-
-
-def safe_relpath(relpath: Any, what: str = "checkpoint relpath") -> str:
-    """A path read from storage, checked before it is joined: relative, normalised, inside
-    its folder (no ``..``, no absolute path, no drive, no NUL)."""
-    if not isinstance(relpath, str) or not relpath or "\x00" in relpath or "\\" in relpath:
-        raise ValueError(f"{what} {relpath!r} is not a plain relative path")
-    norm = posixpath.normpath(relpath)
-    if norm.startswith(("/", "..")) or posixpath.isabs(relpath) or ":" in norm.split("/")[0] \
-            or any(part == ".." for part in norm.split("/")):
-        raise ValueError(f"{what} {relpath!r} leaves its folder")
-    return norm
-
-
-def stored_checkpoint(sweep_dir: str, trial_id: str) -> Optional[str]:
-    """The newest Ray checkpoint of ``trial_id`` anywhere in the sweep's Tune folders
-    (``tune*/<trial>/checkpoint_*``), copied into a local temporary folder; None if there is
-    none. For sweeps whose run folders live in URI storage (with local run folders the run's
-    own ``checkpoints/last.pt`` is newer)."""
-    import pyarrow.fs as pafs
-
-    from tune.sweep import _fs
-
-    fs, root = _fs(sweep_dir)
-    best: tuple[int, str] | None = None
-    for phase in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        if phase.type != pafs.FileType.Directory or not phase.base_name.startswith("tune"):
-            continue
-        trial_dir = f"{phase.path}/{trial_id}"
-        for info in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True)):
-            if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
-                continue
-            try:
-                with fs.open_input_stream(f"{info.path}/hardmix_checkpoint.json") as f:
-                    meta = json.loads(f.read().decode())
-                epoch = int(meta.get("epoch", 0))
-            except (OSError, ValueError, TypeError, AttributeError):
-                continue
-            if best is None or epoch > best[0]:
-                best = (epoch, info.path)
-    if best is None:
-        return None
-    local = tempfile.mkdtemp(prefix="hardmix-resume-")
-    for info in fs.get_file_info(pafs.FileSelector(best[1])):
-        if info.type == pafs.FileType.File and "/" not in info.base_name:
-            with fs.open_input_stream(info.path) as src, \
-                    open(os.path.join(local, info.base_name), "wb") as dst:
-                dst.write(src.read())
-    return local

@@ -15,7 +15,7 @@ The training run knows nothing about Ray; this module adapts it:
   with a URI storage a trial's run folder is its Tune trial folder, which Ray syncs, except for
   a data-parallel trial, whose rank 0 may run on another node: it writes into a folder of its
   own node and copies it into ``<sweep>/runs/<trial>`` through the storage
-  (:class:`RunFolderSync`);
+  (:class:`tune.checkpoints.RunFolderSync`);
 * ``resources.workers > 1`` fits a Ray Train ``TorchTrainer`` (gloo on CPU, nccl on GPU) whose
   workers each call ``train()``; ``TuneReportCallback`` carries rank 0's reports to Tune.
 
@@ -37,18 +37,18 @@ from typing import Any, Mapping, Optional
 
 from ray.tune import Callback as TuneCallback
 
+from ablations import storage
 from ablations.store import MAIN_PREFIX
 import hardmix.train
 from hardmix.config import ResourcesConfig, RunConfig
 from hardmix.metrics import Callback, reported
+from tune.checkpoints import (RunFolderSync, next_attempt, pack_checkpoint, restore_checkpoint,
+                              stored_checkpoint)
 from tune.space import ConditionalSpace, seed_major, trial_config
 
 #: Key the search adds to a trial's config: which of the configuration's seeds it runs
 #: (``ray.tune.search.repeater.TRIAL_INDEX``).
 TRIAL_INDEX = "__trial_index__"
-#: Files a trial keeps in its run folder across attempts.
-ATTEMPT_FILE = "attempt.json"
-CKPT_META = "hardmix_checkpoint.json"
 #: Reported with every epoch: the trial's own ``optim.epochs`` (it may be a searched parameter).
 EPOCHS_PLANNED = "epochs_planned"
 
@@ -153,86 +153,6 @@ class TrialNamer:
         return self.ctx.trial_id(trial)
 
 
-# --------------------------------------------------------------------------------------------
-# Checkpoints and attempts
-# --------------------------------------------------------------------------------------------
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def next_attempt(run_dir: Path, checkpoint_dir: str | None) -> int:
-    """1 + the attempts recorded so far (in the run folder and in the restored checkpoint)."""
-    seen = 0
-    for source in (run_dir / ATTEMPT_FILE, Path(checkpoint_dir or "/nonexistent") / CKPT_META):
-        try:
-            seen = max(seen, int(json.loads(source.read_text()).get("attempt", 0)))
-        except (OSError, ValueError, TypeError):
-            pass
-    attempt = seen + 1
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_dir / ATTEMPT_FILE, json.dumps({"attempt": attempt}))
-    return attempt
-
-
-def restore_checkpoint(checkpoint_dir: str | None, run_dir: Path) -> bool:
-    """Put a Ray checkpoint's run checkpoint back where the run wrote it; True if there was one.
-
-    Without one, the run folder is emptied (but for the attempt counter): a fresh start must not
-    mix its logs and checkpoints with those of a killed attempt.
-    """
-    meta_file = Path(checkpoint_dir) / CKPT_META if checkpoint_dir else None
-    if meta_file is not None and meta_file.is_file():
-        from tune.resume import safe_relpath
-
-        meta = json.loads(meta_file.read_text())  # from storage: checked before it is used
-        name = safe_relpath(meta.get("file"), "checkpoint file")
-        if "/" in name:
-            raise ValueError(f"checkpoint file {name!r} is not a plain file name")
-        rel = safe_relpath(meta.get("relpath"))
-        target = (run_dir / rel).resolve()
-        if run_dir.resolve() not in target.parents:
-            raise ValueError(f"checkpoint relpath {rel!r} leaves the run folder")
-        _atomic_copy(Path(checkpoint_dir) / name, target)
-        return True
-    if run_dir.is_dir():
-        for child in run_dir.iterdir():
-            if child.name == ATTEMPT_FILE:
-                continue
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
-    return False
-
-
-def _pack_checkpoint(checkpoint: str, run_dir: Path, folder: Path, attempt: int,
-                     epoch: int) -> None:
-    """Fill ``folder`` (a fresh temporary folder) with the run's checkpoint file and where it
-    goes back to. A hard link where possible: Ray copies the folder into storage anyway."""
-    src = Path(checkpoint)
-    try:
-        rel = src.resolve().relative_to(run_dir.resolve()).as_posix()
-    except ValueError:
-        rel = src.name
-    try:
-        os.link(src, folder / src.name)
-    except OSError:
-        shutil.copyfile(src, folder / src.name)
-    (folder / CKPT_META).write_text(json.dumps(
-        {"file": src.name, "relpath": rel, "attempt": attempt, "epoch": epoch}))
-
-
 def tune_metrics(metrics: Mapping[str, Any], best: dict[str, float], attempt: int,
                  epochs: int) -> dict:
     """The scalar metrics sent to Tune, with the run's best errors so far (kept in ``best``),
@@ -325,71 +245,13 @@ class RayReporter(Callback):
                 report(out)
                 return
             with tempfile.TemporaryDirectory(prefix="hardmix-ckpt-") as folder:
-                _pack_checkpoint(checkpoint, self.run_dir, Path(folder), self.attempt,
+                pack_checkpoint(checkpoint, self.run_dir, Path(folder), self.attempt,
                                  int(metrics.get("epoch", 0)))
                 # report() copies the folder into the sweep's storage before it returns.
                 report(out, checkpoint=Checkpoint.from_directory(folder))
         except SystemExit:
             self.writers.silenced = True
             raise
-
-
-class RunFolderSync(Callback):
-    """Copies a run folder written on this node (``local``) into the sweep's storage
-    (``remote``, a path or URI: ``<sweep>/runs/<trial>``) through the storage's filesystem:
-    the files that changed since the last copy, when the run starts, after every epoch and at
-    the end. A data-parallel trial's rank 0 may run on any node, and a node the autoscaler
-    removes takes its disk with it."""
-
-    def __init__(self, local: Path, remote: str):
-        self.local, self.remote = Path(local), remote
-        self.copied: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns)
-
-    def clear_remote(self) -> None:
-        """A fresh start: drop what a killed attempt left in the storage (as a local run
-        folder is emptied)."""
-        from tune.sweep import _fs
-
-        fs, inner = _fs(self.remote)
-        fs.delete_dir_contents(inner, missing_dir_ok=True)
-
-    def sync(self) -> int:
-        """Copy what changed; the number of files copied."""
-        import pyarrow.fs as pafs
-
-        from tune.sweep import _fs
-
-        if not self.local.is_dir():
-            return 0
-        fs, base = _fs(self.remote)
-        n = 0
-        for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
-            rel = path.relative_to(self.local).as_posix()
-            if rel.startswith(".") or "/." in rel:  # temporary files of atomic writes
-                continue
-            try:
-                st = path.stat()
-            except FileNotFoundError:  # replaced while we looked
-                continue
-            stamp = (st.st_size, st.st_mtime_ns)
-            if self.copied.get(rel) == stamp:
-                continue
-            dest = f"{base.rstrip('/')}/{rel}"
-            fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
-            pafs.copy_files(str(path), dest, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=fs)
-            self.copied[rel] = stamp
-            n += 1
-        return n
-
-    def on_run_start(self, cfg: RunConfig, info: dict) -> None:
-        self.sync()  # config.yaml and run.json
-
-    def on_epoch_end(self, metrics: dict, checkpoint: str | None = None) -> None:
-        self.sync()
-
-    def on_run_end(self, summary: dict) -> None:
-        self.sync()
 
 
 def trial_callbacks(cfg: RunConfig, store_cb: Callback, run_dir: Path, attempt: int,
@@ -469,8 +331,6 @@ def _resume_from_storage(ctx: SweepContext, trial_id: str, run_dir: Path) -> boo
         if checkpoint_path(run_dir).is_file():
             return True
         return restore_checkpoint(None, run_dir)  # a fresh start in a clean folder
-    from tune.resume import stored_checkpoint
-
     folder = stored_checkpoint(ctx.sweep_dir, trial_id)
     try:
         return restore_checkpoint(folder, run_dir) if folder else False
@@ -572,13 +432,11 @@ def _worker_loop(config: dict) -> None:
         # The run folder the Tune trial names lives on the trial driver's node, not
         # necessarily this one: write into a folder of this node, and (rank 0) copy it into
         # <sweep>/runs/<trial> through the storage as the run goes.
-        from tune.sweep import join
-
         sweep = ctx.sweep_dir.rstrip("/").rsplit("/", 1)[-1]
         run_dir = Path(tempfile.mkdtemp(prefix=f"hardmix-{sweep}-{config['trial_id']}-"
                                                f"rank{rank}-"))
         if rank == 0:
-            sync = RunFolderSync(run_dir, join(ctx.sweep_dir, "runs", config["trial_id"]))
+            sync = RunFolderSync(run_dir, storage.join(ctx.sweep_dir, "runs", config["trial_id"]))
     _set_threads(ctx.resources.cpus)
     try:
         checkpoint = ray.train.get_checkpoint()
