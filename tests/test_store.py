@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ablations import store as store_mod
+from ablations import writer as writer_mod
 from ablations.store import (SCHEMA_VERSION, ResultsError, ResultStore, StoreCallback,
                              read_results)
 from hardmix.config import ConfigError, HardmixError, RunConfig, flatten
@@ -65,7 +65,7 @@ def test_equal_timestamps_prefer_the_final_status(tmp_path, monkeypatch):
     st = ResultStore(str(tmp_path / "sw"))
     from datetime import datetime, timezone
     stamp = datetime(2030, 1, 1, tzinfo=timezone.utc)
-    monkeypatch.setattr(store_mod, "_now", lambda: stamp)
+    monkeypatch.setattr(writer_mod, "_now", lambda: stamp)
     st.write_trial({"trial_id": "a", "status": "completed", "final_top1_err": 1.0})
     st.write_trial({"trial_id": "a", "status": "running"})
     assert read_results(str(tmp_path / "sw")).trials.column("status").to_pylist() == ["completed"]
@@ -94,7 +94,7 @@ def test_killed_writer_leaves_nothing_readers_choke_on(tmp_path, monkeypatch):
         where.write(b"PAR1 half")  # the open temporary file
         raise KeyboardInterrupt  # the writer is interrupted between write and rename
 
-    monkeypatch.setattr(store_mod.pq, "write_table", dies)
+    monkeypatch.setattr(pq, "write_table", dies)
     with pytest.raises(KeyboardInterrupt):
         st.write_trial({"trial_id": "dead", "status": "running"})
     monkeypatch.undo()
