@@ -56,6 +56,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                         "applied last)")
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="let the trackers (W&B, MLflow) print their own banners and log lines "
+                        "on the console (default: only hardmix's lines)")
+
+
+def _apply_verbose(args: argparse.Namespace) -> None:
+    if getattr(args, "verbose", False):
+        from hardmix.trackers import VERBOSE_ENV
+        os.environ[VERBOSE_ENV] = "1"  # read by the trackers, here and in Ray's processes
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes are one line too (and exit code 2), like every other bad input."""
 
@@ -79,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in output.dir/output.name from its last checkpoint")
+    _add_verbose(p)
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("eval", formatter_class=fmt, help="test error of a saved checkpoint",
@@ -101,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the trials, resources and a compute estimate, then stop")
     p.add_argument("--address", help="Ray address (auto, ray://host:port); same as --set address=")
     p.add_argument("--storage", help="results folder or URI (s3://, gs://); same as --set storage=")
+    _add_verbose(p)
     p.set_defaults(handler=_sweep)
 
     p = sub.add_parser("report", formatter_class=fmt, help="tables and plots of a sweep",
@@ -228,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _apply_verbose(args)
         return int(handler(args) or 0)
     except HardmixError as exc:
         return fail(exc)

@@ -58,12 +58,15 @@ def run_hparams(cfg: RunConfig, names: Sequence[str]) -> dict[str, Any]:
 
 
 class TensorBoardCallback(Callback):
-    """Scalars, HParams and a mixed-image grid into ``log_dir`` (default: the run folder).
+    """Scalars, HParams and a mixed-image grid into ``log_dir`` (default: the run folder), in
+    its subfolder ``run_name`` when given (a sweep trial's readable name: TensorBoard names a
+    run by its folder, so it lists ``c003-s0/hardmix-topk_loss-s0``).
     ``hparams``: the config fields of the HParams entry (None: :func:`default_hparams`)."""
 
     def __init__(self, log_dir: Optional[str | Path] = None,
-                 hparams: Optional[Sequence[str]] = None):
+                 hparams: Optional[Sequence[str]] = None, run_name: Optional[str] = None):
         self.log_dir = log_dir
+        self.run_name = run_name
         self.hparams = list(hparams) if hparams is not None else None
         self.writer = None
         self.cfg: Optional[RunConfig] = None
@@ -76,7 +79,7 @@ class TensorBoardCallback(Callback):
 
         self.cfg = cfg
         self.classes = [str(c) for c in info.get("classes") or []]
-        log_dir = str(self.log_dir or info["run_dir"])
+        log_dir = str(Path(self.log_dir or info["run_dir"], self.run_name or ""))
         # A resumed run drops the events it is about to write again.
         purge = info.get("start_epoch", 0) + 1 if info.get("start_epoch") else None
         self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge)

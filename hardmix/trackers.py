@@ -5,8 +5,10 @@
 :data:`hardmix.metrics.EPOCH_METRICS` (NULLs skipped) at step = epoch, and the summary at the
 end. They use the libraries' own configuration: ``WANDB_PROJECT`` (default ``hardmix``),
 ``WANDB_MODE=offline`` (no account needed), ``WANDB_DIR`` (default: the run folder);
-``MLFLOW_TRACKING_URI`` (MLflow's default is ``sqlite:///mlflow.db`` in the working directory)
-and ``MLFLOW_EXPERIMENT_NAME``.
+``MLFLOW_TRACKING_URI`` (default here: ``sqlite:///<run folder>/mlflow.db``, never the working
+directory) and ``MLFLOW_EXPERIMENT_NAME``. The libraries' banners (W&B's ``wandb: ...`` lines,
+the MLflow store's set-up logs) stay off the console unless ``--verbose``
+(``HARDMIX_VERBOSE=1``, :func:`verbose`).
 
 Sweeps log through Ray Tune's ``WandbLoggerCallback`` and ``MLflowLoggerCallback`` on the
 driver instead (:mod:`tune.trackers`); sweep trials never add these callbacks
@@ -15,8 +17,10 @@ driver instead (:mod:`tune.trackers`); sweep trials never add these callbacks
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 from hardmix.config import RunConfig, flatten
@@ -24,6 +28,33 @@ from hardmix.config.acts import as_run
 from hardmix.metrics import Callback, reported
 
 DEFAULT_PROJECT = "hardmix"
+#: Set (to 1) by ``hardmix --verbose``: trackers and Ray may talk on the console.
+VERBOSE_ENV = "HARDMIX_VERBOSE"
+
+
+def verbose() -> bool:
+    """Whether the console may show the trackers' own banners (``--verbose``)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+def quiet_tracker_logs() -> None:
+    """Unless :func:`verbose`: the loggers that announce a tracker's store (MLflow's sqlite
+    migrations through alembic, MLflow's own notes) only pass warnings and errors."""
+    if not verbose():
+        for name in ("alembic", "mlflow"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def wandb_settings() -> dict:
+    """``wandb.init(settings=...)``: silent (no ``wandb:`` banner lines) unless verbose."""
+    return {} if verbose() else {"silent": True}
+
+
+def mlflow_uri(folder: str | Path) -> str:
+    """MLflow's tracking URI: ``MLFLOW_TRACKING_URI``, else a sqlite store in ``folder`` (the
+    run's or the sweep's; never the working directory)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{Path(os.path.expanduser(str(folder))).resolve() / 'mlflow.db'}"
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
@@ -59,7 +90,8 @@ class WandbCallback(Callback):
         # WANDB_PROJECT / WANDB_DIR win (wandb.init's arguments would override them).
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
                               name=self.name, config=_params(cfg), reinit="finish_previous",
-                              dir=os.environ.get("WANDB_DIR") or info.get("run_dir"))
+                              dir=os.environ.get("WANDB_DIR") or info.get("run_dir"),
+                              settings=wandb_settings())
 
     def on_epoch_end(self, metrics: dict, checkpoint: Optional[str]) -> None:
         if self.run is not None:
@@ -84,6 +116,8 @@ class MlflowCallback(Callback):
             return
         import mlflow
 
+        quiet_tracker_logs()
+        mlflow.set_tracking_uri(mlflow_uri(info.get("run_dir") or "."))
         mlflow.start_run(run_name=self.name)
         self.active = True
         params = {k: ("" if v is None else v) for k, v in _params(cfg).items()}

@@ -601,7 +601,8 @@ def tensorboard_epochs(run_dir: Path, tag: str = "loss/train_loss") -> list[int]
     """The epochs of ``tag`` in a run folder's TensorBoard events (every event file)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    (folder,) = {p.parent for p in run_dir.rglob("events.out.tfevents.*")}  # <trial>/<name>/
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
     return sorted(e.step for e in acc.Scalars(tag))
 
 
@@ -630,7 +631,7 @@ def test_data_parallel_run_folder_reaches_the_storage_from_a_worker_node(ddp_run
     # Rank 0's node-local folder of the completed runs is gone: nothing else held the files.
     assert not list(Path(tempfile.gettempdir()).glob("hardmix-ddp-single-c000-s0-rank*"))
     spread = shared / "ddp-spread" / "runs" / "c000-s0"
-    assert len(list(spread.glob("events.out.tfevents.*"))) >= 2  # one per attempt
+    assert len(list(spread.glob("*/events.out.tfevents.*"))) >= 2  # one per attempt
 
 
 # --------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def test_main_job_runs_as_documented(quickstart):
     assert paths["TensorBoard"] == f"tensorboard --logdir {sweep / 'runs'}"
     assert paths["report"] == str(sweep / "report" / "report.md")
     for t in trials.trial_id:
-        assert list((sweep / "runs" / t).glob("events.out.tfevents.*")), t
+        assert list((sweep / "runs" / t).glob("*/events.out.tfevents.*")), t  # <trial>/<name>/
     assert (sweep / "sweep.yaml").is_file() and (sweep / "sweep_state.json").is_file()
 
     # outcome.best: the completed trial with the lowest validation error

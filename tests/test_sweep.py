@@ -326,7 +326,7 @@ def test_optuna_search_end_to_end_writes_every_trial_and_epoch(tmp_path, ray_loc
     # TensorBoard: one run folder per trial, written by the run; none from Tune itself.
     sweep = Path(outcome.sweep_dir)
     for trial in trials.trial_id:
-        assert glob.glob(str(sweep / "runs" / trial / "events.out.tfevents.*"))
+        assert glob.glob(str(sweep / "runs" / trial / "*" / "events.out.tfevents.*"))  # /<name>/
     assert not glob.glob(str(sweep / "tune*" / "**" / "events.out.tfevents.*"), recursive=True)
     assert not glob.glob(str(sweep / "tune*" / "*" / "progress.csv"))
 
@@ -356,7 +356,8 @@ def test_failing_trial_is_retried_then_recorded_as_failed_while_others_complete(
     assert bad["attempt"] == 2  # one retry, then recorded
     assert set(epochs.trial_id) == {"c000-s0", "c000-s3"}
     # With a URI storage the run folder (TensorBoard logs) is synced into the Tune trial folder.
-    assert glob.glob(str(tmp_path / "fail" / "tune" / "c000-s0" / "run" / "events.out.tfevents.*"))
+    assert glob.glob(str(tmp_path / "fail" / "tune" / "c000-s0" / "run" / "*"
+                         / "events.out.tfevents.*"))
 
 
 @pytest.mark.ray

@@ -807,20 +807,24 @@ def test_live_progress_redraws_one_bar_and_ends_with_a_newline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def ray_sweep(ray_local, tmp_path_factory):
-    """A grid over none / CutMix (seed 0) with ``timm:resnet10t``, W&B offline and MLflow in
-    a sqlite store; returns ``(sweep folder, mlflow uri, wandb folder, outcome)``."""
+    """A grid over none / CutMix (seed 0) with ``timm:resnet10t``, W&B offline and MLflow at
+    its default store, run from an empty working folder; returns ``(sweep folder, mlflow uri,
+    wandb folder, outcome, printed summary, working folder)``."""
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
     pytest.importorskip("timm")
     from tune.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("raysweep")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = f"sqlite:///{tmp}/tb/mlflow.db"  # the default: in the sweep folder
     (tmp / "wb").mkdir()
+    (tmp / "cwd").mkdir()
     with pytest.MonkeyPatch.context() as mp_env:
-        for key, value in dict(WANDB_MODE="offline", WANDB_DIR=str(tmp / "wb"),
-                               WANDB_SILENT="true", MLFLOW_TRACKING_URI=uri).items():
+        for key, value in dict(WANDB_MODE="offline", WANDB_DIR=str(tmp / "wb")).items():
             mp_env.setenv(key, value)
+        for key in ("MLFLOW_TRACKING_URI", "WANDB_SILENT", "HARDMIX_VERBOSE"):
+            mp_env.delenv(key, raising=False)
+        mp_env.chdir(tmp / "cwd")
         cfg = load_config(SweepConfig, None, None, [
             f"storage={tmp}", "name=tb", "run.data.name=synthetic",
             "run.model.name=timm:resnet10t", "run.optim.epochs=2", "run.data.batch_size=64",
@@ -828,14 +832,15 @@ def ray_sweep(ray_local, tmp_path_factory):
             "max_concurrent_trials=2", "mode=grid", "seeds=[0]",
             "space={augment.method: {values: [none, cutmix]}}",
             "run.output.loggers=[wandb, mlflow]"])
-        outcome = run_sweep(cfg, out=io.StringIO())
-    return Path(outcome.sweep_dir), uri, tmp / "wb", outcome
+        out = io.StringIO()
+        outcome = run_sweep(cfg, out=out)
+    return Path(outcome.sweep_dir), uri, tmp / "wb", outcome, out.getvalue(), tmp / "cwd"
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_sweep_with_a_timm_model_is_read_directly(ray_sweep):
-    sweep, _, _, outcome = ray_sweep
+    sweep, _, _, outcome, _, _ = ray_sweep
     assert outcome.counts == {"completed": 2}
     check_direct_reads(sweep, n_trials=2, n_epochs=4)
     trials = read_results(str(sweep)).trials.to_pandas()
@@ -845,7 +850,7 @@ def test_sweep_with_a_timm_model_is_read_directly(ray_sweep):
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_sweep_logs_each_trial_once_to_mlflow_and_wandb(ray_sweep):
-    sweep, uri, wb_dir, _ = ray_sweep
+    sweep, uri, wb_dir, _, _, _ = ray_sweep
     res = read_results(str(sweep))
     trials = dict(zip(res.trials.column("trial_id").to_pylist(),
                       res.trials.column("augment.method").to_pylist()))
@@ -855,7 +860,10 @@ def test_sweep_logs_each_trial_once_to_mlflow_and_wandb(ray_sweep):
                        res.epochs.column("val_top1_err").to_pylist()):
         want.setdefault(t, []).append((e, v))
 
-    ml = mlflow_runs(uri)  # one run per trial: the trials' own trackers did not run too
+    # Run names: the trial id beside its readable name (what varies: the method; the seed).
+    named = {"c000-s0": "c000-s0 none-s0", "c001-s0": "c001-s0 cutmix-s0"}
+    ml = {k.split(" ")[0]: v for k, v in mlflow_runs(uri).items()}
+    assert sorted(mlflow_runs(uri)) == sorted(named.values())  # one run per trial
     assert sorted(ml) == sorted(trials) == ["c000-s0", "c001-s0"]
     for name, run in ml.items():
         assert run["status"] == "FINISHED" and run["experiment"] == "tb"
@@ -872,7 +880,8 @@ def test_sweep_logs_each_trial_once_to_mlflow_and_wandb(ray_sweep):
     while (None in wb or len(wb) < 2) and time.time() < deadline:
         time.sleep(1)
         wb = wandb_runs(wb_dir)
-    assert sorted(wb) == ["c000-s0", "c001-s0"]
+    assert sorted(wb) == sorted(named.values())
+    wb = {k.split(" ")[0]: v for k, v in wb.items()}
     for name, run in wb.items():
         history = [(h["training_iteration"], h["val_top1_err"]) for h in run["history"]]
         assert same_series(history, want[name])
@@ -882,14 +891,31 @@ def test_sweep_logs_each_trial_once_to_mlflow_and_wandb(ray_sweep):
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_sweep_hparams_list_only_what_varies_with_final_errors(ray_sweep):
-    sweep, _, _, _ = ray_sweep
+    sweep, _, _, _, _, _ = ray_sweep
     trials = read_results(str(sweep)).trials.to_pandas().set_index("trial_id")
+    assert trials["trial_name"].to_dict() == {"c000-s0": "none-s0", "c001-s0": "cutmix-s0"}
     for trial_id, row in trials.iterrows():
-        hparams, metrics = read_hparams(sweep / "runs" / trial_id)
+        # TensorBoard names a run by its folder: <trial id>/<readable name>
+        assert [p.name for p in (sweep / "runs" / trial_id).iterdir() if p.is_dir()
+                and list(p.glob("events.out.tfevents.*"))] == [row["trial_name"]]
+        hparams, metrics = read_hparams(sweep / "runs" / trial_id / row["trial_name"])
         assert hparams == {"seed": 0.0, "augment.method": row["augment.method"]}
         assert metrics["hparam/final_val_top1_err"] == pytest.approx(row["final_val_top1_err"])
         assert metrics["hparam/final_top1_err"] == pytest.approx(row["final_top1_err"])
         assert metrics["hparam/final_top5_err"] == pytest.approx(row["final_top5_err"])
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_sweep_summary_says_where_each_tracker_wrote_and_nothing_lands_in_the_working_folder(
+        ray_sweep):
+    sweep, uri, wb_dir, _, text, cwd = ray_sweep
+    assert f"  MLflow       experiment tb at {uri}; open with  mlflow ui --backend-store-uri " \
+           f"{uri}" in text
+    assert f"  W&B          offline runs in {wb_dir}/wandb; upload with  wandb sync " \
+           f"{wb_dir}/wandb/offline-run-*" in text
+    assert glob.glob(f"{wb_dir}/wandb/offline-run-*") and (sweep / "mlflow.db").is_file()
+    assert not list(cwd.iterdir())  # no mlflow.db, mlruns or wandb folder where it ran
 
 
 def test_dry_run_estimates_the_compute_of_a_timm_model(tmp_path):

@@ -161,6 +161,9 @@ def print_outcome(cfg: SweepConfig, outcome: SweepOutcome, out: TextIO) -> None:
     runs = (storage.join(d, "runs") if not storage.is_uri(d) or cfg.resources.workers > 1
             else storage.join(d, MAIN_PHASE))
     print(f"  TensorBoard  tensorboard --logdir {runs}", file=out)
+    from tune.trackers import summary_lines  # W&B, MLflow: where they wrote, how to open it
+    for line in summary_lines(cfg, d):
+        print(line, file=out)
     if outcome.report:
         print(f"  report       {outcome.report}", file=out)
     if outcome.interrupted:

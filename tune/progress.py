@@ -146,16 +146,20 @@ def last_error_line(text: str | None) -> str:
 class SweepProgress(ProgressReporter):
     """A :class:`ray.tune.ProgressReporter` that prints a few lines instead of tables.
 
-    A trial's display name is its sweep trial id (``str(trial)``). A status line is printed
-    when a trial ends and every ``every_s`` seconds while trials run; each ending trial gets one
-    line of its own (with the error's last line when it failed). Picklable: Tune saves it with
+    A trial's display name is ``names(trial)`` (the sweep passes its trial id and readable
+    name, ``c003-s0 hardmix-topk_loss-s0``), else its sweep trial id (``str(trial)``). A status
+    line is printed when a trial ends and every ``every_s`` seconds while trials run; each
+    ending trial gets one line of its own (with the error's last line when it failed).
+    Picklable: Tune saves it with
     the experiment for ``--resume``.
     """
 
     def __init__(self, metric: str, epochs: int, total: int, label: str = "sweep",
                  out: TextIO | None = None, every_s: float = 60.0, live: bool | None = None,
-                 refresh_s: float = 1.0, clock=time.time):
+                 refresh_s: float = 1.0, clock=time.time, names: Any = None):
         self.metric, self.epochs, self.total, self.label = metric, epochs, total, label
+        self.names = names          # trial -> display name (picklable), or None
+        self._names: dict[Any, str] = {}
         self.out = out
         self.every_s = every_s
         self.live = live            # None: decided by the stream (is_live)
@@ -214,9 +218,13 @@ class SweepProgress(ProgressReporter):
         left = "ETA —" if eta is None else f"ETA {_fmt_seconds(eta)}"
         return f"{ended}/{total} ended, elapsed {_fmt_seconds(elapsed)}, {left}"
 
-    @staticmethod
-    def name_of(trial: Any) -> str:
-        return str(trial)
+    def name_of(self, trial: Any) -> str:
+        if self.names is None:
+            return str(trial)
+        key = getattr(trial, "trial_id", id(trial))
+        if key not in self._names:
+            self._names[key] = self.names(trial)
+        return self._names[key]
 
     @staticmethod
     def error_of(trial: Any) -> str | None:

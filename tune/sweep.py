@@ -354,7 +354,8 @@ def _tuner(cfg: SweepConfig, ctx, phase: str, label: str, cells: list[dict] | No
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         sync_config=tune.SyncConfig(sync_artifacts=not ctx.local_runs),
         callbacks=[StoreStatusCallback(ctx), *tracker_callbacks(cfg, ctx)],
-        progress_reporter=SweepProgress(cfg.metric, cfg.run.optim.epochs, total, label=label),
+        progress_reporter=SweepProgress(cfg.metric, cfg.run.optim.epochs, total, label=label,
+                                        names=ctx.trial_label),
         verbose=1)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                       run_config=run_config)

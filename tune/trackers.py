@@ -3,7 +3,8 @@
 When ``run.output.loggers`` names ``wandb`` and/or ``mlflow``, :func:`tracker_callbacks` gives
 the sweep's Tuner Ray's ``WandbLoggerCallback`` / ``MLflowLoggerCallback``. They run on the
 driver and log what every trial reports to Tune (each epoch's metrics, at step = epoch), one
-tracker run per trial, named by its sweep trial id (``c003-s1``) and grouped by the sweep.
+tracker run per trial, named by its sweep trial id and readable name (``c003-s1
+hardmix-topk_loss-s1``) and grouped by the sweep.
 
 One copy per trial: the trials themselves never start the per-run trackers of
 :mod:`hardmix.trackers` (:func:`tune.trainable.trial_callbacks` holds only the store and
@@ -17,10 +18,13 @@ carries for the store, Tune's copy of the config).
 
 Configuration is the libraries' own: W&B reads ``WANDB_PROJECT`` (default ``hardmix``),
 ``WANDB_ENTITY``, ``WANDB_MODE`` (``offline`` needs no account) and ``WANDB_DIR`` (default: the
-sweep's ``wandb/`` folder for a local sweep); MLflow reads ``MLFLOW_TRACKING_URI`` (MLflow's
-default is ``sqlite:///mlflow.db`` in the working directory) and ``MLFLOW_EXPERIMENT_NAME``
+sweep's ``wandb/`` folder for a local sweep); MLflow reads ``MLFLOW_TRACKING_URI`` (default
+here: ``sqlite:///<sweep>/mlflow.db``, or ``~/.cache/hardmix/mlflow/<sweep name>/mlflow.db``
+for a sweep on a URI storage; never the working directory) and ``MLFLOW_EXPERIMENT_NAME``
 (default: the sweep's name). W&B's logging processes are Ray actors that do not inherit the
-driver's later environment changes, so mode and folder are handed to them explicitly.
+driver's later environment changes, so mode, folder and (unless ``--verbose``) silence are
+handed to them explicitly. :func:`summary_lines` tells the end-of-sweep summary where each
+tracker wrote and how to open it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import os
 from typing import Any
 
 from hardmix.config import SweepConfig, flatten
+from hardmix.trackers import mlflow_uri, quiet_tracker_logs, wandb_settings
 
 DEFAULT_PROJECT = "hardmix"
 #: Report keys that are facts for the store (strings, JSON) or bookkeeping, not metrics.
@@ -48,6 +53,50 @@ def trial_params(ctx: Any, trial: Any) -> dict[str, Any]:
             for k, v in flat.items()}
 
 
+def _names(ctx: Any, trial: Any) -> tuple[str, str]:
+    """``(run name, readable name)`` of a trial: ``("c003-s1 hardmix-topk_loss-s1",
+    "hardmix-topk_loss-s1")`` (the id alone when its config cannot be built)."""
+    label = ctx.trial_label(trial)
+    return label, label.split(" ", 1)[1] if " " in label else ""
+
+
+def wandb_folder(sweep_dir: str) -> str | None:
+    """Where W&B writes: ``WANDB_DIR``, else the sweep's ``wandb/`` folder (local sweeps)."""
+    return os.environ.get("WANDB_DIR") or (None if "://" in sweep_dir
+                                           else os.path.join(sweep_dir, "wandb"))
+
+
+def default_mlflow_uri(cfg: SweepConfig, sweep_dir: str) -> str:
+    """``MLFLOW_TRACKING_URI``, else a sqlite store in the sweep folder (a local cache folder
+    named after the sweep when the storage is a URI, which sqlite cannot write to)."""
+    if "://" in sweep_dir and not sweep_dir.startswith("file://"):
+        return mlflow_uri(os.path.join("~", ".cache", "hardmix", "mlflow", cfg.name))
+    return mlflow_uri(sweep_dir[len("file://"):] if sweep_dir.startswith("file://")
+                      else sweep_dir)
+
+
+def summary_lines(cfg: SweepConfig, sweep_dir: str) -> list[str]:
+    """The end-of-sweep summary's tracker lines: where each tracker wrote and the command that
+    opens it."""
+    lines = []
+    for name in cfg.run.output.loggers:
+        if name == "wandb":
+            folder = wandb_folder(sweep_dir)
+            project = os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+            if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+                lines.append(f"  W&B          offline runs in {folder}/wandb; upload with  "
+                             f"wandb sync {folder}/wandb/offline-run-*")
+            else:
+                lines.append(f"  W&B          project {project}, group {cfg.name} (local files "
+                             f"in {folder or 'the W&B default folder'})")
+        elif name == "mlflow":
+            uri = default_mlflow_uri(cfg, sweep_dir)
+            experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.name
+            lines.append(f"  MLflow       experiment {experiment} at {uri}; open with  "
+                         f"mlflow ui --backend-store-uri {uri}")
+    return lines
+
+
 def _metrics_only(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in NOT_METRICS}
 
@@ -57,16 +106,33 @@ def wandb_callback(cfg: SweepConfig, ctx: Any):
     from ray.air.integrations.wandb import WandbLoggerCallback
 
     class HardmixWandb(WandbLoggerCallback):
+        def _start_logging_actor(self, trial: Any, exclude_results: list, **kwargs: Any) -> None:
+            if not self._remote_logger_class:
+                # Ray's own class restarts without end (max_restarts=-1), which makes Ray's core
+                # worker print an ERROR line for every trial (ray-project/ray#53727); a logging
+                # actor that dies here is not restarted (the Parquet rows are the record).
+                import ray
+                from ray.air.integrations.wandb import WANDB_ENV_VAR
+                from ray.air.util.node import _force_on_current_node
+
+                env = {k: os.environ[k] for k in (WANDB_ENV_VAR,) if k in os.environ}
+                self._remote_logger_class = ray.remote(
+                    num_cpus=0, **_force_on_current_node(), runtime_env={"env_vars": env},
+                    max_restarts=0)(self._logger_actor_cls)
+            super()._start_logging_actor(trial, exclude_results, **kwargs)
+
         def log_trial_start(self, trial: Any) -> None:
             # Read by the parent's log_trial_start when it builds wandb.init's arguments.
             self.kwargs["config"] = trial_params(ctx, trial)
+            self.kwargs["name"] = _names(ctx, trial)[0]
             super().log_trial_start(trial)
 
     kwargs: dict[str, Any] = {}
     if os.environ.get("WANDB_MODE"):
         kwargs["mode"] = os.environ["WANDB_MODE"]
-    folder = os.environ.get("WANDB_DIR") or (None if "://" in ctx.sweep_dir
-                                              else os.path.join(ctx.sweep_dir, "wandb"))
+    folder = wandb_folder(ctx.sweep_dir)
+    if wandb_settings():
+        kwargs["settings"] = wandb_settings()
     if folder:
         os.makedirs(folder, exist_ok=True)
         kwargs["dir"] = folder
@@ -83,6 +149,12 @@ def mlflow_callback(cfg: SweepConfig, ctx: Any):
     class HardmixMlflow(MLflowLoggerCallback):
         def log_trial_start(self, trial: Any) -> None:
             first = trial not in self._trial_runs
+            if first:  # the run, named by the trial's id and readable name
+                label, name = _names(ctx, trial)
+                run = self.mlflow_util.start_run(
+                    tags={**self.tags, "trial_id": str(trial), "trial_name": name},
+                    run_name=label)
+                self._trial_runs[trial] = run.info.run_id
             super().log_trial_start(trial)
             if first:  # a retried trial continues its run; its params are there already
                 params = {k: "" if v is None else str(v)[:500]
@@ -93,7 +165,8 @@ def mlflow_callback(cfg: SweepConfig, ctx: Any):
         def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
             super().log_trial_result(iteration, trial, _metrics_only(result))
 
-    return HardmixMlflow(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
+    quiet_tracker_logs()
+    return HardmixMlflow(tracking_uri=default_mlflow_uri(cfg, ctx.sweep_dir),
                          experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.name,
                          tags={"sweep": cfg.name}, save_artifact=False)
 

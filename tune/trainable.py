@@ -139,6 +139,23 @@ class SweepContext:
         """The fields TensorBoard's HParams view lists: those that vary within the sweep."""
         return ["seed", *self.hparams]
 
+    def trial_name(self, cfg: RunConfig) -> str:
+        """A trial's readable name from what varies within the sweep (``hardmix-topk_loss-s3``;
+        :func:`hardmix.config.acts.readable_name`), shown beside its id."""
+        from hardmix.config import flatten
+        from hardmix.config.acts import readable_name
+
+        return readable_name(flatten(cfg), self.hparams)
+
+    def trial_label(self, trial: Any) -> str:
+        """``c003-s0 hardmix-topk_loss-s0``: a Tune trial's id and readable name (the id alone
+        when its config cannot be built)."""
+        trial_id = self.trial_id(trial)
+        try:
+            return f"{trial_id} {self.trial_name(self.run_config(trial.config, trial_id))}"
+        except Exception:  # noqa: BLE001 - a label never fails a sweep
+            return trial_id
+
     def runs_root(self) -> str | None:
         return f"{self.sweep_dir}/runs" if self.local_runs else None
 
@@ -256,14 +273,17 @@ class RayReporter(Callback):
 
 def trial_callbacks(cfg: RunConfig, store_cb: Callback, run_dir: Path, attempt: int,
                     train: bool = False, hparams: Optional[list[str]] = None,
-                    sync: Optional[Callback] = None) -> list[Callback]:
-    """Store, TensorBoard (the run's own logs, in its run folder), the run folder's copy into
-    the storage (``sync``, where the run folder is a node-local one), then the Ray reporter: an
-    epoch's rows and files are written before Ray hears of it (and possibly stops the trial)."""
+                    sync: Optional[Callback] = None, name: Optional[str] = None
+                    ) -> list[Callback]:
+    """Store, TensorBoard (the run's own logs, in its run folder: in its subfolder ``name``, the
+    trial's readable name, so TensorBoard lists the run as ``<trial id>/<name>``), the run
+    folder's copy into the storage (``sync``, where the run folder is a node-local one), then
+    the Ray reporter: an epoch's rows and files are written before Ray hears of it (and
+    possibly stops the trial)."""
     writers = [store_cb]
     if cfg.output.tensorboard:
         from hardmix.tensorboard import TensorBoardCallback
-        writers.append(TensorBoardCallback(hparams=hparams))
+        writers.append(TensorBoardCallback(hparams=hparams, run_name=name))
     guard = Writers(writers)
     return [guard, *([sync] if sync is not None else []),
             RayReporter(run_dir, attempt, guard, train=train)]
@@ -316,9 +336,9 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
             attempt = next_attempt(run_dir, ckpt_dir)
             resume = restore_checkpoint(ckpt_dir, run_dir)
     store_cb = StoreCallback(ResultStore(ctx.sweep_dir), trial_id, cfg,
-                             extra=_extra(ctx, attempt, tctx.get_trial_id()))
-    _run(ctx, cfg, trial_callbacks(cfg, store_cb, run_dir, attempt, hparams=ctx.hparam_fields()),
-         run_dir, resume)
+                             extra=_extra(ctx, attempt, tctx.get_trial_id(), cfg=cfg))
+    _run(ctx, cfg, trial_callbacks(cfg, store_cb, run_dir, attempt, hparams=ctx.hparam_fields(),
+                                   name=ctx.trial_name(cfg)), run_dir, resume)
 
 
 def _resume_from_storage(ctx: SweepContext, trial_id: str, run_dir: Path) -> bool:
@@ -367,12 +387,16 @@ def _node_id() -> str | None:
         return None
 
 
-def _extra(ctx: SweepContext, attempt: int, tune_trial_id: str, here: bool = True) -> dict:
-    """Sweep-level columns of a trial row: attempt, Tune's trial id, Ray's version, and (in a
-    trial process, ``here``) the node the attempt runs on; the driver's rows carry the node
-    and host of the trial's last report instead."""
+def _extra(ctx: SweepContext, attempt: int, tune_trial_id: str, here: bool = True,
+           cfg: Optional[RunConfig] = None) -> dict:
+    """Sweep-level columns of a trial row: attempt, Tune's trial id, Ray's version, the
+    trial's readable name (from its ``cfg``), and (in a trial process, ``here``) the node the
+    attempt runs on; the driver's rows carry the node and host of the trial's last report
+    instead."""
     extra = {"attempt": attempt, "tune_trial_id": tune_trial_id,
              "versions": {"ray": ctx.ray_version}}
+    if cfg is not None:
+        extra["trial_name"] = ctx.trial_name(cfg)
     if here:
         extra["node_id"] = _node_id()
     return extra
@@ -450,9 +474,11 @@ def _worker_loop(config: dict) -> None:
                     if sync is not None:
                         sync.clear_remote()
         store_cb = StoreCallback(ResultStore(ctx.sweep_dir), config["trial_id"], cfg,
-                                 extra=_extra(ctx, config["attempt"], config["tune_trial_id"]))
+                                 extra=_extra(ctx, config["attempt"], config["tune_trial_id"],
+                                              cfg=cfg))
         _run(ctx, cfg, trial_callbacks(cfg, store_cb, run_dir, config["attempt"], train=True,
-                                       hparams=ctx.hparam_fields(), sync=sync), run_dir, resume,
+                                       hparams=ctx.hparam_fields(), sync=sync,
+                                       name=ctx.trial_name(cfg)), run_dir, resume,
              device=ray.train.torch.get_device())  # the GPU Ray assigned, not LOCAL_RANK's
     finally:
         if sync is not None:
@@ -520,6 +546,8 @@ class StoreStatusCallback(TuneCallback):
             cfg = self.ctx.run_config(trial.config, str(trial))
         except Exception as exc:  # the trial's config itself is what failed
             cfg, error = None, error or f"{type(exc).__name__}: {exc}"
+        if cfg is not None:
+            extra["trial_name"] = self.ctx.trial_name(cfg)
         cb = StoreCallback(ResultStore(self.ctx.sweep_dir), str(trial), cfg, extra=extra)
         cb.on_run_end(summary_from_result(result, status, error))
 

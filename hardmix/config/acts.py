@@ -19,16 +19,17 @@ the Parquet rows, the trackers and TensorBoard's HParams hold it. Torch-free.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import re
+from typing import Any, Mapping, Sequence
 
-from hardmix.architectures import ARCHITECTURES, TIMM_READS, model_reads
+from hardmix.architectures import ARCHITECTURES, TIMM_PREFIX, TIMM_READS, model_reads
 from hardmix.config.schema import SCHEDULE_FIELDS
 from hardmix.datasets import DATASETS
 from hardmix.errors import ConfigError
 from hardmix.methods import SWITCHES, active_fields, effective_augment
 from hardmix.optimizers import OPTIMIZERS, optimizer_reads
 
-__all__ = ["field_acts", "as_run", "CONDITIONAL", "SWITCH_COLUMNS"]
+__all__ = ["field_acts", "as_run", "readable_name", "CONDITIONAL", "SWITCH_COLUMNS"]
 
 _SCHEDULE_ONLY = {f"optim.{f}" for fields in SCHEDULE_FIELDS.values() for f in fields}
 _OPTIMIZER_ONLY = {f"optim.{f}" for entry in OPTIMIZERS.values() for f in entry.reads}
@@ -85,3 +86,42 @@ def as_run(row: dict[str, Any]) -> dict[str, Any]:
         if not field_acts(column, row):
             row[column] = None
     return row
+
+
+#: Longest readable trial name (it names a TensorBoard run folder and tracker runs).
+MAX_NAME = 80
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.+]+")
+
+
+def _name_part(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "_".join(_name_part(v) for v in value)
+    if isinstance(value, dict):
+        return "_".join(f"{k}{_name_part(v)}" for k, v in sorted(value.items()))
+    return str(value)
+
+
+def readable_name(row: Mapping[str, Any], varying: Sequence[str]) -> str:
+    """A short name people can read for a trial (``row``: its flattened run config): the method,
+    then each field of ``varying`` (a sweep's factors) that acts for it, then ``s<seed>``:
+    ``hardmix-topk_loss-s3``, ``cutmix-alpha0.5-s0``. A string value stands as it is
+    (``timm:`` dropped), a number or list after its field's last name (``k0.25``), a boolean as
+    the name or ``no_<name>``; other characters than letters, digits and ``_ . +`` become
+    ``_``; at most :data:`MAX_NAME` characters. Not necessarily unique: the trial id is."""
+    parts = [str(row.get("augment.method"))]
+    for column in varying:
+        if column in ("seed", "augment.method") or row.get(column) is None \
+                or not field_acts(column, row):
+            continue
+        value, short = row[column], column.rsplit(".", 1)[-1]
+        if isinstance(value, bool):
+            part = short if value else f"no_{short}"
+        elif isinstance(value, str):
+            part = value[len(TIMM_PREFIX):] if value.startswith(TIMM_PREFIX) else value
+        else:
+            part = short + _name_part(value)
+        parts.append(_UNSAFE.sub("_", part).strip("_") or short)
+    seed = f"s{row.get('seed')}"
+    return "-".join(parts)[:MAX_NAME - len(seed) - 1] + "-" + seed
