@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ablations import store as store_mod
+from ablations import compaction as compaction_mod
+from ablations import reader as reader_mod
 from ablations.store import SCHEMA_VERSION, ResultStore, read_results
 from hardmix.cli import main
 from hardmix.config import RunConfig, SweepConfig, load_config
@@ -322,20 +323,20 @@ def test_compaction_killed_before_or_after_publishing_loses_nothing(tmp_path, mo
     want = read_results(str(root))
     st = ResultStore(str(root))
 
-    real_write = store_mod.pq.write_table
+    real_write = pq.write_table
 
     def dies_writing(table, where, **kw):
         raise KeyboardInterrupt  # killed while writing the compacted file
 
-    monkeypatch.setattr(store_mod.pq, "write_table", dies_writing)
+    monkeypatch.setattr(pq, "write_table", dies_writing)
     with pytest.raises(KeyboardInterrupt):
         st.compact()
-    monkeypatch.setattr(store_mod.pq, "write_table", real_write)
+    monkeypatch.setattr(pq, "write_table", real_write)
     assert len(_visible(root, "trials")) == 6  # sources untouched, no visible partial file
     assert read_results(str(root)).trials.equals(want.trials)
 
     deleted = []
-    real_delete = store_mod._delete_merged
+    real_delete = compaction_mod._delete_merged
 
     def dies_deleting(fs, path):
         if deleted:
@@ -343,7 +344,7 @@ def test_compaction_killed_before_or_after_publishing_loses_nothing(tmp_path, mo
         deleted.append(path)
         real_delete(fs, path)
 
-    monkeypatch.setattr(store_mod, "_delete_merged", dies_deleting)
+    monkeypatch.setattr(compaction_mod, "_delete_merged", dies_deleting)
     with pytest.raises(KeyboardInterrupt):
         st.compact()
     monkeypatch.undo()
@@ -359,7 +360,7 @@ def test_compaction_killed_before_or_after_publishing_loses_nothing(tmp_path, mo
 def test_reader_lists_again_when_a_compaction_removes_files_under_it(tmp_path, monkeypatch):
     root = tmp_path / "sw"
     _write_trials(str(root), "t", 3)
-    real_read = store_mod._read_file
+    real_read = reader_mod.read_file
     calls = []
 
     def read_then_compact(fs, path, sweep, kind):
@@ -368,7 +369,7 @@ def test_reader_lists_again_when_a_compaction_removes_files_under_it(tmp_path, m
             ResultStore(str(root)).compact()
         return real_read(fs, path, sweep, kind)
 
-    monkeypatch.setattr(store_mod, "_read_file", read_then_compact)
+    monkeypatch.setattr(reader_mod, "read_file", read_then_compact)
     res = read_results(str(root))
     assert calls and res.trials.num_rows == 3 and res.epochs.num_rows == 9
     assert set(res.trials.column("status").to_pylist()) == {"completed"}
