@@ -72,14 +72,14 @@ PROJECT_PACKAGES = ("hardmix", "tune", "ablations")
 #: module of a sub-package), which is added when it exists.
 EXTRA_TESTS: dict[str, list[str]] = {
     "hardmix/mix.py": ["tests/test_box_edges.py"],
-    "hardmix/sources.py": ["tests/test_memory_order.py"],
+    "hardmix/sources.py": ["tests/test_memory_order.py", "tests/test_topup.py"],
     "hardmix/hardness.py": ["tests/test_hardmix.py", "tests/test_memory_order.py"],
     "hardmix/augment.py": ["tests/test_hardmix.py", "tests/test_memory_order.py"],
     "hardmix/loss.py": ["tests/test_hardmix.py", "tests/test_mixed_loss.py"],
     "hardmix/metrics.py": ["tests/test_metric_applies.py", "tests/test_stats.py"],
     "hardmix/checkpoint.py": ["tests/test_device_path.py", "tests/test_atomic_writes.py",
                               "tests/test_resume_picks.py"],
-    "hardmix/config/rules.py": ["tests/test_rule_boundaries.py"],
+    "hardmix/config/rules.py": ["tests/test_rule_boundaries.py", "tests/test_space.py"],
     "ablations/stats.py": [],
     "ablations/report.py": [],
     "ablations/store.py": ["tests/test_atomic_writes.py"],
@@ -132,6 +132,7 @@ class Mutant:
     function: str
     order: str  # sampling key: a hash that does not depend on the line number
     nth: int = 1  # the same operator and snippet more than once on a line: which one
+    code: str = ""  # the line's source text, stripped (finds an excused mutant that moved)
 
     @property
     def key(self) -> tuple[str, int, str, str, str, int]:
@@ -220,7 +221,8 @@ def generate(module: str, root: Path = REPO) -> list[Mutant]:
         order = hashlib.sha1(f"{base}|{seen_order[base]}".encode()).hexdigest()
         seen_key[(line, op, before, after)] += 1
         found.append(Mutant(module, line, op, before, after, tuple(sorted(edits)), anchors,
-                            at_import, function, order, seen_key[(line, op, before, after)]))
+                            at_import, function, order, seen_key[(line, op, before, after)],
+                            line_text))
 
     def visit(node: ast.AST, stmt: Optional[ast.stmt], in_body: bool, function: str) -> None:
         if isinstance(node, ast.stmt):
@@ -352,17 +354,46 @@ def generate(module: str, root: Path = REPO) -> list[Mutant]:
     return out
 
 
-def load_equivalents(path: Path = EQUIVALENTS_FILE) -> dict[tuple, str]:
-    """The reviewed equivalent mutants: key (module, line, op, before, after, nth) -> reason."""
+def load_equivalents(path: Path = EQUIVALENTS_FILE) -> list[dict]:
+    """The reviewed list of equivalent mutants: one entry per mutant (module, line, operator,
+    snippet before and after, ``nth`` where the line has the same one twice, the line's code)
+    with its ``reason``."""
     if not path.is_file():
-        return {}
-    out = {}
-    for e in json.loads(path.read_text()):
-        key = (e["module"], int(e["line"]), e["op"], e["before"], e["after"], int(e.get("nth", 1)))
-        if not e.get("reason", "").strip():
-            raise SystemExit(f"{path.name}: {key} has no reason")
-        out[key] = e["reason"]
-    return out
+        return []
+    entries = json.loads(path.read_text())
+    for e in entries:
+        missing = [k for k in ("module", "line", "op", "before", "after", "code", "reason")
+                   if not str(e.get(k, "")).strip()]
+        if missing:
+            raise SystemExit(f"{path.name}: entry {e} lacks {', '.join(missing)}")
+    return entries
+
+
+def match_equivalents(entries: list[dict], mutants: list[Mutant]
+                      ) -> tuple[dict[tuple, str], list[str], list[dict]]:
+    """Excused mutants: ``{key: reason}``, notes on entries whose line moved, and stale entries
+    (no such mutant). An entry matches its module, line, operator and snippet; when others
+    edited the file and the line moved, the one mutant with the same line of code, operator
+    and snippet matches instead (and the move is reported, so that the list is updated)."""
+    by_key = {m.key: m for m in mutants}
+    by_code: dict[tuple, list[Mutant]] = defaultdict(list)
+    for m in mutants:
+        by_code[(m.module, m.code, m.op, m.before, m.after, m.nth)].append(m)
+    excused, moved, stale = {}, [], []
+    for e in entries:
+        nth = int(e.get("nth", 1))
+        key = (e["module"], int(e["line"]), e["op"], e["before"], e["after"], nth)
+        m = by_key.get(key)
+        if m is None or m.code != e["code"]:
+            same = by_code.get((e["module"], e["code"], e["op"], e["before"], e["after"], nth), [])
+            m = same[0] if len(same) == 1 else None
+            if m is not None:
+                moved.append(f"{e['module']}:{e['line']} is now line {m.line}: {e['code']}")
+        if m is None:
+            stale.append(e)
+        else:
+            excused[m.key] = e["reason"]
+    return excused, moved, stale
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,6 +635,14 @@ def first_failure(log: Path) -> str:
     return ""
 
 
+def uncollectable(log: Path) -> bool:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return False
+    return "found no collectors" in text or "ERROR collecting" in text
+
+
 @dataclass
 class Baseline:
     tests: list[str]
@@ -624,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-head", action="store_true",
                     help="mutate the last commit instead of the working tree's files")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--grep", default=None,
+                    help="only the mutants whose label contains this text (e.g. 'mix.py:108 ')")
     ap.add_argument("--json", type=Path, default=None, help="write every mutant's outcome here")
     ap.add_argument("--check-equivalents", action="store_true",
                     help="run the excused mutants too (an excused mutant that is killed is "
@@ -640,15 +681,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--modules: {unknown[0]} is not one of {', '.join(MODULES)}", file=sys.stderr)
         return 2
 
-    equivalents = load_equivalents()
+    entries = [e for e in load_equivalents() if e["module"] in modules]
     plan: dict[str, list[Mutant]] = {}
     total: dict[str, int] = {}
+    generated: list[Mutant] = []
     for module in modules:
         every = generate(module)
+        generated += every
         total[module] = len(every)
         every.sort(key=lambda m: m.order)
+        if args.grep:
+            every = [m for m in every if args.grep in m.label()]
         chosen = every[:limit] if limit else every
         plan[module] = sorted(chosen, key=lambda m: (m.line, m.op, m.before))
+    equivalents, moved, stale = match_equivalents(entries, generated)
     if args.list:
         for module, mutants in plan.items():
             for m in mutants:
@@ -691,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         except NameError:
             pass
         shutil.rmtree(tmp, ignore_errors=True)
-    return report(results, plan, total, equivalents, limit, args, time.monotonic() - t0)
+    return report(results, plan, total, equivalents, limit, args, time.monotonic() - t0,
+                  moved, stale)
 
 
 def run_all(runner: Runner, plan: dict[str, list[Mutant]], files: dict[str, list[str]],
@@ -751,7 +798,8 @@ def run_all(runner: Runner, plan: dict[str, list[Mutant]], files: dict[str, list
                     outcome, how = "killed", "timeout"
                 elif rc == 0:
                     outcome, how = "survived", ""
-                elif rc in (1, 2):
+                elif rc in (1, 2) or (rc == 4 and uncollectable(job.log)):
+                    # 4: a test file the mutant keeps from importing (its nodes are not found)
                     outcome, how = "killed", first_failure(job.log) or f"exit {rc}"
                 else:
                     outcome, how = "error", f"pytest exit {rc}: {job.log.read_text()[-300:]}"
@@ -803,7 +851,8 @@ def prepare(job: Job, base: Baseline, files: dict[str, list[str]], args) -> bool
 
 
 def report(results: dict[tuple, dict], plan: dict[str, list[Mutant]], total: dict[str, int],
-           equivalents: dict[tuple, str], limit: Optional[int], args, wall: float) -> int:
+           equivalents: dict[tuple, str], limit: Optional[int], args, wall: float,
+           moved: list[str], stale: list[dict]) -> int:
     killed = survived = equivalent = errors = 0
     rows = []
     print()
@@ -832,12 +881,11 @@ def report(results: dict[tuple, dict], plan: dict[str, list[Mutant]], total: dic
                          "after": m.after, "function": m.function, "outcome": r["outcome"],
                          "by": r.get("by", ""), "tests": r.get("tests", "")})
     generated = {m.key for ms in plan.values() for m in ms}
-    all_keys = set()
-    for module in plan:
-        all_keys |= {m.key for m in generate(module)}
-    stale = [k for k in equivalents if k[0] in plan and k not in all_keys]
-    for k in stale:
-        print(f"  stale equivalent entry (no such mutant any more): {k}")
+    for note in moved:
+        print(f"  equivalent entry moved (update {EQUIVALENTS_FILE.name}): {note}")
+    for e in stale:
+        print(f"  stale equivalent entry (no such mutant any more): {e['module']}:{e['line']} "
+              f"{e['op']} `{e['before']}` -> `{e['after']}`: {e['code']}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     score = killed / (killed + survived) if killed + survived else 1.0

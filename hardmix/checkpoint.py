@@ -77,7 +77,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "Unpickler error" in ln), lines[0] if lines else "")
+        # the line naming what was refused (torch < 2.6: "Unpickler error: Unsupported global";
+        # later: "Trying to load unsupported GLOBAL ..."), not the advice to load unsafely
+        why = next((ln for ln in lines if "Unpickler error" in ln or "unsupported GLOBAL" in ln),
+                   lines[0] if lines else "")
         raise ConfigError("checkpoint", str(path), f"is not a readable hardmix checkpoint "
                                                    f"({why[:200]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

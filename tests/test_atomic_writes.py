@@ -60,7 +60,7 @@ def visible(folder: Path) -> list[str]:
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 def test_checkpoint_write_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
     target = tmp_path / "deep" / "run" / "checkpoints" / "last.pt"  # folders made on the way
-    data = os.urandom(100_000)
+    data = os.urandom(1000)  # under the file buffer: only a flush puts it on the disk
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -130,6 +130,30 @@ def test_a_partial_or_foreign_checkpoint_is_refused_with_one_line(tmp_path):
         with pytest.raises(ConfigError) as err:
             ckpt.load_checkpoint(path)
         assert err.value.field == "checkpoint" and "\n" not in str(err.value)
+        # a path that is no file is told what is expected; a file, why it cannot be used
+        assert ("last.pt" in err.value.allowed) == (not path.is_file()), path
+
+
+class RunsCode:
+    """Unpickling calls ``fn(*args)``: either would leave ``marker`` behind."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    for payload in (RunsCode(Path.touch, marker), RunsCode(os.system, f"touch {marker}")):
+        evil = tmp_path / "evil.pt"
+        torch.save({"model": {}, "config": {}, "payload": payload}, evil)
+        with pytest.raises(ConfigError) as err:
+            ckpt.load_checkpoint(evil)
+        assert not marker.exists()
+        # the one line names the global it refused, not torch's advice to load unsafely
+        assert "GLOBAL" in err.value.allowed and "False" not in err.value.allowed, err.value
 
 
 def test_rng_state_round_trips_every_generator():
@@ -140,6 +164,8 @@ def test_rng_state_round_trips_every_generator():
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     np.random.standard_normal()  # a cached Gaussian in NumPy's state
     state = ckpt.rng_state()
+    # CUDA generators are saved only where CUDA runs (a CPU checkpoint carries none)
+    assert ("cuda" in state) == (torch.cuda.is_available() and torch.cuda.is_initialized())
     want = (torch.rand(3), np.random.standard_normal(3), random.random())
     torch.manual_seed(9), np.random.seed(9), random.seed(9)
     buf = io.BytesIO()

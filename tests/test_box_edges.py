@@ -184,6 +184,16 @@ def test_a_mix_of_a_tensor_that_requires_grad_routes_the_gradient_to_its_sources
         torch.testing.assert_close(x.grad, want)
 
 
+@pytest.mark.parametrize("alpha", [0.3, 2.0])
+def test_host_lam_draws_have_the_beta_law(alpha):
+    # the batch λ (which sizes the batch box): Beta(α, α) by a Kolmogorov-Smirnov test
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(11)
+    lams = [beta_host(alpha, g) for _ in range(3000)]
+    assert stats.kstest(lams, stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+
+
 def test_lam_draws_stay_in_the_unit_interval_for_the_smallest_alpha():
     g = torch.Generator().manual_seed(0)
     assert all(0.0 <= beta_host(1e-5, g) <= 1.0 for _ in range(200))
@@ -215,7 +225,7 @@ def _reference_saliency(img: np.ndarray, max_side: int = 64) -> np.ndarray:
     return sal
 
 
-@pytest.mark.parametrize("size", [24, 70, 130])
+@pytest.mark.parametrize("size", [16, 24, 70, 130])
 def test_spectral_residual_saliency_matches_a_reference_of_its_docstring(size):
     x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size))
     x[0, :, 3:7, size - 6:size - 2] += 3.0

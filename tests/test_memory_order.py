@@ -15,14 +15,18 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hardmix import HardMix
+from hardmix.config import AugmentConfig, ConfigError
 from hardmix.config.schema import MAX_HISTORY
-from hardmix.hardness import MemoryScores, SampleMemory, history_hard
+from hardmix.hardness import MemoryScores, SampleMemory, Scores, clean_logits, history_hard
 from hardmix.methods import METHODS
+from hardmix.sources import HardSource
 
 C = 4  # classes
 
@@ -225,12 +229,15 @@ def test_observe_after_a_mixed_step_remembers_only_its_clean_rows(box):
         if out.mixed:
             clean_rows += int(out.unmixed.sum())
             mixed_rows += int((~out.unmixed).sum())
+        # after every step (the counts saturate at MAX_HISTORY, the latest values get
+        # overwritten: a difference must be caught where it happens)
+        loss = mix.memory.loss_mem
+        for i in range(n):
+            want = model.latest[i][0] if i in model.latest else float("inf")
+            assert loss[i].item() == pytest.approx(want, rel=1e-5)
+        counts = mix.memory.count_mem.tolist()
+        assert counts == [min(len(model.flags[i]), MAX_HISTORY) for i in range(n)]
     assert clean_rows > 0 and mixed_rows > 0
-    loss = mix.memory.loss_mem
-    for i in range(n):
-        assert loss[i].item() == pytest.approx(model.latest[i][0], rel=1e-5)
-    counts = mix.memory.count_mem.tolist()
-    assert counts == [min(len(model.flags[i]), MAX_HISTORY) for i in range(n)]
 
 
 def test_the_forward_signal_observes_its_clean_forward_and_not_the_mixed_one():
@@ -246,3 +253,95 @@ def test_the_forward_signal_observes_its_clean_forward_and_not_the_mixed_one():
     assert mix.memory.count_mem.tolist() == [1] * n
     assert mix.memory.loss_mem.tolist() == pytest.approx(
         F.cross_entropy(clean, y, reduction="none").tolist())
+
+
+def test_the_default_memory_keeps_one_byte_of_flags():
+    mem = SampleMemory(3)
+    y = torch.tensor([0, 1, 2])
+    for step in range(MAX_HISTORY + 4):
+        mem.observe(logits_for(y, torch.tensor([step % 2 == 0] * 3), torch.ones(3)), y,
+                    torch.arange(3))
+    assert mem.count_mem.tolist() == [MAX_HISTORY] * 3
+    assert mem.history(torch.arange(3), MAX_HISTORY, MAX_HISTORY // 2).all()
+    assert not mem.history(torch.arange(3), MAX_HISTORY, MAX_HISTORY // 2 + 1).any()
+
+
+def test_hard_sources_refuse_what_they_cannot_use():
+    with pytest.raises(ConfigError) as err:
+        HardSource(AugmentConfig(criterion="nope"))
+    assert err.value.field == "augment.criterion"
+    with pytest.raises(ConfigError) as err:
+        HardSource(AugmentConfig(fallback="nope"))
+    assert err.value.field == "augment.fallback"
+    with pytest.raises(ValueError, match="scores"):
+        HardSource(AugmentConfig())(4, torch.device("cpu"), torch.Generator())
+    # k is checked when HardMix is built, not at the first call
+    for k in (1.5, 2.5):
+        with pytest.raises(ConfigError) as err:
+            HardMix(method="hardmix", criterion="topk_loss", k=k)
+        assert err.value.field == "augment.k"
+    assert "hardmix" in repr(HardMix(method="hardmix", criterion="topk_loss", k=2))
+
+
+class BNNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, C)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def test_the_clean_forward_normalises_with_running_or_batch_statistics_as_asked():
+    net = BNNet()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(6, 3, 6, 6)
+    with torch.no_grad():
+        ref_eval = copy.deepcopy(net).eval()(x)  # running statistics
+        ref_train = copy.deepcopy(net).train()(x)  # batch statistics (a copy: it updates buffers)
+    net.train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.testing.assert_close(clean_logits(net, x, "eval"), ref_eval)
+    torch.testing.assert_close(clean_logits(net, x, "train"), ref_train)
+    assert not torch.allclose(ref_eval, ref_train)
+    assert net.training and all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("fallback", ["random", "skip", "topk_loss"])
+def test_a_single_hard_sample_is_the_source_of_every_target(fallback):
+    # one misclassified sample and min_hard = 1: the fallback does not fire, and the hard set
+    # of one gives content to the whole batch (no other sample may slip in as a repeat)
+    b = 9
+    y = torch.arange(b) % C
+    wrong = torch.zeros(b, dtype=torch.bool)
+    wrong[4] = True
+    logits = logits_for(y, wrong, torch.ones(b))
+    mix = HardMix(method="hardmix", criterion="misclassified", fallback=fallback, min_hard=1,
+                  k=2, seed=0, num_classes=C)
+    for _ in range(20):
+        out = mix(torch.rand(b, 3, 8, 8), y, logits=logits)
+        assert out.source_index.tolist() == [4] * b
+        assert out.stats["n_hard"] == 1 and out.stats["fallback"] == 0
+
+
+def test_the_share_of_the_data_set_the_memory_has_seen():
+    n = 10
+    mix = HardMix(method="hardmix", signal="cached", dataset_size=n, prob=0.5, seed=0)
+    assert mix.memory_seen().item() == 0.0
+    y = torch.arange(4) % C
+    mix.observe(torch.randn(4, C), y, torch.tensor([0, 3, 5, 9]))
+    assert mix.memory_seen().item() == pytest.approx(0.4)
+    assert HardMix(method="cutmix", seed=0).memory_seen() is None
+    assert HardMix(method="hardmix", seed=0).memory_seen() is None  # forward signal: no memory
+
+
+def test_a_scores_view_a_subclass_lacks_is_an_error_not_a_none():
+    for view in ("wrong", "loss", "margin"):
+        with pytest.raises(NotImplementedError):
+            getattr(Scores(), view)()
+    with pytest.raises(ValueError, match="dataset_size"):
+        Scores().history(4, 2)

@@ -20,8 +20,8 @@ import torch
 
 from hardmix import HardMix
 from hardmix.methods import CRITERIA, METHODS, active_fields
-from hardmix.metrics import (EPOCH_METRICS, Metric, applicable, diagnostics, reported,
-                             witness_of)
+from hardmix.metrics import (EPOCH_METRICS, Metric, applicable, diagnostics,
+                             register_epoch_metric, reported, witness_of)
 
 B, C, N = 8, 4, 32
 
@@ -127,3 +127,12 @@ def test_tune_receives_the_scalar_metrics_only():
     shown = diagnostics()
     assert shown and all(EPOCH_METRICS[n].diagnostic for n in shown)
     assert all(EPOCH_METRICS[n].kind in ("float", "int") for n in shown)
+
+
+def test_registering_a_metric_adds_it_everywhere_it_is_read():
+    m = Metric("probe_metric", "float", "a metric registered by a test", group="hardmix")
+    try:
+        assert register_epoch_metric(m) is m and EPOCH_METRICS["probe_metric"] is m
+        assert reported({"probe_metric": 0.5}) == {"probe_metric": 0.5}
+    finally:
+        EPOCH_METRICS.pop("probe_metric", None)

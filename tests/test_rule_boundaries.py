@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from hardmix.config import ConfigError, RunConfig, SweepConfig, flatten, load_config
+from hardmix.config import ConfigError, RunConfig, SweepConfig, flatten, from_dict, load_config
 from hardmix.config.rules import (INT_LIMIT, MAX_FOLDER_NAME, check_folder_name, check_k,
                                   topk_count, with_overrides)
 from hardmix.config.schema import field_meta, field_type, strip_optional
@@ -21,8 +21,13 @@ from hardmix.config.schema import field_meta, field_type, strip_optional
 BOUNDS = ("gt", "ge", "lt", "le")
 
 
+def default(cls):
+    """The default config, built without the rules (they are what the tests try)."""
+    return from_dict(cls, {} if cls is RunConfig else {"storage": "/tmp"})
+
+
 def bounded_fields(cls, skip: tuple[str, ...] = ()) -> list[tuple[str, str, float, type]]:
-    cfg = cls() if cls is RunConfig else load_config(cls, None, None, ["storage=/tmp"])
+    cfg = default(cls)
     out = []
     for name in flatten(cfg):
         if name.startswith(skip):
@@ -64,7 +69,7 @@ def test_the_bounds_are_read_from_the_schema():
                          + [(SweepConfig, *b) for b in SWEEP_BOUNDS],
                          ids=lambda v: v if isinstance(v, str) else None)
 def test_every_declared_bound_accepts_its_edge_and_refuses_one_step_past(cls, name, key, bound, tp):
-    base = RunConfig() if cls is RunConfig else load_config(cls, None, None, ["storage=/tmp"])
+    base = default(cls)
     ok, bad = edge_values(key, bound, tp)
     got = with_overrides(base, {name: ok}, rules=False)
     assert flatten(got)[name] == ok
@@ -162,6 +167,7 @@ def test_sweep_rules_at_their_edges():
     assert sweep(*two, "resources.gpus=0").resources.gpus == 0
     refused("resources.gpus", "storage=/tmp", *two, "resources.gpus=0.5", cls=SweepConfig)
     assert sweep("resources.gpus=0.5").resources.gpus == 0.5  # one worker may share a GPU
+    assert sweep("resources.cpus=0.5").resources.cpus == 0.5  # and a CPU
 
 
 def test_search_space_ranges_at_their_edges():
@@ -175,3 +181,24 @@ def test_search_space_ranges_at_their_edges():
     assert sweep("mode=search", space.format(lo=1.0, hi=1e4, log="false")).space
     refused("space.augment.alpha", "storage=/tmp", "mode=search",
             space.format(lo=1.0, hi=2e4, log="false"), cls=SweepConfig)
+
+
+def test_loggers_and_the_follow_up_baseline_name_what_exists():
+    assert run("output.loggers=[wandb, mlflow]").output.loggers == ["wandb", "mlflow"]
+    refused("output.loggers[1]", "output.loggers=[wandb, tensorboard]")
+    refused("output.loggers[0]", "output.loggers=[neptune]")
+    assert sweep("followup.baseline=cutmix").followup.baseline == "cutmix"
+    refused("followup.baseline", "storage=/tmp", "followup.baseline=cutmixx", cls=SweepConfig)
+    # arms are a grid's: a search or a space beside them is refused
+    arm = "arms=[{augment.method: cutmix}]"
+    assert sweep("mode=grid", arm).arms
+    refused("arms", "storage=/tmp", "mode=search", arm, cls=SweepConfig)
+    refused("space", "storage=/tmp", "mode=grid", arm,
+            "space={augment.alpha: {type: choice, values: [0.5, 1.0]}}", cls=SweepConfig)
+
+
+def test_an_arm_field_that_is_no_leaf_is_one_config_error():
+    for arm, field in (("{augment.method.x: 3}", "arms[0].augment.method.x"),
+                       ("{nope: 1}", "arms[0].nope"), ("{augment.methd: cutmix}",
+                                                         "arms[0].augment.methd")):
+        refused(field, "storage=/tmp", "mode=grid", f"arms=[{arm}]", cls=SweepConfig)
