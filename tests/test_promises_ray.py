@@ -147,6 +147,8 @@ def test_main_job_needs_no_network(quickstart):
         pytest.skip(f"the network could not be blocked here: {quickstart['why']}")
     proc = quickstart["proc"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    trials, _ = _results(quickstart["dir"])
+    assert len(trials) == 6 and set(trials.status) == {"completed"}, trials.error.tolist()
     # the probe inside the namespace could not reach an outside address
     m = re.search(r"^network (\d+)$", proc.stdout, re.M)
     assert m and int(m.group(1)) != 0, proc.stdout
