@@ -19,6 +19,7 @@ import pandas as pd
 from ablations import plots
 from ablations.contrasts import Contrast
 from ablations.factors import INERT, short_names
+from ablations.looks import looks_section
 from ablations.tables import seeds_text
 from ablations.text import DIAG_TITLES, fmt_number, left_out_summary, md_table
 from ablations.verdicts_text import comparison_rows, family_section
@@ -58,7 +59,8 @@ class Context:
     secondary_text: dict[str, str]
     class_note: str = ""
     notes: list[str] = field(default_factory=list)
-    search_limits: Optional[list[str]] = None
+    search_limits: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _search_count(search: Optional[pd.DataFrame]) -> str:
@@ -198,7 +200,7 @@ def search_section(ctx: Context) -> list[str]:
                   "the follow-up's re-runs, which took no part in that choice.", "",
                   md_table(search, 2), ""]
     if ctx.search_limits:
-        lines += ctx.search_limits
+        lines += ([] if search is not None else ["## Search", ""]) + ctx.search_limits
     return lines
 
 
@@ -236,8 +238,8 @@ def left_out_section(ctx: Context) -> list[str]:
 
 
 #: report.md, top to bottom.
-SECTIONS = (head, main_section, comparisons, against_baseline, factors_section, search_section,
-            importance_section, plots_section, left_out_section)
+SECTIONS = (head, main_section, comparisons, looks_section, against_baseline, factors_section,
+            search_section, importance_section, plots_section, left_out_section)
 
 
 def markdown(ctx: Context) -> str:
@@ -264,4 +266,5 @@ def terminal(ctx: Context, out: str, n_search: int) -> str:
         + (f"; {n_search} of the search phase (see Search)" if n_search else ""),
         ctx.shown.to_string(index=False) if not ctx.shown.empty else "(no completed trials yet)",
         *verdict_lines, *[f"note: {n}" for n in ctx.notes],
+        *[f"warning: {w}" for w in ctx.warnings],
         f"report: {out.rstrip('/')}/report.md"])

@@ -3,7 +3,8 @@ say only what the data support.
 
 This module is the orchestration: read the store, build the one per-trial table
 (:mod:`ablations.trial_table`), compute the sections from it (:mod:`ablations.tables`,
-:mod:`ablations.contrasts`, :mod:`ablations.importance`, :mod:`ablations.plots`), put them in
+:mod:`ablations.contrasts`, :mod:`ablations.importance`, :mod:`ablations.search_limits`,
+:mod:`ablations.plots`), put them in
 words (:mod:`ablations.document`) and write the files with their manifest.
 
 :func:`build_report` reads a sweep folder (or a folder of sweeps, local or URI), keeps the
@@ -66,10 +67,12 @@ import pandas as pd
 from ablations import plots
 from ablations.contrasts import (CONTRAST_COLUMNS, Contrast, contrast_table,
                                  differences_from, one_factor_contrasts, retest)
-from ablations.declared import declared_analysis, sweep_mode
+from ablations.declared import declared_analysis, declared_search, sweep_mode
 from ablations.document import Context, markdown, terminal
 from ablations.factors import fixed_settings, short_names, varying_factors
 from ablations.importance import factor_importance, rung_target
+from ablations.looks import looks_tables
+from ablations.search_limits import search_limits
 from ablations.stats import CORRECTIONS
 from ablations.store import _resolve, read_results
 from ablations.tables import (class_table, factor_tables, identical_variants,
@@ -178,8 +181,14 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
     tables.update(factor_tables(used, factors) if not used.empty else {})
     if not search.empty:
         tables["search"] = search_table(search, trials.drop(index=search.index))
+    rungs, limits, warning = search_limits(search if not search.empty else trials, search,
+                                           used if not search.empty else used.iloc[:0], epochs,
+                                           declared_search(path))
+    if not rungs.empty:
+        tables["rungs"] = rungs
     importance_note, early_note = _importance(path, trials, epochs, search, used, factors,
                                               tables)
+    tables.update(looks_tables(path))  # an until-resolved sweep's path (looks.csv)
     tables["left_out"] = left
     skipped = list(res.skipped)
     if skipped:
@@ -209,7 +218,8 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
                   early_note=early_note,
                   search_seeds=search["seed"] if not search.empty else pd.Series([]),
                   made=made, baseline=baseline, primary=primary, secondary=families,
-                  secondary_text=secondary_text, class_note=class_note, notes=notes)
+                  secondary_text=secondary_text, class_note=class_note, notes=notes,
+                  search_limits=limits, warnings=[warning] if warning else [])
     md = markdown(ctx)
     _atomic_write(out_dir / "report.md", lambda p: p.write_text(md))
     written = ["report.md"] + [f"{n}.csv" for n in tables] + [Path(p).name for p in made.values()]
