@@ -113,7 +113,8 @@ for _m in (
     Metric("fallback_rate", "float", "share of mixed steps where the fallback fired",
            applies=_fallback_acts, group="hardmix", diagnostic=True,
            witnesses=("fallback", "min_hard")),
-    Metric("distinct_sources", "float", "distinct source images per mixed batch",
+    Metric("distinct_sources", "float", "distinct source images per batch that received "
+           "patches (steps a skip fallback left unmixed are excluded)",
            applies=_has_sources, group="hardmix", diagnostic=True),
     Metric("memory_seen", "float", "share of the training set the per-sample memory has "
            "observed (cached signal, history criterion)", applies=_memory, group="hardmix"),
