@@ -16,14 +16,15 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from hardmix.errors import ConfigError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from hardmix.config import DataConfig
+#: A :class:`hardmix.config.DataConfig`: the registry reads its fields but does not import the
+#: config, which imports this registry (its choices, a data set's own fields).
+DataConfig = Any
 
 __all__ = ["Arrays", "Folders", "Facts", "DatasetSpec", "DATASETS", "register_dataset",
            "dataset", "DEFAULT_ROOT", "NPZ_KEYS", "SPLIT_SEED", "stratified_split",

@@ -55,13 +55,9 @@ import bisect
 import contextlib
 import json
 import math
-import os
-import platform
 import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -71,230 +67,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import hardmix
 from hardmix.checkpoint import (atomic_write_bytes, checkpoint_path, load_checkpoint,
                                 rng_state, save_checkpoint, set_rng_state)
 from hardmix.config import (OptimConfig, RunConfig, check_run_environment, flatten, to_dict,
                             to_yaml, validate)
-from hardmix.config.schema import PRECISIONS, field_meta
+from hardmix.config.schema import field_meta
 from hardmix.data import Data, build_data, epoch_seed, stream_seed
+from hardmix.device import Precision, dist_info, precision_policy, resolve_device
 from hardmix.errors import ConfigError
 from hardmix.metrics import (ECE_BINS, EPOCH_METRICS, SUMMARY_FIELDS, Callback, StopRun,
                              applicable, evaluation_details, evaluation_sums)
 from hardmix.models import build_model
+from hardmix.provenance import git_commit, lock_hash, versions
 
 __all__ = ["train", "training_step", "evaluate", "Callback", "StopRun", "precision_policy",
            "Precision", "lr_factor", "resolve_device", "versions", "git_commit", "lock_hash",
            "check_resumable"]
 
 PREVIEW_IMAGES = 8
-
-
-# --------------------------------------------------------------------------------------------
-# Environment: device, distributed, versions
-# --------------------------------------------------------------------------------------------
-
-
-def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)`` of an initialised torch.distributed group, else ``(0, 1)``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def resolve_device(name: str, assigned: Optional[torch.device] = None) -> torch.device:
-    """``auto`` -> CUDA when available, else the CPU.
-
-    ``assigned``: the device the launcher gave this process -- under Ray Train
-    ``ray.train.torch.get_device()``, which ``tune`` passes in: the GPU Ray assigned, at
-    whatever index of the visible ones it has (a rank's ``LOCAL_RANK`` need not be it). Without
-    one (torchrun, a plain process), ``LOCAL_RANK`` picks the GPU where it is visible, else the
-    current device."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("device", name, "no CUDA device is available here; use auto or cpu")
-    if assigned is not None and assigned.type != "cuda":
-        if name == "cuda":
-            raise ConfigError("device", name, "this Ray Train worker was given no GPU: set "
-                              "resources.gpus >= 1, or device=auto or cpu")
-        return torch.device("cpu")
-    if assigned is not None:
-        index = assigned.index if assigned.index is not None else torch.cuda.current_device()
-    else:
-        local = int(os.environ.get("LOCAL_RANK", "-1"))
-        index = local if 0 <= local < torch.cuda.device_count() else torch.cuda.current_device()
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
-
-
-def versions() -> dict[str, str]:
-    """Package versions stored with every run, and ``lock``: the SHA-256 of the dependency lock
-    the code shipped with (:func:`lock_hash`)."""
-    import torchvision
-
-    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "hardmix": str(hardmix.__version__), "python": platform.python_version(),
-            "numpy": str(np.__version__), "lock": lock_hash()}
-
-
-#: The complete dependency lock of a cluster node (docker/Dockerfile installs it): in a source
-#: tree beside the package, in an image's installed copy inside it (the build puts it there).
-LOCK_FILE = "requirements-lock.txt"
-#: Where an image build records the commit of the source it installed (docker/Dockerfile): an
-#: installed copy has no ``.git`` to ask.
-BUILD_COMMIT_FILE = "COMMIT"
-
-
-def lock_hash() -> str:
-    """``sha256sum`` of the dependency lock that ships with this code (:data:`LOCK_FILE`), or
-    ``unknown`` where there is none."""
-    import hashlib
-
-    here = Path(__file__).resolve().parent
-    for path in (here / LOCK_FILE, here.parent / LOCK_FILE):
-        if path.is_file():
-            return hashlib.sha256(path.read_bytes()).hexdigest()
-    return "unknown"
-
-
-def _git(cwd: Path, *args: str) -> Optional[str]:
-    """Output of ``git args`` in ``cwd``, or None when git fails or is absent."""
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=cwd)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
-def git_commit() -> str:
-    """The commit of the hardmix code that runs.
-
-    In a git checkout: ``git rev-parse HEAD``, plus ``+modified`` when the working tree differs
-    from it (anything ``git status`` lists: changed, staged or new files; also when git cannot
-    tell). Only a repository that tracks this package counts, not one the package happens to
-    lie in (a venv inside another project). An installed copy without ``.git`` (the container
-    image) answers with the commit its build recorded (:data:`BUILD_COMMIT_FILE`); else
-    ``unknown``.
-    """
-    here = Path(__file__).resolve().parent
-    if _git(here, "ls-files", "--error-unmatch", "__init__.py") is not None:
-        sha = (_git(here, "rev-parse", "HEAD") or "").strip()
-        if sha:
-            # core.fileMode=false: an unpacked copy (a Ray job's working_dir) loses executable
-            # bits, which changes no code.
-            status = _git(here, "-c", "core.fileMode=false", "status", "--porcelain")
-            return sha if status is not None and not status.strip() else f"{sha}+modified"
-    baked = here / BUILD_COMMIT_FILE
-    if baked.is_file():
-        recorded = baked.read_text(encoding="utf-8", errors="replace").strip()
-        if recorded:
-            return recorded
-    return "unknown"
-
-
-def cpu_bf16_native(cpuinfo: str = "/proc/cpuinfo") -> tuple[bool, str]:
-    """Whether this CPU computes bf16 in hardware, and what said so.
-
-    x86: the ``avx512_bf16`` or ``amx_bf16`` flags; Arm: ``bf16`` in /proc/cpuinfo's features.
-    Elsewhere (no /proc/cpuinfo) the answer is no: emulated bf16 is slower than fp32.
-    """
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    found = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-                    if found:
-                        return True, f"CPU flags {', '.join(found)}"
-                    return False, "this CPU has no native bf16 (no avx512_bf16/amx_bf16/bf16 flag)"
-    except OSError:
-        pass
-    return False, "cannot read /proc/cpuinfo to detect native bf16"
-
-
-#: CUDA compute capability from which bf16 runs natively (Ampere); below it
-#: ``torch.cuda.is_bf16_supported()`` may still say True, by emulation (V100, T4).
-CUDA_BF16_CAPABILITY = (8, 0)
-#: CUDA compute capability from which fp16 has tensor cores (Volta): ``auto`` picks fp16 there.
-CUDA_FP16_CAPABILITY = (7, 0)
-
-
-@dataclass(frozen=True)
-class Precision:
-    """The run's numeric policy: autocast dtype (None = fp32), whether a GradScaler guards fp16
-    gradients, memory format, and what ran and why (``note``, the run row's ``precision``)."""
-
-    device_type: str
-    dtype: Optional[torch.dtype]
-    channels_last: bool
-    note: str
-    scaler: bool = False
-
-    def autocast(self):
-        """A fresh autocast context (loss, softmax and BatchNorm statistics stay fp32, as
-        autocast arranges; parameters and optimizer state are fp32 throughout)."""
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
-
-    def grad_scaler(self):
-        """A fresh ``torch.amp.GradScaler`` for fp16, else None (bf16 and fp32 need none)."""
-        return torch.amp.GradScaler(self.device_type) if self.scaler else None
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
-
-def device_precision(device: torch.device) -> tuple[bool, bool, str]:
-    """``(native bf16, fp16 tensor cores, why)`` of a device, from its hardware facts: the
-    CUDA compute capability (not ``is_bf16_supported()``, which counts emulation), the CPU's
-    flags."""
-    if device.type == "cuda":
-        cc = torch.cuda.get_device_capability(device)
-        why = f"CUDA compute capability {cc[0]}.{cc[1]}"
-        return tuple(cc) >= CUDA_BF16_CAPABILITY, tuple(cc) >= CUDA_FP16_CAPABILITY, why
-    if device.type == "cpu":
-        native, why = cpu_bf16_native()
-        return native, False, why
-    return False, False, f"no precision policy for {device.type}"
-
-
-def precision_policy(o: OptimConfig, device: torch.device) -> Precision:
-    """What ``optim.amp`` runs on ``device``, and channels_last where asked
-    (``optim.channels_last``).
-
-    ``auto``: bf16 autocast where the device computes bf16 natively (CUDA compute capability
-    >= 8.0, CPUs with native bf16), fp16 autocast + GradScaler on CUDA GPUs with fp16 tensor
-    cores but no native bf16 (7.x: V100, T4), fp32 elsewhere. ``bf16`` and ``fp16`` force it and
-    raise ConfigError where the device lacks it natively (emulated bf16 is slower than fp32 and
-    CPUs have no fp16 path worth taking); ``fp32`` never autocasts.
-    """
-    amp = o.amp
-    if amp not in PRECISIONS:
-        raise ConfigError("optim.amp", amp, f"must be one of {', '.join(PRECISIONS)}")
-    layout = "channels_last" if o.channels_last else "contiguous"
-    policy = lambda dtype, note, scaler=False: Precision(device.type, dtype, o.channels_last,
-                                                          f"{note}, {layout}", scaler)
-    if amp == "fp32":
-        return policy(None, "fp32 (optim.amp=fp32)")
-    bf16, fp16, why = device_precision(device)
-    if amp == "bf16" and not bf16:
-        raise ConfigError("optim.amp", amp, f"needs native bf16 and this device has none "
-                          f"({why}; bf16 needs CUDA compute capability >= 8.0 or a CPU with "
-                          "avx512_bf16/amx_bf16): use auto, fp16 (CUDA) or fp32")
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("optim.amp", amp, f"needs a CUDA device, not {device.type} (a CPU "
-                          "computes fp16 by emulation): use auto, bf16 or fp32")
-    if amp in ("auto", "bf16") and bf16:
-        return policy(torch.bfloat16, f"bf16 autocast ({why})")
-    if amp == "fp16" or fp16:
-        return policy(torch.float16, f"fp16 autocast + GradScaler ({why}"
-                      + ("" if bf16 or amp == "fp16" else ": no native bf16") + ")", True)
-    return policy(None, f"fp32 ({why})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,9 +332,7 @@ class _Run:
         self.seed_epoch(epoch)
         self.data.train.set_epoch(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        # hard share, fallback, distinct sources, steps that pasted (a skipped step pastes nothing:
-        # its distinct sources are left out of their mean, not counted as 0)
-        mix_sums = torch.zeros(4, dtype=torch.float64, device=dev)
+        mix_sums = torch.zeros(3, dtype=torch.float64, device=dev)  # hard share, fallback, sources
         class_counts = torch.zeros(c, dtype=torch.float64, device=dev)
         seen = steps = mixed = 0
         for x, y, idx in self.data.train:
@@ -554,9 +342,8 @@ class _Run:
             loss, out = self.step(x, y, idx)
             if out.mixed:
                 st = out.stats
-                pasted = (st["distinct_sources"] > 0).to(st["distinct_sources"].dtype)
                 mix_sums += torch.stack([st["hard_share"], st["fallback"],
-                                         st["distinct_sources"], pasted]).double()
+                                         st["distinct_sources"]]).double()
                 class_counts += out.source_counts_by_class(c).double()
                 mixed += 1
                 if clean is not None:
@@ -572,17 +359,16 @@ class _Run:
         packed = _all_reduce(torch.cat([loss_sum[None], counts, mix_sums, class_counts]),
                              self.world_size).tolist()
         loss_total, seen, steps, mixed = packed[:4]
-        hard, fb, distinct, pasted = packed[4:8]
+        hard, fb, distinct = packed[4:7]
         per_mixed = (lambda v: v / mixed) if mixed else (lambda v: None)
         memory = self.mix.memory_seen()
         if memory is not None and self.world_size > 1:  # each rank's memory covers its shard
             memory = _all_reduce(memory.double().to(dev), self.world_size) / self.world_size
         return {"train_loss": loss_total / max(1.0, seen), "lr": lr, "seen": seen,
                 "hard_share": per_mixed(hard), "fallback_rate": per_mixed(fb),
-                "mixed_rate": mixed / max(1.0, steps),
-                "distinct_sources": distinct / pasted if pasted else None,
+                "mixed_rate": mixed / max(1.0, steps), "distinct_sources": per_mixed(distinct),
                 "memory_seen": float(memory) if memory is not None else None,
-                "source_class_counts": [int(round(v)) for v in packed[8:]]}
+                "source_class_counts": [int(round(v)) for v in packed[7:]]}
 
     def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
         """One training step: mix, forward, mixed loss, backward, optimiser and lr step.

@@ -3,7 +3,9 @@
 A toy method (one method-table entry plus its mixing function) and a toy metric (one metric
 entry) registered here reach validation, the sweep space, the store and the report without any
 other file knowing them; the library imports neither ``tune`` nor ``ablations`` (but for the
-command line's lazy imports); the analysis never imports torch.
+command line's lazy imports); the analysis never imports torch; and the import graph of
+``hardmix``, ``ablations`` and ``tune`` (every import, lazy ones too) has no circle and no
+import from a lower layer into a higher one (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -142,3 +144,149 @@ def test_every_method_field_and_metric_has_one_home():
             read |= set(sw.reads)
     # every augment field is a switch or read by some entry of the table
     assert fields - read <= {"method", "criterion", "fallback", "min_hard", "signal"}
+
+
+# ---- the import graph (docs/architecture.md) --------------------------------------------------
+
+#: Packages bottom up: a module imports its own layer or one below it, never one above.
+LAYERS = ("hardmix", "ablations", "tune")
+#: The command line lives in the library's package but sits above everything: its lazy imports
+#: into the layers above the library, by name (each also checked to be inside a function).
+COMMAND_LINE = {("hardmix.cli", "tune.sweep"), ("hardmix.cli", "ablations.report"),
+                ("hardmix.cli", "ablations.export"), ("hardmix.commands", "ablations.store")}
+#: Floors inside a layer that the docs promise: (module or package prefix, what it never imports).
+NEVER = [
+    # the registries the config takes its choices from never import the config back
+    (("hardmix.errors", "hardmix.methods", "hardmix.datasets", "hardmix.architectures",
+      "hardmix.optimizers", "hardmix.metrics"), ("hardmix.config",)),
+    # the schema is plain data: nothing of the config package above it
+    (("hardmix.config.schema",), ("hardmix.config.",)),
+    # storage is the floor of the analysis layer
+    (("ablations.storage",), ("ablations.",)),
+    # the results store's parts never import their public face
+    (("ablations.schema", "ablations.writer", "ablations.reader", "ablations.compaction"),
+     ("ablations.store",)),
+    # only the command line starts a sweep: nothing imports the driver
+    (("hardmix", "ablations", "tune"), ("tune.sweep",)),
+]
+
+
+def import_graph(root: Path, packages=LAYERS) -> dict[str, dict[str, list[tuple[int, bool]]]]:
+    """``{module: {imported module: [(line, lazy), ...]}}`` over the packages under ``root``:
+    every ``import`` and ``from ... import`` anywhere in a file (inside functions and
+    ``TYPE_CHECKING`` blocks too), resolved to the module it names (``from a import b`` names
+    ``a.b`` where that is a module)."""
+    files = {}
+    for pkg in packages:
+        for path in sorted((root / pkg).rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            files[".".join(parts)] = path
+    graph: dict[str, dict[str, list[tuple[int, bool]]]] = {m: {} for m in files}
+    for module, path in files.items():
+        tree = ast.parse(path.read_text())
+        lazy_lines = {n.lineno for f in ast.walk(tree)
+                      if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's own package
+                    pkg = module.split(".")[: len(module.split(".")) - node.level
+                                         + (path.name == "__init__.py")]
+                    base = ".".join(pkg + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base
+                           for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in files:  # import a.b.c where only a.b is ours
+                    target = target.rpartition(".")[0]
+                if target and target != module:
+                    graph[module].setdefault(target, []).append(
+                        (node.lineno, node.lineno in lazy_lines))
+    return graph
+
+
+def circles(graph) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan), each as a loop."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def layering_faults(graph, layers=LAYERS, allowed=COMMAND_LINE) -> list[str]:
+    """Imports from a lower layer into a higher one (but the allowed ones, which must be
+    lazy), and imports the NEVER list forbids."""
+    rank = {name: i for i, name in enumerate(layers)}
+    faults = []
+    for a, targets in graph.items():
+        for b, sites in targets.items():
+            if (a, b) in allowed:
+                faults += [f"{a}:{line} imports {b} at module level" for line, lazy in sites
+                           if not lazy]
+            elif rank[b.split(".")[0]] > rank[a.split(".")[0]]:
+                faults.append(f"{a}:{sites[0][0]} imports {b}, a higher layer")
+            for sources, banned in NEVER:
+                if any(a == s or a.startswith(s + ".") for s in sources) and \
+                        any(b == x or (x.endswith(".") and b.startswith(x)) for x in banned) \
+                        and (a, b) not in allowed:
+                    faults.append(f"{a}:{sites[0][0]} imports {b} (never: docs/architecture.md)")
+    return faults
+
+
+def test_no_import_circle_and_no_import_into_a_higher_layer():
+    graph = import_graph(REPO)
+    assert {"hardmix.config.schema", "ablations.storage", "tune.sweep"} <= set(graph)
+    for loop in circles(graph):  # name the imports that close each circle
+        ties = [f"{a} -> {b} (line {graph[a][b][0][0]})" for a in loop for b in graph[a]
+                if b in loop]
+        pytest.fail(f"import circle: {', '.join(loop)}; ties: {'; '.join(ties)}")
+    assert layering_faults(graph) == []
+    assert all(pair[1] in graph[pair[0]] for pair in COMMAND_LINE)  # the list names real imports
+
+
+def test_the_graph_check_finds_a_circle_and_an_upward_import(tmp_path):
+    """The checker itself, on a small tree: a lazy circle, a TYPE_CHECKING import and an
+    import from the library into the analysis are each found."""
+    for folder, files in {"hardmix": {"__init__.py": "", "a.py": "from hardmix import b\n",
+                                      "b.py": "def f():\n    from hardmix.a import x\n",
+                                      "c.py": "from typing import TYPE_CHECKING\n"
+                                              "if TYPE_CHECKING:\n    import ablations.d\n"},
+                          "ablations": {"__init__.py": "", "d.py": "from hardmix.c import y\n"},
+                          "tune": {"__init__.py": ""}}.items():
+        (tmp_path / folder).mkdir()
+        for name, text in files.items():
+            (tmp_path / folder / name).write_text(text)
+    graph = import_graph(tmp_path)
+    assert graph["hardmix.a"] == {"hardmix.b": [(1, False)]}
+    assert graph["hardmix.b"] == {"hardmix.a": [(2, True)]}
+    assert sorted(circles(graph)) == [["ablations.d", "hardmix.c"], ["hardmix.a", "hardmix.b"]]
+    assert layering_faults(graph) == ["hardmix.c:3 imports ablations.d, a higher layer"]

@@ -11,7 +11,8 @@ import torch
 
 from hardmix.config import OptimConfig, RunConfig, load_config
 from hardmix.metrics import Callback
-from hardmix.train import cpu_bf16_native, precision_policy, train
+from hardmix.device import cpu_bf16_native
+from hardmix.train import precision_policy, train
 
 TINY = ["data.name=synthetic", "model.name=smallnet", "model.width=8", "data.batch_size=64",
         "output.progress=false", "output.checkpoint_every=0"]

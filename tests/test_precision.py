@@ -18,8 +18,8 @@ from hardmix.config import ConfigError, ModelConfig, OptimConfig, RunConfig, loa
 from hardmix.config.environment import check_run_environment
 from hardmix.hardness import clean_logits
 from hardmix.models import build_model
-from hardmix.train import (Precision, check_resumable, cpu_bf16_native, precision_policy,
-                           train, training_step)
+from hardmix.device import cpu_bf16_native
+from hardmix.train import Precision, check_resumable, precision_policy, train, training_step
 
 BF16 = Precision("cpu", torch.bfloat16, False, "bf16 autocast")
 FP32 = Precision("cpu", None, False, "fp32")
@@ -227,7 +227,7 @@ def test_policy_follows_the_hardware_not_emulation(facts, monkeypatch):
         device = _cuda(monkeypatch, facts)
     else:
         native = facts == "cpu+bf16"
-        monkeypatch.setattr("hardmix.train.cpu_bf16_native",
+        monkeypatch.setattr("hardmix.device.cpu_bf16_native",
                             lambda: (native, "CPU flags avx512_bf16" if native else "no flag"))
         device = torch.device("cpu")
     got = tuple(_what_runs(amp, device) for amp in ("auto", "bf16", "fp16", "fp32"))
@@ -246,7 +246,7 @@ def test_cpu_bf16_flags_are_read_from_cpuinfo(tmp_path):
 def test_forced_precision_the_device_lacks_is_refused_before_work(tmp_path, monkeypatch, capsys):
     args = ["train", "--set", "data.name=synthetic", "--set", "device=cpu",
             "--set", f"output.dir={tmp_path}", "--set", "output.progress=false"]
-    monkeypatch.setattr("hardmix.train.cpu_bf16_native", lambda: (False, "no bf16 flag"))
+    monkeypatch.setattr("hardmix.device.cpu_bf16_native", lambda: (False, "no bf16 flag"))
     for amp in ("bf16", "fp16"):
         assert main(args + ["--set", f"optim.amp={amp}"]) == 2
         err = capsys.readouterr().err.strip().splitlines()

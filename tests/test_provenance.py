@@ -30,7 +30,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from hardmix import train as hm_train
+from hardmix import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements-lock.txt"
@@ -224,8 +224,8 @@ def test_image_checks_torchs_cuda_against_the_lock_and_records_commit_and_lock()
         assert torch.version.cuda == cuda  # the same wheel as here
     assert 'NVIDIA_REQUIRE_CUDA="cuda>=${TORCH_CUDA}"' in text
     assert "torch.version.cuda" in text and "${TORCH_CUDA}" in text  # checked at build time
-    assert f'"$pkg/{hm_train.BUILD_COMMIT_FILE}"' in text and "HARDMIX_COMMIT" in text
-    assert f'"$pkg/{hm_train.LOCK_FILE}"' in text
+    assert f'"$pkg/{provenance.BUILD_COMMIT_FILE}"' in text and "HARDMIX_COMMIT" in text
+    assert f'"$pkg/{provenance.LOCK_FILE}"' in text
 
 
 def test_image_and_build_script_shell_commands_parse():
@@ -415,18 +415,18 @@ def test_run_rows_name_the_commit_or_the_modified_working_copy_and_the_lock(tmp_
         row = trials.iloc[0]
         assert row["git_commit"] == want, (name, row["git_commit"])
         versions = json.loads(row["versions"])
-        assert versions["lock"] == lock and versions["hardmix"] == hm_train.hardmix.__version__
+        assert versions["lock"] == lock and versions["hardmix"] == provenance.hardmix.__version__
     builds = (tmp_path / "docker.log").read_text().splitlines()
     assert f"HARDMIX_COMMIT={sha} " in builds[0] + " " and "-f docker/Dockerfile" in builds[0]
     assert f"HARDMIX_COMMIT={sha}+modified " in builds[1] + " "
 
 
-def _load_train_copy(package_dir: Path):
-    """hardmix/train.py loaded from a copy, so that its __file__ (what git_commit and lock_hash
-    look beside) is the copy's; everything it imports is the real package."""
-    shutil.copy(REPO / "hardmix" / "train.py", package_dir / "train.py")
-    spec = importlib.util.spec_from_file_location(f"train_copy_{abs(hash(package_dir))}",
-                                                  package_dir / "train.py")
+def _load_provenance_copy(package_dir: Path):
+    """hardmix/provenance.py loaded from a copy, so that its __file__ (what git_commit and
+    lock_hash look beside) is the copy's; everything it imports is the real package."""
+    shutil.copy(REPO / "hardmix" / "provenance.py", package_dir / "provenance.py")
+    spec = importlib.util.spec_from_file_location(f"provenance_copy_{abs(hash(package_dir))}",
+                                                  package_dir / "provenance.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     try:
@@ -441,7 +441,7 @@ def test_an_installed_copy_without_git_reports_the_commit_its_build_recorded(tmp
     the package, and those are what a run records."""
     package = tmp_path / "site-packages" / "hardmix"
     package.mkdir(parents=True)
-    copy = _load_train_copy(package)
+    copy = _load_provenance_copy(package)
     assert copy.git_commit() == "unknown" and copy.lock_hash() == "unknown"
     (package / copy.BUILD_COMMIT_FILE).write_text("0123abcd+modified\n")
     (package / copy.LOCK_FILE).write_text("torch==1.0\n")
@@ -461,6 +461,6 @@ def test_a_package_inside_someone_elses_repository_is_not_credited_with_its_comm
     _git(outer, "init", "-q")
     _git(outer, "add", ".")
     _git(outer, "commit", "-q", "-m", "theirs")
-    copy = _load_train_copy(package)
+    copy = _load_provenance_copy(package)
     assert _git(outer, "rev-parse", "HEAD") not in copy.git_commit()
     assert copy.git_commit() == "unknown"

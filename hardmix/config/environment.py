@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from hardmix.architectures import TIMM_PREFIX
+from hardmix.config.rules import with_overrides
 from hardmix.config.schema import RunConfig, SweepConfig, to_dict
 from hardmix.datasets import dataset, split_sizes
 from hardmix.errors import ConfigError
@@ -97,7 +98,7 @@ def check_precision(cfg: RunConfig, prefix: str = "") -> None:
         return  # auto and fp32 run everywhere
     import torch
 
-    from hardmix.train import precision_policy
+    from hardmix.device import precision_policy
 
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -164,8 +165,6 @@ def check_packages(cfg: RunConfig, prefix: str = "") -> None:
 def _each_run(cfg: SweepConfig, check) -> None:
     """``check(run, prefix)`` on the base run and on every arm that changes what the checks
     read; an arm's error names the arm (``arms[1].data.path``)."""
-    from hardmix.config.rules import with_overrides
-
     check(cfg.run, "run.")
     for i, arm in enumerate(cfg.arms):
         params = {k: v for k, v in arm.items() if k != "seeds"}

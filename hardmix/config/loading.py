@@ -1,5 +1,6 @@
-"""Loading configs: YAML presets (with ``base`` inheritance), files, ``--set`` overrides, and
-the mapping -> dataclass conversion that rejects unknown keys and wrong types.
+"""Loading configs: YAML presets (with ``base`` inheritance), files, ``--set`` overrides, built
+into the dataclasses (:func:`hardmix.config.schema.from_dict`, which rejects unknown keys and
+wrong types) and validated (:func:`hardmix.config.rules.validate`).
 
 Layers apply in order preset < file < overrides. A preset that names a ``base`` inherits it and
 *replaces* any search ``space`` it defines (a derived preset states its own space); a ``--set
@@ -10,9 +11,6 @@ one bound and keeps the rest; ``space.augment.k=null`` removes the parameter).
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
 import typing
 from importlib import resources
 from pathlib import Path
@@ -20,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from hardmix.config.schema import RunConfig, SweepConfig, strip_optional
+from hardmix.config.rules import validate
+from hardmix.config.schema import RunConfig, SweepConfig, from_dict, one_of, strip_optional
 from hardmix.errors import ConfigError
 
 PRESET_PACKAGE = "hardmix.presets"
@@ -206,8 +205,6 @@ def load_config(cls: type, preset: str | None = None, file: str | None = None,
     disk, no devices): entry points check the environment once
     (:mod:`hardmix.config.environment`).
     """
-    from hardmix.config.rules import validate
-
     raw: dict = {}
     layers = [(read_preset(preset) if preset else None, ("space",)),
               (read_yaml_file(file) if file else None, ("space",)),
@@ -221,89 +218,3 @@ def load_config(cls: type, preset: str | None = None, file: str | None = None,
     cfg = from_dict(cls, raw)
     validate(cfg)
     return cfg
-
-
-# --------------------------------------------------------------------------------------------
-# Mapping -> dataclass
-# --------------------------------------------------------------------------------------------
-
-
-def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
-    """Turn a mapping into dataclass ``cls``, rejecting unknown keys and wrong types."""
-    if not isinstance(raw, dict):
-        raise ConfigError(prefix.rstrip(".") or "config", raw, "must be a mapping of fields")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(path, value, "unknown field" + did_you_mean(str(key), names, prefix))
-        legacy = next(f for f in dataclasses.fields(cls) if f.name == key).metadata.get("legacy")
-        value = next((v for k, v in (legacy or {}).items()  # an old value: its replacement
-                      if type(k) is type(value) and k == value), value)
-        kwargs[key] = _coerce(hints[key], value, path)
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, path)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path + ".")
-    if tp is Any:
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):  # seeds=5: seed 5 or five seeds? say which
-            example = f"[{value}]" if isinstance(value, (int, float, str)) else "[...]"
-            raise ConfigError(path, value, f"must be a list, e.g. {example}")
-        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(path, value, "must be a mapping")
-        return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(path, value, "must be true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            return int(value)
-        raise ConfigError(path, value, "must be an integer")
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value) if abs(value) < 1e308 or isinstance(value, float) else math.inf
-        elif isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise ConfigError(path, value, "must be a number")
-        if not math.isfinite(number):
-            raise ConfigError(path, value, "must be a finite number")
-        return number
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(path, value, "must be a string")
-    return value
-
-
-def did_you_mean(key: str, names: list[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    return f" (did you mean {prefix}{close[0]}?)" if close else f"; known: {', '.join(names)}"
-
-
-def one_of(choices: Any, value: Any) -> str:
-    text = f"must be one of {', '.join(map(str, choices))}"
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
-    return text + (f" (did you mean {close[0]}?)" if close else "")

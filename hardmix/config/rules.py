@@ -12,8 +12,8 @@ import dataclasses
 import math
 from typing import Any
 
-from hardmix.config.loading import from_dict, one_of
-from hardmix.config.schema import ParamSpec, RunConfig, SweepConfig, field_type, to_dict
+from hardmix.config.schema import (ParamSpec, RunConfig, SweepConfig, field_type, from_dict,
+                                   one_of, to_dict)
 from hardmix.datasets import dataset
 from hardmix.errors import ConfigError
 from hardmix.methods import METHODS, active_fields, check_augment

@@ -1,5 +1,7 @@
 """The config schema: typed dataclasses for runs and sweeps, with each field's help, default and
-constraints. No I/O, no rules between fields (:mod:`hardmix.config.rules`), no torch.
+constraints, and :func:`from_dict` (a mapping made into them, rejecting unknown keys and wrong
+types). No I/O, no rules between fields (:mod:`hardmix.config.rules`), no torch; nothing of the
+config package below it.
 
 One name per idea: the dotted path of a field (``augment.alpha``) is its YAML key, its ``--set``
 key, its Parquet column and its ``--help`` entry. Fields whose values are registry names
@@ -10,6 +12,8 @@ registered method or data set is a valid value everywhere at once.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -399,8 +403,6 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 def field_type(cls: type, dotted: str) -> Any:
     """The declared type of a dotted field of ``cls``; raises ConfigError when there is none."""
-    from hardmix.config.loading import did_you_mean
-
     node = cls
     parts = dotted.split(".")
     for i, part in enumerate(parts):
@@ -436,3 +438,89 @@ def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
             text += f" {{{', '.join(f.metadata['choices'])}}}"
         rows.append((f"{prefix}{f.name}", repr(default) if default != {} else "{}", text))
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Mapping -> dataclass (the inverse of to_dict), and the hints of a refusal
+# --------------------------------------------------------------------------------------------
+
+
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Turn a mapping into dataclass ``cls``, rejecting unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", raw, "must be a mapping of fields")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(path, value, "unknown field" + did_you_mean(str(key), names, prefix))
+        legacy = next(f for f in dataclasses.fields(cls) if f.name == key).metadata.get("legacy")
+        value = next((v for k, v in (legacy or {}).items()  # an old value: its replacement
+                      if type(k) is type(value) and k == value), value)
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path + ".")
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):  # seeds=5: seed 5 or five seeds? say which
+            example = f"[{value}]" if isinstance(value, (int, float, str)) else "[...]"
+            raise ConfigError(path, value, f"must be a list, e.g. {example}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, value, "must be a mapping")
+        return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, value, "must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise ConfigError(path, value, "must be an integer")
+    if tp is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value) if abs(value) < 1e308 or isinstance(value, float) else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is None:
+            raise ConfigError(path, value, "must be a number")
+        if not math.isfinite(number):
+            raise ConfigError(path, value, "must be a finite number")
+        return number
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(path, value, "must be a string")
+    return value
+
+
+def did_you_mean(key: str, names: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else f"; known: {', '.join(names)}"
+
+
+def one_of(choices: Any, value: Any) -> str:
+    text = f"must be one of {', '.join(map(str, choices))}"
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    return text + (f" (did you mean {close[0]}?)" if close else "")
