@@ -332,7 +332,9 @@ class _Run:
         self.seed_epoch(epoch)
         self.data.train.set_epoch(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        mix_sums = torch.zeros(3, dtype=torch.float64, device=dev)  # hard share, fallback, sources
+        # hard share, fallback, distinct sources, steps that pasted (a skipped step pastes nothing:
+        # its distinct sources are left out of their mean, not counted as 0)
+        mix_sums = torch.zeros(4, dtype=torch.float64, device=dev)
         class_counts = torch.zeros(c, dtype=torch.float64, device=dev)
         seen = steps = mixed = 0
         for x, y, idx in self.data.train:
@@ -342,8 +344,9 @@ class _Run:
             loss, out = self.step(x, y, idx)
             if out.mixed:
                 st = out.stats
+                pasted = (st["distinct_sources"] > 0).to(st["distinct_sources"].dtype)
                 mix_sums += torch.stack([st["hard_share"], st["fallback"],
-                                         st["distinct_sources"]]).double()
+                                         st["distinct_sources"], pasted]).double()
                 class_counts += out.source_counts_by_class(c).double()
                 mixed += 1
                 if clean is not None:
@@ -359,16 +362,17 @@ class _Run:
         packed = _all_reduce(torch.cat([loss_sum[None], counts, mix_sums, class_counts]),
                              self.world_size).tolist()
         loss_total, seen, steps, mixed = packed[:4]
-        hard, fb, distinct = packed[4:7]
+        hard, fb, distinct, pasted = packed[4:8]
         per_mixed = (lambda v: v / mixed) if mixed else (lambda v: None)
         memory = self.mix.memory_seen()
         if memory is not None and self.world_size > 1:  # each rank's memory covers its shard
             memory = _all_reduce(memory.double().to(dev), self.world_size) / self.world_size
         return {"train_loss": loss_total / max(1.0, seen), "lr": lr, "seen": seen,
                 "hard_share": per_mixed(hard), "fallback_rate": per_mixed(fb),
-                "mixed_rate": mixed / max(1.0, steps), "distinct_sources": per_mixed(distinct),
+                "mixed_rate": mixed / max(1.0, steps),
+                "distinct_sources": distinct / pasted if pasted else None,
                 "memory_seen": float(memory) if memory is not None else None,
-                "source_class_counts": [int(round(v)) for v in packed[7:]]}
+                "source_class_counts": [int(round(v)) for v in packed[8:]]}
 
     def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
         """One training step: mix, forward, mixed loss, backward, optimiser and lr step.
