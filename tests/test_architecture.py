@@ -290,3 +290,18 @@ def test_the_graph_check_finds_a_circle_and_an_upward_import(tmp_path):
     assert graph["hardmix.b"] == {"hardmix.a": [(2, True)]}
     assert sorted(circles(graph)) == [["ablations.d", "hardmix.c"], ["hardmix.a", "hardmix.b"]]
     assert layering_faults(graph) == ["hardmix.c:3 imports ablations.d, a higher layer"]
+
+
+def test_the_architecture_page_names_every_module_with_its_job():
+    """docs/architecture.md gives every module of the three packages its one job: a module
+    added without a line there fails here."""
+    page = (REPO / "docs" / "architecture.md").read_text()
+    missing = []
+    for pkg in LAYERS:
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            if path.name == "__init__.py":
+                continue
+            name = path.relative_to(REPO / pkg).as_posix()
+            if f"`{name}`" not in page:
+                missing.append(f"{pkg}/{name}")
+    assert missing == [], f"docs/architecture.md does not name {missing}"
