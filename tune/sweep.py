@@ -150,6 +150,11 @@ def resolve_config(preset: str | None, file: str | None, overrides: list[str] | 
 # --------------------------------------------------------------------------------------------
 
 
+#: Environment variables a sweep joining a cluster passes on to every trial (runtime_env).
+CLUSTER_ENV = ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+               "PYTHONWARNINGS", "OMP_WAIT_POLICY")
+
+
 def _start_ray(cfg: SweepConfig) -> bool:
     """Connect to Ray (or reuse a running connection). True when this call started it."""
     import ray
@@ -159,9 +164,9 @@ def _start_ray(cfg: SweepConfig) -> bool:
     # Trial output stays in Ray's logs; the sweep prints its own progress.
     common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if cfg.address:
-        env = {k: os.environ[k] for k in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS",
-                                          "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
-                                          "PYTHONWARNINGS") if k in os.environ}
+        # What the trials need from this command's environment: a cluster's workers were
+        # started by `ray start`, not by us, and inherit none of it.
+        env = {k: os.environ[k] for k in CLUSTER_ENV if k in os.environ}
         ray.init(address=cfg.address, runtime_env={"env_vars": env}, **common)
     else:
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
