@@ -28,8 +28,9 @@ parallel job, and the mutated file is written there. A forked child per mutant (
 imports the heavy third-party packages once, never the project) puts the copy first on
 ``sys.path`` and in ``PYTHONPATH`` (ahead of the editable install of the checkout), with byte
 code writing off so that a mutant of the same size is never served from a stale ``.pyc``. At
-the start, a sentinel mutant that makes a module fail at import must fail its tests' collection,
-which shows that the tests really import the scratch copy; otherwise the run stops.
+the start, a sentinel mutant that makes the project's packages fail at import must fail the
+first module's tests at collection, which shows that the tests really import the scratch copy;
+otherwise the run stops.
 
 Mutants are ordered by a hash of their module, operator, line text and snippet (not of their
 line number, so the order survives edits elsewhere), and ``--max-per-module N`` keeps the
@@ -80,18 +81,27 @@ EXTRA_TESTS: dict[str, list[str]] = {
     "hardmix/checkpoint.py": ["tests/test_device_path.py", "tests/test_atomic_writes.py",
                               "tests/test_resume_picks.py"],
     "hardmix/config/rules.py": ["tests/test_rule_boundaries.py", "tests/test_space.py"],
-    "ablations/stats.py": [],
-    "ablations/report.py": [],
+    "ablations/stats.py": ["tests/test_difference_references.py"],
+    "ablations/report.py": ["tests/test_report_sections.py", "tests/test_rule_boundaries.py"],
     "ablations/store.py": ["tests/test_atomic_writes.py"],
+    # the store's writer and the atomic writes it uses (split out of ablations/store.py)
+    "ablations/writer.py": ["tests/test_store.py", "tests/test_atomic_writes.py",
+                            "tests/test_store_callback.py"],
+    "ablations/storage.py": ["tests/test_atomic_writes.py"],
     "tune/resume.py": ["tests/test_space.py", "tests/test_resume_picks.py"],
+    # which checkpoint a resumed trial continues from (split out of tune/resume.py)
+    "tune/checkpoints.py": ["tests/test_resume_picks.py"],
 }
 #: The modules, in the order they run.
 MODULES = list(EXTRA_TESTS)
+#: At most this many mutants of a module whose tests are slow (each test of the report builds
+#: whole reports, 5-10 s), whatever --max-per-module says.
+CAPS = {"ablations/report.py": 15}
 #: Tests never run here: they need a GPU or a simulated multi-node cluster.
 MARKERS = "not cuda and not multinode"
 SMOKE_MODULE, SMOKE_MUTANTS = "hardmix/loss.py", 4
 #: Broken at import in the scratch copy at the start: every test file must then fail to collect.
-SENTINEL = "hardmix/__init__.py"
+SENTINELS = tuple(f"{p}/__init__.py" for p in PROJECT_PACKAGES)
 
 
 def test_files(module: str, root: Path = REPO) -> list[str]:
@@ -547,8 +557,9 @@ class Runner:
         if job.kind == "mutant":
             target.write_text(job.mutant.apply(self.original(job.module)))
         elif job.kind == "sentinel":
-            target.write_text("raise ImportError('mutation sentinel: the scratch copy is "
-                              "imported')\n" + self.original(job.module))
+            for name in SENTINELS:
+                (root / name).write_text("raise ImportError('mutation sentinel: the scratch "
+                                         "copy is imported')\n" + self.original(name))
         tracer_target = str(target) if job.kind == "baseline" else None
         job.trace = str(self.tmp / f"trace-{self.counter}.json") if tracer_target else None
         sys.stdout.flush()
@@ -560,7 +571,8 @@ class Runner:
         self.running[pid] = job
 
     def _finish(self, job: Job) -> None:
-        (self.copies[job.slot] / job.module).write_text(self.original(job.module))
+        for name in SENTINELS if job.kind == "sentinel" else (job.module,):
+            (self.copies[job.slot] / name).write_text(self.original(name))
         self.free.append(job.slot)
         self.free.sort()
 
@@ -692,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
         every.sort(key=lambda m: m.order)
         if args.grep:
             every = [m for m in every if args.grep in m.label()]
-        chosen = every[:limit] if limit else every
+        cap = min(limit, CAPS.get(module, limit)) if limit else None
+        chosen = every[:cap] if cap else every
         plan[module] = sorted(chosen, key=lambda m: (m.line, m.op, m.before))
     equivalents, moved, stale = match_equivalents(entries, generated)
     if args.list:
@@ -705,6 +718,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t0 = time.monotonic()
+    # SIGTERM (a timeout, a kill) unwinds like Ctrl-C: children killed, scratch copy removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="hardmix-mutation-"))
     copies = []
     try:
@@ -748,8 +763,8 @@ def run_all(runner: Runner, plan: dict[str, list[Mutant]], files: dict[str, list
     results: dict[tuple, dict] = {}
     queue: list[Job] = []
     first = modules[0]
-    queue.append(Job("sentinel", SENTINEL, args=files[first] + ["--collect-only"] + PYTEST_BASE,
-                     timeout=300))
+    queue.append(Job("sentinel", SENTINELS[0], timeout=300,
+                     args=files[first] + ["--collect-only"] + PYTEST_BASE))
     for m in modules:
         queue.append(Job("baseline", m, args=files[m] + PYTEST_BASE, timeout=1800))
     for m in modules:

@@ -252,3 +252,68 @@ def test_leftovers_of_killed_writers_are_removed_once_stale_and_only_then(tmp_pa
     assert len([n for n in names if not n.startswith(".")]) == 2
     assert sorted(read_results(str(tmp_path / "sweep")).trials.column("trial_id").to_pylist()) \
         == ["c000-s0", "c001-s0"]
+
+
+# --------------------------------------------------------------------------------------------
+# The storage layer under both (ablations.storage)
+# --------------------------------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_atomic_writes_leave_no_descriptor_open(tmp_path):
+    from ablations import storage
+
+    storage.write_text(str(tmp_path / "warm.txt"), "x")
+    before = open_fds()
+    for i in range(20):
+        storage.write_text(str(tmp_path / f"f{i}.txt"), "hello")
+        ResultStore(str(tmp_path / "s")).write_trial({**ROW, "trial_id": f"c{i:03d}-s0"})
+    assert open_fds() == before
+
+
+def test_stale_temporaries_are_counted_and_only_hidden_tmp_files_go(tmp_path):
+    import pyarrow.fs as pafs
+
+    from ablations import storage
+
+    old = time.time() - 3600
+    names = [".a.parquet.tmp", ".b.tmp", "c.tmp", ".d.parquet", "e.parquet", ".fresh.tmp"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+        if n != ".fresh.tmp":
+            os.utime(tmp_path / n, (old, old))
+    (tmp_path / ".dir.tmp").mkdir()
+    os.utime(tmp_path / ".dir.tmp", (old, old))
+    fs = pafs.LocalFileSystem()
+    assert storage.remove_stale_temporaries(fs, str(tmp_path), older_than=600) == 2
+    assert sorted(visible(tmp_path)) == sorted([".dir.tmp", "c.tmp", ".d.parquet", "e.parquet",
+                                                ".fresh.tmp"])
+    assert storage.remove_stale_temporaries(fs, str(tmp_path), older_than=600) == 0
+    assert storage.remove_stale_temporaries(fs, str(tmp_path / "missing")) == 0
+    assert storage.remove_stale_temporaries(fs, str(tmp_path), older_than=-1) == 1  # the fresh
+
+
+def test_a_sub_tree_of_a_local_disk_is_written_through_a_rename(tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    from ablations import storage
+
+    sub = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    assert storage.renames_atomically(sub) and storage.renames_atomically(pafs.LocalFileSystem())
+    assert storage.local_path(sub, "/a/b.txt") == f"{tmp_path}/a/b.txt"
+    moves = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: moves.append(fd_path(fd)) or real(fd))
+    path = storage.publish(sub, "out", "f.txt", lambda sink: sink.write(b"data"))
+    assert path == "out/f.txt" and (tmp_path / "out" / "f.txt").read_bytes() == b"data"
+    assert moves and moves[0].endswith(".tmp")  # fsynced under its temporary name first
+    assert storage.split("s3://bucket/a/b") == ("s3://bucket/a", "b")
+    assert storage.split(str(tmp_path / "x" / "y")) == (str(tmp_path / "x"), "y")
+    fs, inner = storage.resolve(str(tmp_path) + "/")
+    assert isinstance(fs, pafs.LocalFileSystem) and inner == str(tmp_path)
+    given = pafs.LocalFileSystem()
+    assert storage.resolve("/x/y/", given) == (given, "/x/y")

@@ -171,3 +171,94 @@ def test_sweep_state_counts_runs_and_time_and_refuses_a_bad_file(tmp_path):
         assert err.value.field == "--resume", text
     (tmp_path / STATE_FILE).write_text('{"runs": 0, "wall_seconds": 0}')
     assert SweepState.load(d).runs == 0 and math.isfinite(SweepState.load(d).wall_seconds)
+
+
+def saved_sweep(tmp_path, *overrides: str) -> Path:
+    from hardmix.config import to_yaml
+    from tune.plan import SWEEP_FILE
+
+    folder = tmp_path / "sweeps" / "mine"
+    folder.mkdir(parents=True)
+    cfg = load_config(SweepConfig, None, None, ["storage=/elsewhere", "name=other", *overrides])
+    (folder / SWEEP_FILE).write_text(to_yaml(cfg))
+    return folder
+
+
+def test_a_resume_continues_the_saved_sweep_and_changes_only_how_it_runs(tmp_path):
+    from tune.resume import RESUMABLE, check_resume_changes, resumed_config
+
+    folder = saved_sweep(tmp_path, "mode=grid", "seeds=[0, 1]")
+    cfg = resumed_config(str(folder), "mine", ["max_failures=3", "description=again"])
+    # the folder resumed names the sweep, wherever the saved file said it was
+    assert (cfg.storage, cfg.name) == (str(folder.parent), "mine")
+    assert cfg.max_failures == 3 and cfg.seeds == [0, 1]
+    assert resumed_config(str(folder), "mine", ["seeds=[0, 1, 2]"]).seeds == [0, 1, 2]
+    for change, field in ((["seeds=[1]"], "seeds"), (["run.optim.lr=0.5"], "run.optim.lr"),
+                          (["mode=search"], "mode")):
+        with pytest.raises(ConfigError) as err:
+            resumed_config(str(folder), "mine", change)
+        assert err.value.field == field, change
+    with pytest.raises(ConfigError) as err:  # a new value must itself be valid
+        resumed_config(str(folder), "mine", ["max_failures=-2"])
+    assert err.value.field == "max_failures"
+    assert "address" in RESUMABLE and "seeds" not in RESUMABLE
+    saved = load_config(SweepConfig, None, None, ["storage=/tmp", "mode=grid",
+                                                  "arms=[{augment.method: cutmix}]"])
+    more = saved.seeds + [max(saved.seeds) + 1]
+    with pytest.raises(ConfigError) as err:  # arms carry their own seeds: none added
+        check_resume_changes(saved, load_config(SweepConfig, None, None, [
+            "storage=/tmp", "mode=grid", "arms=[{augment.method: cutmix}]", f"seeds={more}"]))
+    assert err.value.field == "seeds"
+
+
+def test_a_folder_that_is_no_sweep_or_holds_a_bad_config_is_one_error(tmp_path):
+    from tune.plan import SWEEP_FILE
+    from tune.resume import resumed_config
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for text in (None, "run: [unclosed", "- a list", "seeds: not-a-list\n", "mode: nope\n"):
+        folder = tmp_path / f"f{abs(hash(text)) % 10**6}"
+        folder.mkdir()
+        if text is not None:
+            (folder / SWEEP_FILE).write_text(text)
+        with pytest.raises(ConfigError) as err:
+            resumed_config(str(folder), "given-name", [])
+        assert err.value.field == "--resume", text
+        assert "\n" not in str(err.value)
+
+
+def test_a_packed_checkpoint_goes_back_where_the_run_wrote_it(tmp_path):
+    from tune.checkpoints import ATTEMPT_FILE, next_attempt, pack_checkpoint, restore_checkpoint
+
+    run = tmp_path / "run"
+    ckpt = checkpoint_path(run)
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights at epoch 4")
+    assert next_attempt(run, None) == 1 and next_attempt(run, None) == 2  # counted in the run
+    packed = tmp_path / "ray_ckpt"
+    packed.mkdir()
+    pack_checkpoint(str(ckpt), run, packed, attempt=5, epoch=4)
+    meta = json.loads((packed / "hardmix_checkpoint.json").read_text())
+    assert meta == {"file": "last.pt", "relpath": "checkpoints/last.pt", "attempt": 5, "epoch": 4}
+    # a retry on another machine: an empty run folder, the Ray checkpoint restored into it
+    other = tmp_path / "elsewhere"
+    assert next_attempt(other, str(packed)) == 6  # the checkpoint's count is the larger
+    assert restore_checkpoint(str(packed), other)
+    assert checkpoint_path(other).read_bytes() == b"weights at epoch 4"
+    # no checkpoint: a fresh start in a clean folder, the attempt counter kept
+    (other / "logs").mkdir()
+    (other / "logs" / "events").write_text("old")
+    assert not restore_checkpoint(None, other)
+    assert not restore_checkpoint(str(tmp_path / "no-such-folder"), other)
+    assert sorted(p.name for p in other.iterdir()) == [ATTEMPT_FILE]
+    # a checkpoint whose metadata points outside the run folder is refused
+    (packed / "hardmix_checkpoint.json").write_text(json.dumps(
+        {"file": "last.pt", "relpath": "../../escape.pt", "attempt": 1, "epoch": 1}))
+    with pytest.raises(ValueError):
+        restore_checkpoint(str(packed), other)
+    (packed / "hardmix_checkpoint.json").write_text(json.dumps(
+        {"file": "sub/last.pt", "relpath": "x.pt", "attempt": 1, "epoch": 1}))
+    with pytest.raises(ValueError):
+        restore_checkpoint(str(packed), other)
+    assert not (tmp_path / "escape.pt").exists()

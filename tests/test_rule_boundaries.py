@@ -202,3 +202,22 @@ def test_an_arm_field_that_is_no_leaf_is_one_config_error():
                        ("{nope: 1}", "arms[0].nope"), ("{augment.methd: cutmix}",
                                                          "arms[0].augment.methd")):
         refused(field, "storage=/tmp", "mode=grid", f"arms=[{arm}]", cls=SweepConfig)
+
+
+def test_report_options_at_their_edges(tmp_path):
+    from ablations.report import build_report
+
+    missing = str(tmp_path / "no-sweep")
+
+    def field_of(**kw) -> str:
+        with pytest.raises(ConfigError) as err:
+            build_report(missing, out=str(tmp_path / "out"), **kw)
+        return err.value.field
+
+    for m in (0, -1.0, 100.001, 101):
+        assert field_of(margin=m) == "--margin", m
+    for m in (100, 1e-6):  # accepted: the report goes on and stops at the missing sweep
+        assert field_of(margin=m) == "path", m
+    assert field_of(baseline="cutmixx") == "--baseline"
+    assert field_of(correction="holm") == "--correction"
+    assert field_of(correction="none") == "path"
