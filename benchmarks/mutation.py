@@ -89,8 +89,6 @@ EXTRA_TESTS: dict[str, list[str]] = {
                             "tests/test_store_callback.py"],
     "ablations/storage.py": ["tests/test_atomic_writes.py"],
     "tune/resume.py": ["tests/test_space.py", "tests/test_resume_picks.py"],
-    # which checkpoint a resumed trial continues from (split out of tune/resume.py)
-    "tune/checkpoints.py": ["tests/test_resume_picks.py"],
 }
 #: The modules, in the order they run.
 MODULES = list(EXTRA_TESTS)
