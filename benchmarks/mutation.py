@@ -692,21 +692,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     entries = [e for e in load_equivalents() if e["module"] in modules]
-    plan: dict[str, list[Mutant]] = {}
-    total: dict[str, int] = {}
-    generated: list[Mutant] = []
-    for module in modules:
-        every = generate(module)
-        generated += every
-        total[module] = len(every)
-        every.sort(key=lambda m: m.order)
-        if args.grep:
-            every = [m for m in every if args.grep in m.label()]
-        cap = min(limit, CAPS.get(module, limit)) if limit else None
-        chosen = every[:cap] if cap else every
-        plan[module] = sorted(chosen, key=lambda m: (m.line, m.op, m.before))
-    equivalents, moved, stale = match_equivalents(entries, generated)
+
+    def make_plan(root: Path) -> tuple[dict, dict, list, tuple]:
+        """The mutants of the files under ``root`` (the scratch copy: what the tests run)."""
+        plan: dict[str, list[Mutant]] = {}
+        total: dict[str, int] = {}
+        generated: list[Mutant] = []
+        for module in modules:
+            every = generate(module, root)
+            generated += every
+            total[module] = len(every)
+            every.sort(key=lambda m: m.order)
+            if args.grep:
+                every = [m for m in every if args.grep in m.label()]
+            cap = min(limit, CAPS.get(module, limit)) if limit else None
+            chosen = every[:cap] if cap else every
+            plan[module] = sorted(chosen, key=lambda m: (m.line, m.op, m.before))
+        return plan, total, generated, match_equivalents(entries, generated)
+
     if args.list:
+        plan, _, _, (equivalents, _, _) = make_plan(REPO)
         for module, mutants in plan.items():
             for m in mutants:
                 tag = "  [equivalent]" if m.key in equivalents else ""
@@ -723,6 +728,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = tmp / "w0"
         scratch_tree(base, args.from_head)
+        # the mutants of the copy, never of the checkout, which others may be editing
+        plan, total, generated, (equivalents, moved, stale) = make_plan(base)
         copies.append(base)
         for i in range(1, max(1, args.jobs)):
             shutil.copytree(base, tmp / f"w{i}")

@@ -132,6 +132,7 @@ def test_a_partial_or_foreign_checkpoint_is_refused_with_one_line(tmp_path):
         assert err.value.field == "checkpoint" and "\n" not in str(err.value)
         # a path that is no file is told what is expected; a file, why it cannot be used
         assert ("last.pt" in err.value.allowed) == (not path.is_file()), path
+        assert "()" not in err.value.allowed, err.value  # the reason is never left empty
 
 
 class RunsCode:

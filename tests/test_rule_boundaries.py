@@ -114,6 +114,8 @@ def test_min_hard_against_the_batch_where_it_acts():
 def test_validation_split_subset_warmup_and_milestones_at_their_edges():
     assert run("data.subset=100", "data.val_size=99").data.val_size == 99
     refused("data.val_size", "data.subset=100", "data.val_size=100")
+    assert run("data.subset=2", "data.val_size=1").data.val_size == 1
+    refused("data.val_size", "data.subset=1", "data.val_size=1")
     refused("data.val_size", "data.val_size=1.5")
     assert run("data.val_size=0.999").data.val_size == 0.999
     assert run("optim.epochs=5", "optim.warmup_epochs=4").optim.warmup_epochs == 4
