@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the trials, resources and a compute estimate, then stop")
     p.add_argument("--address", help="Ray address (auto, ray://host:port); same as --set address=")
     p.add_argument("--storage", help="results folder or URI (s3://, gs://); same as --set storage=")
+    p.add_argument("--until-resolved", action="store_true",
+                   help="a grid of arms: run the seeds in rounds (analysis.rounds looks up to "
+                        "analysis.max_seeds per arm) and stop each primary contrast once its "
+                        "verdict is resolved; needs analysis.margin; same as --set "
+                        "analysis.until_resolved=true")
     _add_verbose(p)
     p.set_defaults(handler=_sweep)
 
@@ -197,6 +202,8 @@ def _sweep(args: argparse.Namespace) -> int:
         overrides.append(f"address={args.address}")
     if args.storage:
         overrides.append(f"storage={args.storage}")
+    if args.until_resolved:
+        overrides.append("analysis.until_resolved=true")
     from tune.sweep import sweep_from_cli  # Ray is imported only here
     return sweep_from_cli(args.preset, args.config, overrides, resume=args.resume,
                           dry_run=args.dry_run)

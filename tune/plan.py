@@ -36,8 +36,11 @@ def sweep_dir_of(cfg: SweepConfig) -> str:
 
 
 def planned_trials(cfg: SweepConfig, followup: list[dict] | None = None) -> list[str]:
-    """Every trial id the sweep will have once it ends (main phase, then follow-up)."""
-
+    """Every trial id the sweep will have once it ends (main phase, then follow-up); for an
+    until-resolved sweep, the rounds its recorded looks call for (:mod:`tune.rounds`)."""
+    if cfg.analysis.until_resolved and cfg.mode == "grid":
+        from tune.rounds import called_trials
+        return called_trials(cfg)
     if cfg.mode == "grid":
         ids = [trial_name(MAIN_PREFIX, i, s) for i, (_, seeds) in enumerate(zip(grid_points(cfg),
                                                                          point_seeds(cfg)))

@@ -77,8 +77,11 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, dry_run: bool = False,
     cfg = prepare(cfg)
     sweep_dir = sweep_dir_of(cfg)
     # 2. plan
+    if cfg.analysis.until_resolved:  # its design and contrasts, refused here if they cannot work
+        from tune.rounds import plan_of, plan_text as rounds_text
+        plan_of(cfg)
     if dry_run:
-        print(plan_text(cfg), file=out)
+        print(rounds_text(cfg) if cfg.analysis.until_resolved else plan_text(cfg), file=out)
         return SweepOutcome(sweep_dir, dry_run=True)
     if not resume and storage.exists(join(sweep_dir, SWEEP_FILE)):
         raise ConfigError("name", cfg.name,
@@ -221,7 +224,11 @@ def _run_phases(cfg: SweepConfig, sweep_dir: str, state, resume: bool, out: Text
     comes from the store; nothing of Tune's saved state is read."""
     suffix = "" if state.runs <= 1 else f"-r{state.runs - 1}"
     rows = rows_with_metric(cfg, sweep_dir) if resume else {}
-    if cfg.mode == "grid":
+    if cfg.mode == "grid" and cfg.analysis.until_resolved:  # seeds in rounds (tune.rounds)
+        from tune.rounds import run_rounds
+        run_rounds(cfg, sweep_dir, lambda seeds, name: _grid_phase(
+            cfg, sweep_dir, rows_with_metric(cfg, sweep_dir), resume, suffix + name, seeds), out)
+    elif cfg.mode == "grid":
         _grid_phase(cfg, sweep_dir, rows, resume, suffix)
     else:
         _search_phase(cfg, sweep_dir, rows, resume, suffix, out)
@@ -230,11 +237,12 @@ def _run_phases(cfg: SweepConfig, sweep_dir: str, state, resume: bool, out: Text
 
 
 def _grid_phase(cfg: SweepConfig, sweep_dir: str, rows: dict, resume: bool,
-                suffix: str) -> None:
-    """Every cell of the grid (each point with each of its seeds) not finished yet."""
+                suffix: str, seeds: list[list[int]] | None = None) -> None:
+    """Every cell of the grid (each point with each of its seeds: ``seeds``, default
+    :func:`tune.space.point_seeds`) not finished yet."""
     done = finished(rows)
     ctx = _make_context(cfg, sweep_dir, MAIN_PREFIX, cfg.seeds, grid_points(cfg),
-                        point_seeds(cfg), resuming=resume)
+                        point_seeds(cfg) if seeds is None else seeds, resuming=resume)
     cells = [c for c in ctx.cells() if trial_name(MAIN_PREFIX, c["index"], c["seed"]) not in done]
     if cells:
         _fit(_tuner(cfg, ctx, MAIN_PHASE + suffix, cfg.name, cells=cells))

@@ -175,6 +175,8 @@ def check_sweep(cfg: SweepConfig) -> None:
         if avoid & set(seeds):
             raise ConfigError(path, sorted(avoid & set(seeds)), "must avoid analysis.avoid_seeds "
                               f"({', '.join(map(str, sorted(avoid)))})")
+    if cfg.analysis.until_resolved:
+        _check_until_resolved(cfg)
     for name, spec in cfg.space.items():
         path = f"space.{name}"
         if name == "seed":
@@ -222,6 +224,38 @@ def check_sweep(cfg: SweepConfig) -> None:
     if cfg.mode == "search" and cfg.arms:
         raise ConfigError("arms", f"{len(cfg.arms)} arms", "arms need mode=grid (a search "
                           "explores `space`)")
+
+
+def until_resolved_looks(max_seeds: int, rounds: int) -> tuple[int, ...]:
+    """The looks of an until-resolved sweep: seeds per arm after each of ``rounds`` equal
+    rounds up to ``max_seeds`` (rounded up), e.g. 20 seeds in 4 rounds: 5, 10, 15, 20."""
+    return tuple(-(-max_seeds * k // rounds) for k in range(1, rounds + 1))
+
+
+def _check_until_resolved(cfg: SweepConfig) -> None:
+    """``analysis.until_resolved`` (tune.rounds): a grid whose arms share their seeds (paired),
+    a margin, and looks that fit the seed budget. The primary contrasts among the arms are
+    checked by the sweep's plan (tune.rounds.plan_of), before Ray starts."""
+    a = cfg.analysis
+    if cfg.mode != "grid":
+        raise ConfigError("mode", cfg.mode, "analysis.until_resolved needs mode=grid: arms "
+                          "compared seed by seed (a search explores `space`)")
+    if a.margin is None:
+        raise ConfigError("analysis.margin", None, "analysis.until_resolved needs a margin "
+                          "(points of the primary outcome): a contrast may then also stop as "
+                          "equivalent within ±margin")
+    for i, arm in enumerate(cfg.arms):
+        if "seeds" in arm:
+            raise ConfigError(f"arms[{i}].seeds", arm["seeds"], "analysis.until_resolved gives "
+                              "every arm the same seeds, in rounds (paired by seed): drop the "
+                              "arm's own seeds")
+    if a.rounds >= a.max_seeds:
+        raise ConfigError("analysis.rounds", a.rounds, f"must be < analysis.max_seeds "
+                          f"({a.max_seeds}): the first look needs 2 seeds per arm and every "
+                          "later one more")
+    if len(cfg.seeds) > a.max_seeds:
+        raise ConfigError("seeds", cfg.seeds, f"lists more seeds than analysis.max_seeds "
+                          f"({a.max_seeds}), the budget per arm of analysis.until_resolved")
 
 
 def _check_arms(cfg: SweepConfig) -> None:

@@ -330,6 +330,14 @@ class AnalysisConfig:
     avoid_seeds: list[int] = opt(help="seeds this sweep must not use (a pilot's, whose results "
                                  "shaped the design); a sweep that lists one is refused",
                                  factory=list)
+    until_resolved: bool = opt(False, "grid with arms: run the seeds in `rounds` rounds up to "
+                               "`max_seeds` per arm and stop each primary contrast once its "
+                               "verdict is resolved (group-sequential design; needs a margin; "
+                               "hardmix sweep --until-resolved)")
+    max_seeds: int = opt(20, "until_resolved: seeds per arm at most (the last look); beyond "
+                         "`seeds`, the smallest unused ones not in avoid_seeds", ge=2, le=10_000)
+    rounds: int = opt(4, "until_resolved: looks, equally spaced up to max_seeds (fewer than "
+                      "max_seeds)", ge=1, le=100)
 
 
 @dataclass
