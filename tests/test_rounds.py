@@ -339,6 +339,12 @@ def test_resume_keeps_the_looks_and_runs_only_what_is_missing(tmp_path, monkeypa
         return out
 
     monkeypatch.setattr(rounds, "decide", going_on)
+    # Killed in round 1: the design and the contrasts are on disk already, no look.
+    with pytest.raises(KeyboardInterrupt):
+        run_rounds(cfg, str(tmp_path / "ur"), Rounds(cfg, error, kill_at="-round1"))
+    before = read_looks(str(tmp_path / "ur"))
+    assert before["looks"] == [] and before["design"]["looks"] == [2, 4, 6]
+    assert [c["key"] for c in before["contrasts"]] == ["c000 -> c001"]
     first = Rounds(cfg, error, kill_at="-round2")
     with pytest.raises(KeyboardInterrupt):
         run_rounds(cfg, first.dir, first, io.StringIO())

@@ -232,9 +232,8 @@ def called_seeds(plan: Plan, record: Optional[dict]) -> list[list[int]]:
         n = 0
         for r in range(rounds_called(plan, record)):
             live = live_after(plan, record, r)
-            if arm in {i for c in live for i in plan.arms_of(c)} or \
-                    (arm not in in_some and live):
-                n = looks[r]
+            if arm in {i for c in live for i in plan.arms_of(c)} or arm not in in_some:
+                n = looks[r]  # (every round called has a live contrast)
         out.append(plan.seeds[:n])
     return out
 
