@@ -148,7 +148,7 @@ def test_cifar10_study_compares_five_seeds_and_ablates_every_axis_with_three(tmp
              y_train=np.arange(200) % 10, x_test=np.zeros((20, 32, 32, 3), np.uint8),
              y_test=np.arange(20) % 10)
     cfg = prepare(load_config(SweepConfig, preset,
-                              overrides=[f"run.data.path={path}", "run.data.subset=100"]))
+                              overrides=[f"run.data.path={path}", "run.data.subset=200"]))
     assert "33 trials" in plan_text(cfg)
     runs: dict[tuple, set] = {}
     for point, seed in grid_trials(cfg):
