@@ -9,13 +9,16 @@ constants off by one, ``True``/``False`` flipped; ``and``/``or`` swapped; a ``no
 ``if``/``while``/conditional-expression test negated; a call statement, an attribute or item
 assignment or a ``raise`` removed; a returned value replaced by ``None``). Docstrings, strings,
 f-strings and annotations are left alone, and a mutant that does not compile is not generated.
-Every mutant runs against the module's own test files only (:data:`MODULES`: ``tests/test_<name>.py``
-by naming convention plus an explicit table), so that the whole run fits a small machine:
+Every mutant runs against the module's own test files only (:data:`MODULES`:
+``tests/test_<name>.py`` by naming convention plus an explicit table), so that the whole run
+fits a small machine:
 
 * the module's test files first run once unmutated (the *baseline*), with a line tracer that
   records which test executes which line of the module; tests that fail there are left out;
-* a mutant inside a function body runs only the tests that executed its lines, fastest first,
-  stopping at the first failure (``-x``); a mutant at module or class level (run at import:
+* a mutant inside a function body runs the tests that executed its lines, fastest first, then
+  the other tests of their files (a module-scoped fixture runs the code in the first test that
+  asks for it, the tests after it only check the result), stopping at the first failure
+  (``-x``); a mutant at module or class level (run at import:
   constants, tables, default arguments) or on a line no test executed in-process (a test may
   reach it in a subprocess) runs all of the module's test files;
 * a mutant is *killed* when a test fails (or the module no longer imports), or when it runs
@@ -185,11 +188,13 @@ class _Source:
         return self.starts[rc[0] - 1] + rc[1]
 
     def op_tokens(self, lo: int, hi: int, words: tuple[str, ...]) -> Optional[tuple[int, int, int]]:
-        """The operator ``words`` (one or two tokens) between offsets lo and hi: (start, end, line)."""
+        """The operator ``words`` (one or two tokens) between offsets lo and hi:
+        ``(start, end, line)``."""
         toks = [t for t in self.tokens if self.pos(t.start) >= lo and self.pos(t.end) <= hi]
         for i in range(len(toks) - len(words) + 1):
             if tuple(t.string for t in toks[i:i + len(words)]) == words:
-                return self.pos(toks[i].start), self.pos(toks[i + len(words) - 1].end), toks[i].start[0]
+                last = toks[i + len(words) - 1]
+                return self.pos(toks[i].start), self.pos(last.end), toks[i].start[0]
         return None
 
 
@@ -325,7 +330,8 @@ def generate(module: str, root: Path = REPO) -> list[Mutant]:
         elif isinstance(node, ast.comprehension):
             pass
 
-    def _negate(test: ast.expr, stmt: ast.stmt, node: ast.AST, at_import: bool, function: str) -> None:
+    def _negate(test: ast.expr, stmt: ast.stmt, node: ast.AST, at_import: bool,
+                function: str) -> None:
         if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
             return  # removing the `not` is the same mutant
         s, e = src.start(test), src.end(test)
@@ -826,7 +832,8 @@ def run_all(runner: Runner, plan: dict[str, list[Mutant]], files: dict[str, list
                 if mut.key in equivalents and outcome == "killed":
                     outcome = "killed"  # reported below as a wrong entry
                 results[mut.key] = {"mutant": mut, "outcome": outcome, "by": how,
-                                    "tests": job.selected, "seconds": time.monotonic() - job.started}
+                                    "tests": job.selected,
+                                    "seconds": time.monotonic() - job.started}
                 if outcome != "killed" or done_count % 25 == 0:
                     print(f"[{done_count}/{n_mut}] {outcome}: {mut.label()} "
                           f"({job.selected} tests{', ' + how if how else ''})", flush=True)
@@ -858,8 +865,15 @@ def prepare(job: Job, base: Baseline, files: dict[str, list[str]], args) -> bool
             covering |= base.lines.get(ln, set())
     covering -= base.failed
     if covering:
-        tests = sorted(covering, key=lambda t: (base.durations.get(t, 0.0), t))
-        job.args, job.selected = tests + ["-x"] + PYTEST_BASE, f"{len(tests)} covering"
+        # the covering tests first, then the rest of their files: a module- or session-scoped
+        # fixture runs the code once, in the first test that asks for it, and the tests after
+        # it check the result without executing a line of it
+        by_time = lambda t: (base.durations.get(t, 0.0), t)
+        files_of = {t.split("::")[0] for t in covering}
+        rest = [t for t in ok if t not in covering and t.split("::")[0] in files_of]
+        tests = sorted(covering, key=by_time) + sorted(rest, key=by_time)
+        job.args = tests + ["-x"] + PYTEST_BASE
+        job.selected = f"{len(covering)} covering + {len(rest)} of their files"
         seconds = sum(base.durations.get(t, 0.0) for t in tests)
     else:
         deselect = [a for t in sorted(base.failed) for a in ("--deselect", t)]
@@ -882,9 +896,11 @@ def report(results: dict[tuple, dict], plan: dict[str, list[Mutant]], total: dic
         s = sum(r["outcome"] == "survived" for r in outs)
         e = sum(r["outcome"] == "equivalent" for r in outs)
         err = sum(r["outcome"] not in ("killed", "survived", "equivalent") for r in outs)
-        killed, survived, equivalent, errors = killed + k, survived + s, equivalent + e, errors + err
+        killed, survived = killed + k, survived + s
+        equivalent, errors = equivalent + e, errors + err
         score = k / (k + s) if k + s else 1.0
-        sample = f" (sample of {len(mutants)} of {total[module]})" if len(mutants) < total[module] else ""
+        sample = (f" (sample of {len(mutants)} of {total[module]})"
+                  if len(mutants) < total[module] else "")
         print(f"{module}: {len(mutants)} mutants{sample}: killed {k}, survived {s}, "
               f"equivalent {e}{f', errors {err}' if err else ''}, score {score:.3f}")
         for r in outs:

@@ -60,7 +60,7 @@ def test_paired_test_is_scipys_on_the_shared_seeds():
     assert same.p == 0.0 and margin_tests(same, 1.0) == (0.0, 0.0, 0.0)
     assert margin_tests(same, 0.4) == (1.0, 0.0, 1.0)
     zero = difference("v", [1.0, 2.0], [0, 1], "b", [1.0, 2.0], [0, 1])
-    assert zero.p == 1.0
+    assert zero.p == 1.0 and zero.kind == "paired"  # two shared seeds are enough to pair
 
 
 @pytest.mark.parametrize("seed,nx,ny,margin", [(0, 6, 8, 0.8), (5, 10, 10, 0.5), (7, 4, 9, 2.0)])

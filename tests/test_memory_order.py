@@ -154,7 +154,7 @@ def test_never_seen_samples_come_first_under_the_cached_signal(criterion):
     for _ in range(4):  # history: four observations of each
         mix.observe(logits_for(y[obs], wrong, scale), y[obs], obs)
     if criterion in ("topk_loss", "low_margin"):
-        hard = {6, 7, 2, 1}  # the two never-seen first, then the two highest losses / lowest margins
+        hard = {6, 7, 2, 1}  # the two never-seen first, then the two highest losses (margins)
     else:
         hard = {6, 7, 0, 1, 2}
     x = torch.randn(b, 3, 8, 8)
@@ -345,3 +345,14 @@ def test_a_scores_view_a_subclass_lacks_is_an_error_not_a_none():
             getattr(Scores(), view)()
     with pytest.raises(ValueError, match="dataset_size"):
         Scores().history(4, 2)
+
+
+def test_observe_is_a_no_op_where_there_is_no_memory():
+    # call it every step whatever the method: without a memory it reads nothing, not even index
+    y = torch.arange(6) % C
+    x = torch.rand(6, 3, 8, 8)
+    for kw in ({"method": "hardmix"}, {"method": "cutmix"}, {"method": "none"}):
+        mix = HardMix(**kw, seed=0, num_classes=C)
+        out = mix(x, y, logits=torch.randn(6, C))
+        mix.observe(torch.randn(6, C), y, None, out)
+        assert mix.memory is None

@@ -157,7 +157,7 @@ def test_sweep_state_counts_runs_and_time_and_refuses_a_bad_file(tmp_path):
     with state.clock(d, every=0.05):
         time.sleep(0.3)
         mid = SweepState.load(d)  # saved while the block runs
-    assert 0.0 < mid.wall_seconds
+    assert 0.0 < mid.wall_seconds < 5
     again = SweepState.load(d)
     assert again.runs == 1 and 0.25 <= again.wall_seconds < 5
     with again.clock(d, every=60):
@@ -171,6 +171,8 @@ def test_sweep_state_counts_runs_and_time_and_refuses_a_bad_file(tmp_path):
         assert err.value.field == "--resume", text
     (tmp_path / STATE_FILE).write_text('{"runs": 0, "wall_seconds": 0}')
     assert SweepState.load(d).runs == 0 and math.isfinite(SweepState.load(d).wall_seconds)
+    (tmp_path / STATE_FILE).write_text("{}")  # written by an older version: nothing counted
+    assert (SweepState.load(d).runs, SweepState.load(d).wall_seconds) == (0, 0.0)
 
 
 def saved_sweep(tmp_path, *overrides: str) -> Path:
@@ -226,6 +228,9 @@ def test_a_folder_that_is_no_sweep_or_holds_a_bad_config_is_one_error(tmp_path):
             resumed_config(str(folder), "given-name", [])
         assert err.value.field == "--resume", text
         assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError) as err:  # names what the user typed, else the folder
+        resumed_config(str(empty), "", [])
+    assert err.value.value == str(empty)
 
 
 def test_a_packed_checkpoint_goes_back_where_the_run_wrote_it(tmp_path):

@@ -71,3 +71,16 @@ def test_the_last_write_of_a_trial_wins_even_in_a_tight_loop(tmp_path):
     assert t["status"] == "completed"
     stamps = pq.read_table(st.folder("trials")).column("written_at").to_pylist()
     assert len(set(stamps)) == len(statuses)  # strictly increasing within the process
+
+
+def test_the_final_row_keeps_the_error_and_counts_no_epoch_as_zero(tmp_path):
+    st = ResultStore(str(tmp_path / "s"))
+    cb = StoreCallback(st, "run-3", RunConfig())
+    cb.on_run_start(None, {"rank": 0})
+    cb.on_run_end({"status": "failed", "error": "RuntimeError: boom"})
+    (t,) = rows(tmp_path / "s")[0].to_dict("records")
+    assert t["error"] == "RuntimeError: boom" and t["epochs_run"] == 0
+    early = StoreCallback(st, "run-4", RunConfig())  # died before the run started
+    early.record_failure("killed")
+    got = {r["trial_id"]: r for r in rows(tmp_path / "s")[0].to_dict("records")}
+    assert got["run-4"]["status"] == "failed" and got["run-4"]["epochs_run"] == 0
