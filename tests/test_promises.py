@@ -132,7 +132,7 @@ def test_every_preset_trains_one_epoch_and_plans(preset, tmp_path_factory, monke
     summary = train(cfg, run_dir=out / "run")
     assert summary["status"] == "completed" and summary["epochs_run"] == 1, summary
     if kind == "sweep":  # every planned trial (grid cell, arm) is a valid run
-        from tune.plan import planned_trials
+        from tune.outcome import planned_trials
 
         sweep = load_config(SweepConfig, preset, None, [f"run.{o}" for o in data])
         assert planned_trials(sweep)

@@ -83,7 +83,7 @@ def test_main_job_runs_as_documented(quickstart):
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     from hardmix.config import SweepConfig, load_config
-    from tune.plan import planned_trials
+    from tune.outcome import planned_trials
 
     cfg = load_config(SweepConfig, "quickstart", None, ["seeds=[0]", "run.optim.epochs=1"])
     trials, epochs = _results(sweep)

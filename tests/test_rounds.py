@@ -260,7 +260,7 @@ def test_a_contrast_resolved_at_look_1_stops_its_arms_while_the_rest_run_to_the_
     continue otherwise), the real decision at the last; the paired differences decide is
     handed are the ones the rows give."""
     import tune.rounds as rounds
-    from tune.plan import planned_trials
+    from tune.outcome import planned_trials
     from tune.rounds import called_trials, run_rounds
 
     cfg = config(tmp_path, ARMS, "analysis.max_seeds=6", "analysis.rounds=3")

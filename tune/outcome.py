@@ -1,6 +1,7 @@
-"""What a sweep's rows say, read back from its store: the searched metric of a trial, the
-best configurations of a search (its follow-up runs them again), and the outcome of the whole
-sweep (counts over every planned trial, the best trial, the report) with the summary it prints.
+"""What a sweep's rows say, read back from its store: the trials it plans (those of an
+until-resolved sweep depend on its recorded looks), the searched metric of a trial, the best
+configurations of a search (its follow-up runs them again), and the outcome of the whole sweep
+(counts over every planned trial, the best trial, the report) with the summary it prints.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Optional, TextIO
 
 from ablations import storage
 from hardmix.config import ConfigError, SweepConfig, to_dict
-from tune.plan import (FOLLOWUP_FILE, MAIN_PHASE, describe_data, planned_trials,
-                       varying_fields)
+from ablations.store import FOLLOWUP_PREFIX, MAIN_PREFIX, trial_name
+from tune.plan import FOLLOWUP_FILE, MAIN_PHASE, describe_data, varying_fields
 from tune.resume import stored_configurations, trial_rows
+from tune.rounds import called_trials
+from tune.space import grid_points, point_seeds
 
 
 @dataclass
@@ -33,6 +36,22 @@ class SweepOutcome:
     @property
     def ok(self) -> bool:
         return not self.interrupted and (self.dry_run or self.counts.get("completed", 0) > 0)
+
+
+def planned_trials(cfg: SweepConfig, followup: list[dict] | None = None) -> list[str]:
+    """Every trial id the sweep will have once it ends (main phase, then follow-up); for an
+    until-resolved sweep, the rounds its recorded looks call for (:mod:`tune.rounds`)."""
+    if cfg.analysis.until_resolved and cfg.mode == "grid":
+        return called_trials(cfg)
+    if cfg.mode == "grid":
+        ids = [trial_name(MAIN_PREFIX, i, s) for i, (_, seeds) in enumerate(zip(grid_points(cfg),
+                                                                         point_seeds(cfg)))
+               for s in seeds]
+    else:
+        ids = [trial_name(MAIN_PREFIX, i, s) for i in range(cfg.num_samples) for s in cfg.seeds]
+    if followup:
+        ids += [trial_name(FOLLOWUP_PREFIX, i, s) for i in range(len(followup)) for s in cfg.followup.seeds]
+    return ids
 
 
 def metric_of(cfg: SweepConfig):

@@ -1,5 +1,5 @@
 """What a sweep is before it runs, known without Ray: its folder and the files in it, its
-trials, and what they will cost (``hardmix sweep --dry-run`` prints :func:`plan_text`).
+trials and what they will cost (``hardmix sweep --dry-run`` prints :func:`plan_text`).
 
 The sweep folder (``<storage>/<name>``, a local path or a URI) holds ``sweep.yaml``
 (:data:`SWEEP_FILE`), ``followup.json`` (:data:`FOLLOWUP_FILE`), the Parquet store, each phase's
@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 
 from ablations.storage import absolute, join
-from ablations.store import FOLLOWUP_PREFIX, MAIN_PREFIX, trial_name
 from hardmix.config import ConfigError, RunConfig, SweepConfig, to_dict
 from tune.space import (describe_param, grid_points, grid_trials, num_trials, point_seeds,
                         trial_config)
@@ -33,23 +32,6 @@ FOLLOWUP_FILE = "followup.json"
 def sweep_dir_of(cfg: SweepConfig) -> str:
     """``<storage>/<name>``: an absolute local path or a URI."""
     return join(absolute(cfg.storage), cfg.name)
-
-
-def planned_trials(cfg: SweepConfig, followup: list[dict] | None = None) -> list[str]:
-    """Every trial id the sweep will have once it ends (main phase, then follow-up); for an
-    until-resolved sweep, the rounds its recorded looks call for (:mod:`tune.rounds`)."""
-    if cfg.analysis.until_resolved and cfg.mode == "grid":
-        from tune.rounds import called_trials
-        return called_trials(cfg)
-    if cfg.mode == "grid":
-        ids = [trial_name(MAIN_PREFIX, i, s) for i, (_, seeds) in enumerate(zip(grid_points(cfg),
-                                                                         point_seeds(cfg)))
-               for s in seeds]
-    else:
-        ids = [trial_name(MAIN_PREFIX, i, s) for i in range(cfg.num_samples) for s in cfg.seeds]
-    if followup:
-        ids += [trial_name(FOLLOWUP_PREFIX, i, s) for i in range(len(followup)) for s in cfg.followup.seeds]
-    return ids
 
 
 def varying_fields(cfg: SweepConfig) -> list[str]:

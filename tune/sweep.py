@@ -41,9 +41,9 @@ from ablations.storage import absolute, is_uri, join
 from ablations.store import FOLLOWUP_PREFIX, MAIN_PREFIX, trial_name
 from hardmix.config import ConfigError, SweepConfig, load_config, to_yaml
 from tune.outcome import (SweepOutcome, build_report, followup_configurations, metric_of,
-                          print_outcome, rows_with_metric, sweep_outcome)
+                          planned_trials, print_outcome, rows_with_metric, sweep_outcome)
 from tune.plan import (FOLLOWUP_PHASE, MAIN_PHASE, SWEEP_FILE, describe_data, local_cpu_count,
-                       plan_text, planned_trials, sweep_dir_of, varying_fields)
+                       plan_text, sweep_dir_of, varying_fields)
 from tune.preflight import check_cluster, prepare
 from tune.resume import SweepState, finished, resumed_config, stored_configurations, warm_study
 from tune.search import make_scheduler, make_searcher, scheduler_epochs
