@@ -122,6 +122,11 @@ def test_device_loader_crops_and_flips_differ_across_ranks_and_repeat_per_epoch(
         loader.set_epoch(e)
         return torch.cat([b[0] for b in loader])
 
+    assert_streams_by_rank_and_epoch(epoch)
+
+
+def assert_streams_by_rank_and_epoch(epoch) -> None:
+    """``epoch(rank, e)``: ranks differ, an epoch repeats exactly, epochs differ."""
     assert not torch.equal(epoch(0, 1), epoch(1, 1))
     assert torch.equal(epoch(1, 1), epoch(1, 1))
     assert not torch.equal(epoch(1, 1), epoch(1, 2))
@@ -144,9 +149,7 @@ def test_folder_loader_worker_seeds_differ_across_ranks_and_repeat_per_epoch():
         loader.set_epoch(e)
         return torch.cat([b[0] for b in loader])
 
-    assert not torch.equal(epoch(0, 1), epoch(1, 1))
-    assert torch.equal(epoch(1, 1), epoch(1, 1))
-    assert not torch.equal(epoch(1, 1), epoch(1, 2))
+    assert_streams_by_rank_and_epoch(epoch)
 
 
 # ---- a GPU per rank; the device Ray assigns --------------------------------------------------
