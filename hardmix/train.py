@@ -71,7 +71,7 @@ from hardmix.checkpoint import (atomic_write_bytes, checkpoint_path, load_checkp
                                 rng_state, save_checkpoint, set_rng_state)
 from hardmix.config import (OptimConfig, RunConfig, check_run_environment, flatten, to_dict,
                             to_yaml, validate)
-from hardmix.config.schema import field_meta
+from hardmix.config.schema import field_meta, legacy_value
 from hardmix.data import Data, build_data, epoch_seed, stream_seed
 from hardmix.device import Precision, dist_info, precision_policy, resolve_device
 from hardmix.errors import ConfigError
@@ -502,9 +502,8 @@ def check_resumable(cfg: RunConfig, run_dir: Path) -> None:
     state = load_checkpoint(checkpoint_path(run_dir))
     saved, now = flatten_mapping(state["config"]), flatten(cfg)
     for key, value in saved.items():  # a value an earlier version took: its replacement
-        legacy = (field_meta(RunConfig, key).get("legacy") if key in now else None) or {}
-        saved[key] = next((v for k, v in legacy.items()
-                           if type(k) is type(value) and k == value), value)
+        if key in now:
+            saved[key] = legacy_value(field_meta(RunConfig, key), value)
     try:  # augment fields as they run (inert ones and box: auto do not count)
         from hardmix.methods import effective_augment
         for flat, prefix in ((saved, "augment."), (now, "augment.")):

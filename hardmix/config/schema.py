@@ -17,7 +17,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import yaml
 
@@ -464,11 +464,16 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
         path = f"{prefix}{key}"
         if key not in names:
             raise ConfigError(path, value, "unknown field" + did_you_mean(str(key), names, prefix))
-        legacy = next(f for f in dataclasses.fields(cls) if f.name == key).metadata.get("legacy")
-        value = next((v for k, v in (legacy or {}).items()  # an old value: its replacement
-                      if type(k) is type(value) and k == value), value)
-        kwargs[key] = _coerce(hints[key], value, path)
+        meta = next(f for f in dataclasses.fields(cls) if f.name == key).metadata
+        kwargs[key] = _coerce(hints[key], legacy_value(meta, value), path)
     return cls(**kwargs)
+
+
+def legacy_value(meta: Mapping[str, Any], value: Any) -> Any:
+    """``value``, or its replacement when it is a value an earlier version took (a field's
+    ``legacy`` metadata, e.g. ``optim.amp: true`` -> ``auto``); ``True`` never matches ``1``."""
+    return next((v for k, v in (meta.get("legacy") or {}).items()
+                 if type(k) is type(value) and k == value), value)
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
