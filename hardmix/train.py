@@ -72,7 +72,7 @@ from hardmix.checkpoint import (atomic_write_bytes, checkpoint_path, load_checkp
 from hardmix.config import (OptimConfig, RunConfig, check_run_environment, flatten, to_dict,
                             to_yaml, validate)
 from hardmix.config.schema import field_meta, legacy_value
-from hardmix.data import Data, build_data, epoch_seed, stream_seed
+from hardmix.data import Data, build_data, stream_seed
 from hardmix.device import Precision, dist_info, precision_policy, resolve_device
 from hardmix.errors import ConfigError
 from hardmix.metrics import (ECE_BINS, EPOCH_METRICS, SUMMARY_FIELDS, Callback, StopRun,
@@ -285,9 +285,7 @@ class _Run:
             self.scaler.load_state_dict(state["scaler"])
         # The hardness memory goes where the model, and so every batch, lives.
         self.mix.load_state_dict(state["mix"], device=next(self.raw_model.parameters()).device)
-        set_rng_state(state["rng"])
-        if self.rank:
-            torch.manual_seed(epoch_seed(self.cfg.seed + 7 * self.rank, state["epoch"]))
+        set_rng_state(state["rng"])  # numpy and Python; torch's per rank: seed_epoch each epoch
         self.start_epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.wall_before = float(state["wall_seconds"])
