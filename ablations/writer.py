@@ -170,6 +170,9 @@ class StoreCallback(Callback):
         self.active = int(self.info.get("rank", 0) or 0) == 0
         if self.active:
             self.store.write_trial({**self._base_row(), "status": "running", "error": ""})
+            resumed = self.info.get("resumed_metrics")
+            if resumed:  # idempotent: the reader keeps one row per (trial, epoch)
+                self.on_epoch_end(resumed)
 
     def on_epoch_end(self, metrics: dict, checkpoint: str | None = None) -> None:
         if not self.active:

@@ -250,7 +250,10 @@ class Callback:
     def on_run_start(self, cfg: Any, info: dict) -> None:
         """Before the first epoch. ``info``: run_dir, device, versions, git_commit,
         num_classes, classes, sizes (train/val/test), steps_per_epoch, start_epoch (last
-        finished epoch when resumed, else 0), rank, world_size, threads, precision."""
+        finished epoch when resumed, else 0), resumed_metrics (when resumed: the metrics of
+        epoch start_epoch, whose checkpoint is written before that epoch's ``on_epoch_end``
+        calls, so a writer killed in between records them here; else None), rank,
+        world_size, threads, precision."""
 
     def on_epoch_end(self, metrics: dict, checkpoint: Optional[str]) -> None:
         """After each epoch: ``epoch`` and every :data:`EPOCH_METRICS` name (None where not

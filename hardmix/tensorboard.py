@@ -80,11 +80,15 @@ class TensorBoardCallback(Callback):
         self.cfg = cfg
         self.classes = [str(c) for c in info.get("classes") or []]
         log_dir = str(Path(self.log_dir or info["run_dir"], self.run_name or ""))
-        # A resumed run drops the events it is about to write again.
-        purge = info.get("start_epoch", 0) + 1 if info.get("start_epoch") else None
+        # A resumed run drops the events it is about to write again, from the epoch it
+        # resumed at (whose events a kill may have cut off: written again from the checkpoint).
+        resumed = info.get("resumed_metrics")
+        purge = info.get("start_epoch") or None
         self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge)
         if not info.get("start_epoch"):
             self.writer.add_text("config", "```\n" + to_yaml(cfg) + "\n```", 0)
+        elif resumed:
+            self.on_epoch_end(resumed, None)
 
     def on_mixed_preview(self, images: dict) -> None:
         if self.writer is None:

@@ -296,6 +296,10 @@ class _Run:
                 "git_commit": git_commit(), "num_classes": self.num_classes,
                 "classes": list(self.data.classes), "sizes": dict(self.data.sizes),
                 "steps_per_epoch": self.steps_per_epoch, "start_epoch": self.start_epoch,
+                # The checkpoint is written before its epoch's callbacks run: a run killed in
+                # between resumes past an epoch its writers may not have recorded.
+                "resumed_metrics": (dict(self.history[-1]) if self.start_epoch and self.history
+                                    else None),
                 "rank": self.rank, "world_size": self.world_size,
                 "threads": torch.get_num_threads(), "precision": self.precision.note,
                 "hostname": socket.gethostname()}

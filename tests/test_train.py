@@ -320,3 +320,45 @@ def test_data_parallel_ranks_agree(tmp_path):
     assert r0["metrics"] == r1["metrics"]              # all-reduced before the callbacks
     assert r0["summary"]["status"] == r1["summary"]["status"] == "pruned"  # stop agreed
     assert r0["checkpoints"][0].endswith("last.pt") and r1["checkpoints"] == [None, None]
+
+
+class _Killed(BaseException):
+    """What a kill -9 looks like from inside: nothing after it runs."""
+
+
+class _KillBeforeWriters(Callback):
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, metrics, checkpoint):
+        if metrics["epoch"] == self.epoch:
+            assert checkpoint  # the epoch's checkpoint is on disk, its rows are not
+            raise _Killed()
+
+
+def test_a_kill_between_checkpoint_and_writers_loses_no_epoch_row_or_scalar(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ablations.store import ResultStore, StoreCallback, read_results
+    from hardmix.tensorboard import TensorBoardCallback
+
+    more = ["optim.epochs=3", "output.checkpoint_every=1"]
+    store = ResultStore(str(tmp_path / "sweep"))
+    run_dir = tmp_path / "sweep" / "runs" / "t"
+    writers = lambda: [StoreCallback(store, "t"), TensorBoardCallback()]  # noqa: E731
+    with pytest.raises(_Killed):
+        train(tiny(tmp_path, *more), [_KillBeforeWriters(2), *writers()], run_dir)
+    epochs = read_results(str(tmp_path / "sweep")).epochs.to_pandas()
+    assert sorted(epochs.epoch) == [1]  # epoch 2's checkpoint got ahead of its row
+
+    second = Recorder()
+    train(tiny(tmp_path, *more), [*writers(), second], run_dir, resume=True)
+    assert second.info["start_epoch"] == 2 and second.info["resumed_metrics"]["epoch"] == 2
+    assert [m["epoch"] for m in second.metrics] == [3]  # nothing trained twice
+    epochs = read_results(str(tmp_path / "sweep")).epochs.to_pandas()
+    assert sorted(epochs.epoch) == [1, 2, 3]
+    row = epochs[epochs.epoch == 2].iloc[0]
+    assert row.train_loss == second.info["resumed_metrics"]["train_loss"]
+    acc = EventAccumulator(str(run_dir)).Reload()
+    steps = [e.step for e in acc.Scalars("loss/train_loss")]
+    assert sorted(steps) == [1, 2, 3]
