@@ -72,6 +72,7 @@ from ablations.document import Context, markdown, terminal
 from ablations.factors import fixed_settings, short_names, varying_factors
 from ablations.importance import factor_importance, rung_target
 from ablations.looks import looks_tables
+from ablations.paths import data_labels, shown_path, shown_text
 from ablations.search_limits import search_limits
 from ablations.stats import CORRECTIONS
 from ablations.store import _resolve, read_results
@@ -141,6 +142,7 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
     check_writable("--out", out)
     res = read_results(path, on_corrupt="skip")
     trials, epochs = res.to_pandas()
+    trials = data_labels(trials)  # a data file by its name and content hash, never its path
     if trials.empty:
         extra = ""
         if res.skipped:
@@ -189,8 +191,9 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
     importance_note, early_note = _importance(path, trials, epochs, search, used, factors,
                                               tables)
     tables.update(looks_tables(path))  # an until-resolved sweep's path (looks.csv)
+    left["error"] = [shown_text(e, out) for e in left["error"]]
     tables["left_out"] = left
-    skipped = list(res.skipped)
+    skipped = _skipped_files(res.skipped, path, out)
     if skipped:
         tables["skipped_files"] = pd.DataFrame(skipped, columns=["file", "reason"])
 
@@ -211,8 +214,9 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
     for name, df in tables.items():
         _atomic_write(out_dir / f"{name}.csv", lambda p, df=df: df.to_csv(p, index=False))
 
-    ctx = Context(path=path, sweeps=", ".join(res.sweeps), trials=trials, used=used, left=left,
-                  skipped=skipped, factors=factors, shown=display_table(table), same=same,
+    ctx = Context(path=shown_path(path, out), sweeps=", ".join(res.sweeps), trials=trials,
+                  used=used, left=left, skipped=skipped, factors=factors,
+                  shown=display_table(table), same=same,
                   contrasts=contrasts, family_text=primary_text, diffs=diffs,
                   diff_notes=diff_notes, tables=tables, importance_note=importance_note,
                   early_note=early_note,
@@ -321,6 +325,16 @@ def _figures(out_dir: Path, used: pd.DataFrame, epochs: pd.DataFrame, table: pd.
             os.replace(tmp, target)
             made[name] = str(target)
     return made
+
+
+def _skipped_files(skipped: list[tuple[str, str]], path: str, out: str
+                   ) -> list[tuple[str, str]]:
+    """The corrupt files as the report names them: inside the sweep's folder as shown
+    (:func:`ablations.paths.shown_path`), their reasons without machine paths."""
+    root = _resolve(path)[1].rstrip("/")
+    source = shown_path(path, out)
+    return [(f"{source}/{f[len(root) + 1:]}" if f.startswith(root + "/") else shown_text(f, out),
+             shown_text(why, out)) for f, why in skipped]
 
 
 def _default_out(path: str) -> str:

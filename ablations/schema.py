@@ -46,14 +46,16 @@ KIND_TYPES = {"float": pa.float64(), "int": pa.int64(), "str": pa.string(),
               "list_str": pa.list_(pa.string())}
 
 
-#: Bookkeeping columns of a trial row around the summary: identity, attempt, provenance and
-#: where it ran (Tune trial id, node).
+#: Bookkeeping columns of a trial row around the summary: identity, attempt, provenance (versions,
+#: commit, the data file's content hash) and where it ran (Tune trial id, node).
 _TRIAL_KEYS = [("sweep", pa.string()), ("trial_id", pa.string()), ("trial_name", pa.string())]
 
 
 _TRIAL_BOOKKEEPING = [("attempt", pa.int64()), ("tune_trial_id", pa.string()),
                       ("node_id", pa.string()), ("hostname", pa.string()),
                       ("versions", pa.string()), ("git_commit", pa.string()),
+                      # Files written before it was recorded read it as NULL (no migration).
+                      ("data_sha256", pa.string()),
                       ("schema_version", pa.int64()), ("written_at", _TS)]
 
 

@@ -158,6 +158,7 @@ class StoreCallback(Callback):
             versions.update(extra.pop("versions"))
         row.update(device=self.info.get("device") or row.get("device"),
                    git_commit=self.info.get("git_commit"), versions=versions or None, attempt=1,
+                   data_sha256=self.info.get("data_sha256"),
                    threads=self.info.get("threads"), precision=self.info.get("precision"),
                    classes=self.info.get("classes"), hostname=self.info.get("hostname"))
         row.update(extra)

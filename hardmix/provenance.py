@@ -1,9 +1,13 @@
-"""What a run records about the code that ran it: package versions, the hash of the dependency
-lock it shipped with, and the git commit (or the commit an image build baked in).
+"""What a run records about the code and data that ran it: package versions, the hash of the
+dependency lock it shipped with, the git commit (or the commit an image build baked in), and the
+content hash of its data file.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -38,12 +42,10 @@ BUILD_COMMIT_FILE = "COMMIT"
 def lock_hash() -> str:
     """``sha256sum`` of the dependency lock that ships with this code (:data:`LOCK_FILE`), or
     ``unknown`` where there is none."""
-    import hashlib
-
     here = Path(__file__).resolve().parent
     for path in (here / LOCK_FILE, here.parent / LOCK_FILE):
         if path.is_file():
-            return hashlib.sha256(path.read_bytes()).hexdigest()
+            return file_sha256(path)
     return "unknown"
 
 
@@ -80,3 +82,37 @@ def git_commit() -> str:
         if recorded:
             return recorded
     return "unknown"
+
+
+#: Bytes read at a time when hashing a data file (a CIFAR-10 archive is ~170 MB: never all at once).
+HASH_CHUNK = 1 << 20
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of the file at ``path``, read in :data:`HASH_CHUNK` pieces. Cached per (path,
+    size, modification time): the trials of a sweep that share a worker process hash their data
+    file once, and a file rewritten in place is hashed again."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """``sha256sum`` of a file (hex), cached in this process while its size and modification
+    time stay the same."""
+    real = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    st = os.stat(real)
+    return _sha256_of(real, st.st_size, st.st_mtime_ns)
+
+
+def data_sha256(path: Optional[str]) -> Optional[str]:
+    """The content identity of a run's ``data.path``: the SHA-256 of the file it names (an
+    ``.npz`` archive), so a result says which data it came from wherever the file lay; None for
+    a folder (image folders, torchvision's CIFAR folder), no path, or a path that is not there
+    (the data set's own check reports that)."""
+    if not path or not os.path.isfile(os.path.expanduser(path)):
+        return None
+    return file_sha256(path)

@@ -78,7 +78,7 @@ from hardmix.errors import ConfigError
 from hardmix.metrics import (ECE_BINS, EPOCH_METRICS, SUMMARY_FIELDS, Callback, StopRun,
                              applicable, evaluation_details, evaluation_sums)
 from hardmix.models import build_model
-from hardmix.provenance import git_commit, lock_hash, versions
+from hardmix.provenance import data_sha256, git_commit, lock_hash, versions
 
 __all__ = ["train", "training_step", "evaluate", "Callback", "StopRun", "precision_policy",
            "Precision", "lr_factor", "resolve_device", "versions", "git_commit", "lock_hash",
@@ -293,7 +293,8 @@ class _Run:
 
     def info(self) -> dict:
         return {"run_dir": str(self.run_dir), "device": str(self.device), "versions": versions(),
-                "git_commit": git_commit(), "num_classes": self.num_classes,
+                "git_commit": git_commit(), "data_sha256": data_sha256(self.cfg.data.path),
+                "num_classes": self.num_classes,
                 "classes": list(self.data.classes), "sizes": dict(self.data.sizes),
                 "steps_per_epoch": self.steps_per_epoch, "start_epoch": self.start_epoch,
                 # The checkpoint is written before its epoch's callbacks run: a run killed in
@@ -308,7 +309,8 @@ class _Run:
         """config.yaml and run.json: the config, versions and git commit, with the run."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.run_dir / "config.yaml", to_yaml(self.cfg).encode())
-        meta = {k: info[k] for k in ("device", "versions", "git_commit", "num_classes",
+        meta = {k: info[k] for k in ("device", "versions", "git_commit", "data_sha256",
+                                     "num_classes",
                                      "sizes", "steps_per_epoch", "world_size", "threads",
                                      "precision")}
         meta.update(started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -192,7 +192,7 @@ def test_driver_records_pruned_and_failed_trials_with_their_last_report(tmp_path
     last = {"epoch": 2, "epochs_planned": 6, "val_top1_err": 40.0, "test_top1_err": 41.0,
             "best_val_top1_err": 38.0, "attempt": 1, "device": "cpu",
             "git_commit": "abc", "versions_json": json.dumps({"torch": "x"}),
-            "time_total_s": 12.5}
+            "data_sha256": "d" * 64, "time_total_s": 12.5}
     pruned = FakeTrial(name="c000-s1", trial_id="t1", num_failures=0, error=None,
                        config={"augment.alpha": 0.5, "__trial_index__": 1}, last_result=last)
     cb.on_trial_complete(0, [], pruned)
@@ -215,7 +215,7 @@ def test_driver_records_pruned_and_failed_trials_with_their_last_report(tmp_path
     assert (f["status"], f["error"], f["attempt"], f["epochs_run"], f["seed"]) == \
         ("failed", "ValueError: boom", 2, 4, 0)
     assert c["status"] == "completed"
-    assert p["device"] == "cpu" and p["git_commit"] == "abc"
+    assert p["device"] == "cpu" and p["git_commit"] == "abc" and p["data_sha256"] == "d" * 64
     assert json.loads(p["versions"])["torch"] == "x" and "ray" in json.loads(p["versions"])
     assert p["tune_trial_id"] == "t1"
 

@@ -37,9 +37,9 @@ from hardmix.trackers import mlflow_uri, quiet_tracker_logs, wandb_settings
 
 DEFAULT_PROJECT = "hardmix"
 #: Report keys that are facts for the store (strings, JSON) or bookkeeping, not metrics.
-NOT_METRICS = ("config", "device", "git_commit", "versions_json", "classes_json", "precision",
-               "hostname", "node_id", "trial_id", "date", "pid", "node_ip", "experiment_tag",
-               "checkpoint_dir_name", "should_checkpoint", "done")
+NOT_METRICS = ("config", "device", "git_commit", "data_sha256", "versions_json", "classes_json",
+               "precision", "hostname", "node_id", "trial_id", "date", "pid", "node_ip",
+               "experiment_tag", "checkpoint_dir_name", "should_checkpoint", "done")
 
 
 def trial_params(ctx: Any, trial: Any) -> dict[str, Any]:

@@ -244,6 +244,7 @@ class RayReporter(Callback):
         # whose process died.
         self.facts = {"device": str(info.get("device", "")),
                       "git_commit": str(info.get("git_commit", "")),
+                      "data_sha256": str(info.get("data_sha256") or ""),
                       "versions_json": json.dumps(info.get("versions") or {}, sort_keys=True),
                       "classes_json": json.dumps(info.get("classes") or []),
                       "precision": str(info.get("precision", "")),
@@ -542,6 +543,7 @@ class StoreStatusCallback(TuneCallback):
             versions = {}
         extra["versions"] = {**versions, **extra["versions"]}
         extra["git_commit"] = result.get("git_commit") or None
+        extra["data_sha256"] = result.get("data_sha256") or None
         try:
             cfg = self.ctx.run_config(trial.config, str(trial))
         except Exception as exc:  # the trial's config itself is what failed
