@@ -107,6 +107,12 @@ class Precision:
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
+    @property
+    def kind(self) -> str:
+        """``bf16``, ``fp16`` or ``fp32``: the arithmetic the autocast regions run in (what a
+        device's peak FLOP/s is looked up for, :mod:`hardmix.throughput`)."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+
 
 def device_precision(device: torch.device) -> tuple[bool, bool, str]:
     """``(native bf16, fp16 tensor cores, why)`` of a device, from its hardware facts: the
@@ -132,21 +138,30 @@ def precision_policy(o: OptimConfig, device: torch.device) -> Precision:
     raise ConfigError where the device lacks it natively (emulated bf16 is slower than fp32 and
     CPUs have no fp16 path worth taking); ``fp32`` never autocasts.
     """
+    if o.amp == "fp32":  # no hardware facts needed (nor read: a CUDA query on a CPU host)
+        return choose_precision(o, device.type, False, False, "")
+    return choose_precision(o, device.type, *device_precision(device))
+
+
+def choose_precision(o: OptimConfig, device_type: str, bf16: bool, fp16: bool,
+                     why: str) -> Precision:
+    """:func:`precision_policy` from a device's facts (native bf16, fp16 tensor cores, what
+    said so) rather than the device itself: the dry run asks it of a GPU it names but does
+    not have (:mod:`hardmix.throughput`)."""
     amp = o.amp
     if amp not in PRECISIONS:
         raise ConfigError("optim.amp", amp, f"must be one of {', '.join(PRECISIONS)}")
     layout = "channels_last" if o.channels_last else "contiguous"
-    policy = lambda dtype, note, scaler=False: Precision(device.type, dtype, o.channels_last,
+    policy = lambda dtype, note, scaler=False: Precision(device_type, dtype, o.channels_last,
                                                           f"{note}, {layout}", scaler)
     if amp == "fp32":
         return policy(None, "fp32 (optim.amp=fp32)")
-    bf16, fp16, why = device_precision(device)
     if amp == "bf16" and not bf16:
         raise ConfigError("optim.amp", amp, f"needs native bf16 and this device has none "
                           f"({why}; bf16 needs CUDA compute capability >= 8.0 or a CPU with "
                           "avx512_bf16/amx_bf16): use auto, fp16 (CUDA) or fp32")
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("optim.amp", amp, f"needs a CUDA device, not {device.type} (a CPU "
+    if amp == "fp16" and device_type != "cuda":
+        raise ConfigError("optim.amp", amp, f"needs a CUDA device, not {device_type} (a CPU "
                           "computes fp16 by emulation): use auto, bf16 or fp32")
     if amp in ("auto", "bf16") and bf16:
         return policy(torch.bfloat16, f"bf16 autocast ({why})")

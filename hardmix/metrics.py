@@ -21,7 +21,7 @@ from hardmix.methods import METHODS, active_fields, uses_memory
 
 __all__ = ["Metric", "EPOCH_METRICS", "SUMMARY_FIELDS", "KINDS", "OUTCOMES", "Outcome",
            "register_epoch_metric", "applicable", "Callback", "StopRun", "reported",
-           "diagnostics", "witness_of", "ECE_BINS", "evaluation_sums", "evaluation_details"]
+           "timings", "diagnostics", "witness_of", "ECE_BINS", "evaluation_sums", "evaluation_details"]
 
 #: Value kinds of a metric (each maps to one Arrow type in the store).
 KINDS = ("float", "int", "str", "list_int", "list_float", "list_str")
@@ -106,6 +106,12 @@ for _m in (
     Metric("lr", "float", "learning rate of the epoch's last step", group="lr"),
     Metric("images_per_s", "float", "training images per second", group="speed"),
     Metric("epoch_seconds", "float", "wall time of the epoch, evaluation included", group="speed"),
+    Metric("flops_per_s", "float", "achieved training FLOP/s: the model's counted FLOPs of the "
+           "epoch's training (3 forwards an image, plus the hardness forward where it runs) "
+           "over its training seconds, all ranks together", group="speed"),
+    Metric("mfu", "float", "model-FLOP utilisation: flops_per_s over the peak of the run's "
+           "GPUs at its precision (hardmix.throughput's table); NULL on the CPU and on GPUs "
+           "the table lacks", group="speed"),
     Metric("mixed_rate", "float", "share of steps that were mixed (the prob coin)",
            applies=_mixes, group="hardmix", witnesses=("prob",)),
     Metric("hard_share", "float", "share of the batch that was hard (mixed steps)",
@@ -222,6 +228,12 @@ def reported(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: v for k, v in metrics.items()
             if (k == "epoch" or (k in EPOCH_METRICS and EPOCH_METRICS[k].kind in ("float", "int")))
             and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def timings() -> list[str]:
+    """The wall-clock metrics (group ``speed``): the ones a repeated or resumed run need not
+    reproduce."""
+    return [m.name for m in EPOCH_METRICS.values() if m.group == "speed"]
 
 
 def diagnostics() -> list[str]:

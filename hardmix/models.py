@@ -38,6 +38,33 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3,
     return getattr(importlib.import_module(module), fn)(cfg, num_classes, in_channels, image_size)
 
 
+def forward_flops(cfg: ModelConfig, num_classes: int, in_channels: int = 3,
+                  image_size: int = 32) -> float | None:
+    """FLOPs of one forward pass of one image through the model ``cfg`` (torch's
+    ``FlopCounterMode``: matrix products and convolutions, 2 per multiply-add), or None where it
+    cannot be counted. The sweep's compute estimate and the run's ``flops_per_s`` both use it.
+
+    The model is built on the meta device (shapes only: no memory, no weights fetched, and no
+    draw from torch's generator, so a run that counts is the run it would have been), else on
+    the CPU with the generator's state put back."""
+    import dataclasses
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = dataclasses.replace(cfg, pretrained=False)  # the count needs no weights
+    for device in ("meta", "cpu"):
+        try:
+            with torch.random.fork_rng(devices=[]), torch.device(device):
+                model = build_model(cfg, num_classes, in_channels, image_size).eval()
+                x = torch.zeros(1, in_channels, image_size, image_size)
+                with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                    model(x)
+            return float(counter.get_total_flops())
+        except Exception:  # noqa: BLE001 - an op without a meta kernel: try the CPU; else unknown
+            continue
+    return None
+
+
 def timm_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """Any timm model by name, with the data set's classes and input channels, ``model.dropout``
     as timm's ``drop_rate``, ``model.kwargs`` as further ``timm.create_model`` arguments and

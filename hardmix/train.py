@@ -75,10 +75,12 @@ from hardmix.config.schema import field_meta, legacy_value
 from hardmix.data import Data, build_data, stream_seed
 from hardmix.device import Precision, dist_info, precision_policy, resolve_device
 from hardmix.errors import ConfigError
+from hardmix.methods import extra_forwards
 from hardmix.metrics import (ECE_BINS, EPOCH_METRICS, SUMMARY_FIELDS, Callback, StopRun,
                              applicable, evaluation_details, evaluation_sums)
-from hardmix.models import build_model
+from hardmix.models import build_model, forward_flops
 from hardmix.provenance import data_sha256, git_commit, lock_hash, versions
+from hardmix.throughput import device_peak, mfu, training_flops
 
 __all__ = ["train", "training_step", "evaluate", "Callback", "StopRun", "precision_policy",
            "Precision", "lr_factor", "resolve_device", "versions", "git_commit", "lock_hash",
@@ -256,6 +258,11 @@ class _Run:
         self.mix = HardMix.from_config(cfg.augment, num_classes=self.num_classes,
                                        dataset_size=self.data.sizes["train"], seed=cfg.seed,
                                        inplace=True)
+        # The achieved FLOP/s of each epoch and their share of the device's peak: counted once
+        # (on the meta device, no draw from any generator), applied to the epoch's counts.
+        self.flops_per_image = forward_flops(cfg.model, self.num_classes, self.data.in_channels,
+                                             self.data.image_size)
+        self.peak_flops = device_peak(self.device, self.precision.kind)
         self.start_epoch = 0
         self.history: list[dict] = []
         self.wall_before = 0.0
@@ -436,7 +443,8 @@ class _Run:
                       "test_loss": test[0], "test_top1_err": test[1], "test_top5_err": test[2],
                       "val_ece": vd.get("ece"), "test_ece": td.get("ece"),
                       "test_class_err": td.get("class_err"),
-                      "images_per_s": tr["seen"] / max(t_train, 1e-9), "epoch_seconds": t_epoch}
+                      "images_per_s": tr["seen"] / max(t_train, 1e-9), "epoch_seconds": t_epoch,
+                      **self.throughput(tr, t_train)}
             metrics = self.epoch_metrics(epoch, values)
             self.history.append(metrics)
             wall = self.wall_before + time.perf_counter() - t_start
@@ -459,6 +467,15 @@ class _Run:
                 stop = _all_reduce(flag, self.world_size).item()
             if stop:
                 raise StopRun(f"stopped by a callback after epoch {epoch}")
+
+    def throughput(self, tr: dict, t_train: float) -> dict:
+        """``flops_per_s`` and ``mfu`` of an epoch from its host-side counts (images seen by all
+        ranks, the share of mixed steps) and its training seconds: no device sync."""
+        if not self.flops_per_image:
+            return {"flops_per_s": None, "mfu": None}
+        extra = extra_forwards(self.augment) * tr["mixed_rate"]
+        rate = training_flops(self.flops_per_image, tr["seen"], extra) / max(t_train, 1e-9)
+        return {"flops_per_s": rate, "mfu": mfu(rate, self.peak_flops, self.world_size)}
 
     def evaluates(self, epoch: int, split: str) -> bool:
         """Whether ``split`` (val or test) is evaluated after ``epoch``: every ``eval.every`` /

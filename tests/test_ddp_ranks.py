@@ -30,6 +30,7 @@ def _ddp_worker(rank: int, world: int, init: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     import hardmix.augment
+    from hardmix.metrics import timings
     from hardmix.train import Callback, StopRun, train
 
     torch.set_num_threads(1)
@@ -51,7 +52,7 @@ def _ddp_worker(rank: int, world: int, init: str, out_dir: str) -> None:
 
         def on_epoch_end(self, metrics, checkpoint=None):
             self.metrics.append({k: v for k, v in metrics.items()
-                                 if k not in ("images_per_s", "epoch_seconds")})
+                                 if k not in timings()})
             if metrics["epoch"] == self.at:
                 raise StopRun()
 
