@@ -225,6 +225,13 @@ LONG = "n" * 300
     (["train", "--set", "data.name=digits", "--set", "model.name=timm:not_a_model"], "model.name"),
     (["sweep", "--preset", "quickstart", "--dry-run", "--set", "run.model.name=timm:not_a_model"],
      "run.model.name"),
+    # a field set by hand that nothing reads would be NULL in the row, the user none the wiser
+    (["train", "--set", "data.name=digits", "--set", "model.pretrained=true"], "model.pretrained"),
+    (["train", "--set", "data.name=digits", "--set", "optim.betas=[0.9, 0.99]"], "optim.betas"),
+    (["train", "--set", "data.name=digits", "--set", "augment.method=cutmix", "--set",
+      "augment.min_hard=8"], "augment.min_hard"),
+    (["sweep", "--preset", "quickstart", "--set", "run.model.kwargs={drop_path_rate: 0.1}"],
+     "run.model.kwargs"),
 ])
 def test_late_or_silent_bad_inputs_are_refused_up_front(argv, field, tmp_path, capsys,
                                                         monkeypatch):
@@ -238,6 +245,21 @@ def test_late_or_silent_bad_inputs_are_refused_up_front(argv, field, tmp_path, c
         ["--set", f"storage={tmp_path}/o"]
     line = one_line_exit_2(argv + out, capsys, tmp_path)
     assert f"error: {field}" in line, line
+
+
+def test_an_arm_field_that_does_not_act_in_its_arm_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    arms = ("mode: grid\nspace: {}\narms:\n  - {augment.method: hardmix, augment.min_hard: 8}\n"
+            "  - {augment.method: cutmix, augment.min_hard: 8}\n")
+    (tmp_path / "arms.yaml").write_text(arms)
+    line = one_line_exit_2(["sweep", "--preset", "quickstart", "--config", "arms.yaml",
+                            "--set", f"storage={tmp_path}/o"], capsys, tmp_path)
+    assert "error: arms[1].augment.min_hard" in line and "augment.method=cutmix" in line, line
+    # where it acts in some run of the sweep, a field set by hand is taken
+    (tmp_path / "arms.yaml").write_text(arms.replace(", augment.min_hard: 8}\n", "}\n"))
+    ok = ["sweep", "--preset", "quickstart", "--config", "arms.yaml", "--dry-run",
+          "--set", "run.augment.min_hard=8", "--set", f"storage={tmp_path}/o"]
+    assert main(ok) == 0, capsys.readouterr()
 
 
 @pytest.mark.parametrize("kind", ["dangling", "loop"])

@@ -29,7 +29,8 @@ from hardmix.errors import ConfigError
 from hardmix.methods import SWITCHES, active_fields, effective_augment
 from hardmix.optimizers import OPTIMIZERS, optimizer_reads
 
-__all__ = ["field_acts", "as_run", "readable_name", "CONDITIONAL", "SWITCH_COLUMNS"]
+__all__ = ["field_acts", "as_run", "readable_name", "check_given_fields_act", "CONDITIONAL",
+           "SWITCH_COLUMNS"]
 
 _SCHEDULE_ONLY = {f"optim.{f}" for fields in SCHEDULE_FIELDS.values() for f in fields}
 _OPTIMIZER_ONLY = {f"optim.{f}" for entry in OPTIMIZERS.values() for f in entry.reads}
@@ -69,6 +70,40 @@ def field_acts(column: str, row: Mapping) -> bool:
         return _suffix(column) in active_fields(aug)
     except ConfigError:
         return True
+
+
+def _deciding(column: str, row: Mapping) -> str:
+    """The switches that decide whether ``column`` acts, with their values in ``row``:
+    ``model.name=smallnet``; for an augment field the method's switches that act."""
+    if column in _SCHEDULE_ONLY:
+        names = ["optim.schedule"]
+    elif column in _OPTIMIZER_ONLY:
+        names = ["optim.name"]
+    elif column in _DATASET_ONLY:
+        names = ["data.name"]
+    elif column in _MODEL_ONLY:
+        names = ["model.name"]
+    else:
+        names = [c for c in SWITCH_COLUMNS if c.startswith("augment.") and c in row
+                 and (c == "augment.method" or field_acts(c, row))]
+    return ", ".join(f"{c}={row.get(c)}" for c in names)
+
+
+def check_given_fields_act(given: Mapping[str, Any], rows: Sequence[Mapping], where: str = ""
+                           ) -> None:
+    """Refuse a field someone set explicitly (``given``: flattened name -> value, e.g. a
+    ``--set`` or an arm's field) that acts in none of the runs ``rows`` (flattened configs):
+    ``model.pretrained=true`` for smallnet, ``optim.betas`` with SGD, ``augment.min_hard`` with
+    CutMix would otherwise be silently NULL and the user would believe it ran. A preset's or
+    file's ``run`` section may hold inert fields (it is a base for several arms); a value set
+    by hand may not. ``where``: prefix of the field in the error (``arms[2].``, ``run.``)."""
+    for column, value in given.items():
+        if rows and not any(field_acts(column, row) for row in rows):
+            raise ConfigError(f"{where}{column}", value,
+                              f"does not act with {_deciding(column, rows[0])} (nothing reads "
+                              "it; `hardmix train --help` says which fields each method, "
+                              "model, optimiser and schedule reads): drop it or set the switch "
+                              "it needs")
 
 
 def as_run(row: dict[str, Any]) -> dict[str, Any]:

@@ -217,4 +217,53 @@ def load_config(cls: type, preset: str | None = None, file: str | None = None,
     raw.pop("kind", None)
     cfg = from_dict(cls, raw)
     validate(cfg)
+    _check_set_by_hand_acts(cfg, layers[2][0])
     return cfg
+
+
+def _leaves(tree: dict, columns: set[str], prefix: str = "") -> dict[str, Any]:
+    """The config columns ``tree`` (a nested override mapping) sets, as dotted names; a
+    mapping-valued field (``model.kwargs``) counts as one column."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if name in columns or not isinstance(value, dict):
+            out[name] = value
+        else:
+            out.update(_leaves(value, columns, name + "."))
+    return out
+
+
+def _switch_points(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """One dict per combination of the switch values a sweep's space or arms can take (the
+    only fields that decide whether another acts); ranges decide no switch."""
+    import itertools
+
+    from hardmix.config.acts import SWITCH_COLUMNS
+
+    if cfg.arms:
+        return [{k: v for k, v in arm.items() if k != "seeds"} for arm in cfg.arms]
+    searched = {k: spec.values for k, spec in cfg.space.items()
+                if k in SWITCH_COLUMNS and spec.values is not None}
+    combos = itertools.islice(itertools.product(*searched.values()), 10_000)
+    return [dict(zip(searched, values)) for values in combos]
+
+
+def _check_set_by_hand_acts(cfg: Any, overrides: dict) -> None:
+    """A ``--set`` run field (or an arm's field) that no run of this config reads is refused:
+    :func:`hardmix.config.acts.check_given_fields_act`."""
+    from hardmix.config.acts import check_given_fields_act
+    from hardmix.config.rules import with_overrides
+    from hardmix.config.schema import flatten
+
+    if isinstance(cfg, RunConfig):
+        row = flatten(cfg)
+        check_given_fields_act(_leaves(overrides, set(row)), [row])
+        return
+    columns = set(flatten(cfg.run))
+    points = _switch_points(cfg)
+    rows = [flatten(with_overrides(cfg.run, point, rules=False)) for point in points]
+    check_given_fields_act(_leaves(overrides.get("run") or {}, columns), rows, "run.")
+    for i, (arm, row) in enumerate(zip(cfg.arms, rows)):
+        given = {k: v for k, v in arm.items() if k != "seeds"}
+        check_given_fields_act(given, [row], f"arms[{i}].")
