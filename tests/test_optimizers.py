@@ -129,10 +129,12 @@ def test_adamw_ignores_sgds_rule_and_trains(tmp_path):
     """nesterov=true with momentum=0 is refused for SGD only: for AdamW both are inert."""
     from hardmix.train import train
 
-    cfg = load_config(RunConfig, None, None, [
+    # In a file (a base may hold a field one optimiser does not read); set by hand, refused.
+    (tmp_path / "base.yaml").write_text("optim: {momentum: 0, nesterov: true}\n")
+    cfg = load_config(RunConfig, None, str(tmp_path / "base.yaml"), [
         "data.name=synthetic", "data.subset=256", "model.name=smallnet", "model.width=8",
         "data.batch_size=64", "optim.epochs=1", "optim.name=adamw", "optim.lr=0.003",
-        "optim.momentum=0", "device=cpu", "output.progress=false", "output.image_grid=false",
+        "device=cpu", "output.progress=false", "output.image_grid=false",
         "output.tensorboard=false"])
     summary = train(cfg, [], tmp_path / "run")
     assert summary["status"] == "completed" and summary["final_top1_err"] is not None

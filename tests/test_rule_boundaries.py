@@ -106,9 +106,12 @@ def test_min_hard_against_the_batch_where_it_acts():
     hard = ("augment.method=hardmix", "augment.criterion=misclassified")
     assert run(*hard, "data.batch_size=16", "augment.min_hard=16").augment.min_hard == 16
     refused("augment.min_hard", *hard, "data.batch_size=16", "augment.min_hard=17")
-    # a top-k criterion has no fallback: min_hard does not act, so it is not checked
-    run("augment.method=hardmix", "augment.criterion=topk_loss", "data.batch_size=16",
-        "augment.min_hard=17")
+    # a top-k criterion has no fallback: min_hard does not act, so the batch rule does not
+    # bind it; set by hand it is refused as a field nothing reads
+    with pytest.raises(ConfigError, match="does not act with augment.method=hardmix, "
+                                          "augment.criterion=topk_loss"):
+        run("augment.method=hardmix", "augment.criterion=topk_loss", "data.batch_size=16",
+            "augment.min_hard=17")
 
 
 def test_validation_split_subset_warmup_and_milestones_at_their_edges():

@@ -33,6 +33,8 @@ from test_store import _concurrent_writer  # the writer process of both concurre
 TINY = ["data.name=synthetic", "model.name=smallnet", "model.width=8", "data.batch_size=64",
         "optim.epochs=2", "output.progress=false", "optim.lr=0.05", "device=cpu",
         "output.image_grid=false"]
+#: TINY for a timm model: smallnet's width is a field a timm model does not read (refused).
+TIMM_TINY = [o for o in TINY if not o.startswith("model.width=")]
 METHODS = ("none", "cutmix", "hardmix")
 
 
@@ -42,7 +44,9 @@ def _train(root: Path, sweep: str, trial_id: str, *overrides: str) -> dict:
     from hardmix.commands import run_callbacks
     from hardmix.train import train
 
-    cfg = load_config(RunConfig, None, None, TINY + [f"output.dir={root}/runs", *overrides])
+    timm = any(o.startswith("model.name=timm:") for o in overrides)
+    cfg = load_config(RunConfig, None, None, (TIMM_TINY if timm else TINY)
+                      + [f"output.dir={root}/runs", *overrides])
     return train(cfg, run_callbacks(cfg, str(root / sweep), trial_id), root / "runs" / trial_id)
 
 
@@ -571,7 +575,7 @@ def test_timm_model_builds_with_the_data_shape_trains_and_is_costed(tmp_path):
     trials = read_results(str(tmp_path / "sw")).trials.to_pandas()
     assert list(trials["model.name"]) == ["timm:resnet10t"]
 
-    run = load_config(RunConfig, None, None, TINY + ["model.name=timm:resnet10t"])
+    run = load_config(RunConfig, None, None, TIMM_TINY + ["model.name=timm:resnet10t"])
     passes, flops = trial_cost(run, {})
     assert passes == 2 * 461 and flops and flops > 0
 
@@ -594,7 +598,7 @@ def test_timm_kwargs_reach_the_model_and_a_kwarg_it_does_not_take_is_one_line(tm
     assert not drop_paths({}) and max(drop_paths({"drop_path_rate": 0.2})) == pytest.approx(0.2)
     for kwargs, field in (("{no_such_arg: 1}", "model.kwargs"),
                           ("{num_classes: 3}", "model.kwargs.num_classes")):
-        code = main(["train", *[a for o in TINY for a in ("--set", o)], "--set",
+        code = main(["train", *[a for o in TIMM_TINY for a in ("--set", o)], "--set",
                      "model.name=timm:test_resnet", "--set", f"model.kwargs={kwargs}", "--set",
                      f"output.dir={tmp_path}"])
         err = capsys.readouterr().err.strip().splitlines()
@@ -628,7 +632,7 @@ def test_timm_pretrained_loads_cached_weights_and_offline_without_them_is_one_li
 
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    args = ["train", *[a for o in TINY for a in ("--set", o)], "--set",
+    args = ["train", *[a for o in TIMM_TINY for a in ("--set", o)], "--set",
             "model.name=timm:test_resnet", "--set", "model.pretrained=true", "--set",
             f"output.dir={tmp_path / 'runs'}"]
     t0 = time.perf_counter()
@@ -648,7 +652,7 @@ def test_timm_pretrained_loads_cached_weights_and_offline_without_them_is_one_li
     assert all(torch.equal(got[k], v) for k, v in weights.items() if not k.startswith("fc."))
     assert main([*args, "--set", "optim.epochs=1"]) == 0  # the whole run, from the cache
 
-    code = main(["train", *[a for o in TINY for a in ("--set", o)], "--set",
+    code = main(["train", *[a for o in TIMM_TINY for a in ("--set", o)], "--set",
                  "model.name=timm:botnet50ts_256", "--set", "model.pretrained=true", "--set",
                  f"output.dir={tmp_path / 'r2'}"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -87,9 +87,12 @@ def test_cached_signal_with_prob_one_is_a_config_error_not_plain_cutmix():
     assert err.value.field == "augment.signal" and "prob < 1" in str(err.value)
     with pytest.raises(ConfigError, match="prob < 1"):
         HardMix(signal="cached", prob=1.0, dataset_size=10)
-    # a method that has no signal does not care
-    load_config(RunConfig, overrides=["augment.method=cutmix", "augment.signal=cached",
-                                      "augment.prob=1.0"])
+    # a method that has no signal does not care: set by hand, the signal is refused as a
+    # field nothing reads, not by the prob rule
+    with pytest.raises(ConfigError, match="augment.signal = 'cached': does not act with "
+                                          "augment.method=cutmix"):
+        load_config(RunConfig, overrides=["augment.method=cutmix", "augment.signal=cached",
+                                          "augment.prob=1.0"])
 
 
 # ---- 3. each method's paper box ---------------------------------------------------------------
