@@ -67,9 +67,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-#: Dense bf16 peak (TFLOP/s) by device name, for the MFU (override with --peak-tflops).
-PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-         "A10G": 125.0, "A10": 125.0, "V100": 125.0, "RTX 4090": 165.0}
 #: The run config of the small runs (resume, DDP, sync debug): synthetic images, smallnet.
 SMALL = {"data": {"name": "synthetic", "batch_size": 32, "subset": 192, "val_size": 0.125},
          "model": {"name": "smallnet", "width": 8},
@@ -534,13 +531,16 @@ def check_throughput(env: Env) -> str:
     from hardmix.config import DataConfig, ModelConfig, OptimConfig
     from hardmix.data import build_data
     from hardmix.models import build_model
+    from hardmix.throughput import device_peak
     from hardmix.train import build_optimizer, precision_policy, training_step
 
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name()
-    peak = env.peak or next((v for k, v in PEAKS.items() if k in name), 100.0)
     torch.backends.cudnn.benchmark = True
     policy = precision_policy(OptimConfig(), dev)
+    # The dense peak at the policy's precision: hardmix.throughput's table (the runs' mfu),
+    # unless --peak-tflops gives one.
+    peak = env.peak * 1e12 if env.peak else device_peak(dev, policy.kind)
     dcfg = (DataConfig(name="npz", path=env.data, val_size=0) if env.data
             else DataConfig(name="synthetic", val_size=0))
     data = build_data(dcfg, 0, dev, memory_format=policy.memory_format)
@@ -572,9 +572,11 @@ def check_throughput(env: Env) -> str:
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     expect(bool(torch.isfinite(torch.stack(losses)).all()), "a training loss is not finite")
-    mfu = flops_per_step * steps / dt / (peak * 1e12)
-    return (f"{policy.note}: {n:,} images in {dt:.1f} s = {n / dt:,.0f} img/s; MFU {mfu:.1%} "
-            f"of {peak:g} TFLOP/s ({name})")
+    rate = flops_per_step * steps / dt
+    share = (f"MFU {rate / peak:.1%} of {peak / 1e12:g} TFLOP/s" if peak else
+             "MFU unknown (no peak for it in hardmix.throughput: give --peak-tflops)")
+    return (f"{policy.note}: {n:,} images in {dt:.1f} s = {n / dt:,.0f} img/s, "
+            f"{rate / 1e12:.3g} TFLOP/s; {share} ({name})")
 
 
 @dataclass(frozen=True)
@@ -630,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the CPU-side halves on the CPU (any machine; what CI runs)")
     ap.add_argument("--only", help="comma-separated check names (default: all)")
     ap.add_argument("--data", help="CIFAR-10 .npz (default: synthetic images of its shape)")
-    ap.add_argument("--peak-tflops", type=float, help="bf16 dense peak of the GPU, TFLOP/s")
+    ap.add_argument("--peak-tflops", type=float, help="dense peak of the GPU at the run's "
+                    "precision, TFLOP/s (default: hardmix.throughput's table)")
     ap.add_argument("--ddp-rank", help=argparse.SUPPRESS)  # one rank of ddp_resume
     args = ap.parse_args(argv)
     if args.ddp_rank:

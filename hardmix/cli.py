@@ -111,7 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="SWEEP", nargs="?", const="",
                    help="resume an interrupted sweep: its folder (or name under storage)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the trials, resources and a compute estimate, then stop")
+                   help="print the trials, resources, compute (FLOPs), time (per trial, in all "
+                        "and wall-clock) and whether a trial fits, then stop; data that are "
+                        "not here are noted, not refused")
+    p.add_argument("--device-type", metavar="GPU",
+                   help="with --dry-run, for trials that ask for GPUs: estimate their time on "
+                        "this GPU from its peak at a stated utilisation (h100-sxm, a100, a10g, "
+                        "l4, ...: hardmix.throughput.ACCELERATORS, or a name as "
+                        "torch.cuda.get_device_name() gives it)")
+    p.add_argument("--cluster", metavar="FILE",
+                   help="with --dry-run: check that the node types of this Ray cluster file "
+                        "(cluster.yaml) can hold one trial, and how many at once")
     p.add_argument("--address", help="Ray address (auto, ray://host:port); same as --set address=")
     p.add_argument("--storage", help="results folder or URI (s3://, gs://); same as --set storage=")
     p.add_argument("--until-resolved", action="store_true",
@@ -206,7 +216,8 @@ def _sweep(args: argparse.Namespace) -> int:
         overrides.append("analysis.until_resolved=true")
     from tune.sweep import sweep_from_cli  # Ray is imported only here
     return sweep_from_cli(args.preset, args.config, overrides, resume=args.resume,
-                          dry_run=args.dry_run)
+                          dry_run=args.dry_run, device_type=args.device_type,
+                          cluster=args.cluster)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,10 @@ def _no_facts(cfg: "DataConfig") -> Optional[Facts]:
     return None
 
 
+def _always_present(cfg: "DataConfig") -> bool:
+    return True
+
+
 #: ``data`` fields only one kind of pipeline reads: arrays go through the device-resident
 #: loader (padding for the crop, where the arrays live), folders through torchvision transforms
 #: and a DataLoader (resize, worker processes). Every other ``data`` field is read by both.
@@ -101,7 +106,12 @@ class DatasetSpec:
     ConfigError before any work when the data cannot be used; ``facts(cfg)`` the sizes (or
     None when they are unknown without reading every file); ``needs_path``: ``data.path`` is
     required; ``label``: how the logs name it; ``reads``: the pipeline-specific ``data`` fields
-    it uses (:data:`ARRAY_FIELDS` for arrays, plus ``download`` where it can fetch)."""
+    it uses (:data:`ARRAY_FIELDS` for arrays, plus ``download`` where it can fetch).
+
+    For a plan made where the data are not (``hardmix sweep --dry-run``): ``present(cfg)``
+    says whether they are here (or will be fetched); ``shape``: the sizes every copy of the
+    data set has, where they are fixed (CIFAR-10/100); ``absent_facts(cfg)``: the sizes known
+    while the files are absent (by default ``shape``)."""
 
     name: str
     description: str
@@ -111,9 +121,19 @@ class DatasetSpec:
     needs_path: bool = False
     label: Optional[Callable[["DataConfig"], str]] = None
     reads: tuple[str, ...] = ARRAY_FIELDS
+    present: Callable[["DataConfig"], bool] = _always_present
+    shape: Optional[Facts] = None
+    absent_facts: Optional[Callable[["DataConfig"], Optional[Facts]]] = None
 
     def describe(self, cfg: "DataConfig") -> str:
         return self.label(cfg) if self.label else f"{self.name} ({cfg.path})"
+
+    def planned_facts(self, cfg: "DataConfig") -> Optional[Facts]:
+        """The sizes a plan uses: the files' where they are here, else the ones known without
+        them (:attr:`shape`, :attr:`absent_facts`); None when neither tells."""
+        if self.present(cfg):
+            return self.facts(cfg)
+        return self.absent_facts(cfg) if self.absent_facts else self.shape
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -315,6 +335,20 @@ def _check_npz(cfg: "DataConfig") -> None:
     _npz_read_facts(cfg)
 
 
+def _npz_present(cfg: "DataConfig") -> bool:
+    return bool(cfg.path) and _npz_path(cfg).is_file()
+
+
+def _npz_named_shape(cfg: "DataConfig") -> Optional[Facts]:
+    """A missing file named after a data set of fixed sizes (``cifar10.npz``, ``CIFAR-100.npz``)
+    stands for that data set's :attr:`DatasetSpec.shape`; any other name for nothing."""
+    if not cfg.path:
+        return None
+    stem = re.sub(r"[^a-z0-9]", "", Path(str(cfg.path)).stem.lower())
+    spec = DATASETS.get(stem)
+    return spec.shape if spec is not None else None
+
+
 def _to_nchw_uint8(x: np.ndarray) -> np.ndarray:
     if x.ndim == 3:  # grey images without a channel axis
         x = x[:, None]
@@ -341,15 +375,17 @@ def load_npz(cfg: "DataConfig") -> Arrays:
 
 register_dataset(DatasetSpec(
     "npz", "arrays file: x_train, y_train, x_test, y_test (+ label_names), HWC or CHW, uint8",
-    load_npz, _check_npz, _npz_facts, needs_path=True))
+    load_npz, _check_npz, _npz_facts, needs_path=True, present=_npz_present,
+    absent_facts=_npz_named_shape))
 
 
 # --------------------------------------------------------------------------------------------
 # CIFAR-10/100 from torchvision's folder
 # --------------------------------------------------------------------------------------------
 
-_CIFAR = {"cifar10": ("CIFAR10", "cifar-10-batches-py", 10),
-          "cifar100": ("CIFAR100", "cifar-100-python", 100)}
+#: torchvision's class, its folder, and the sizes of every copy (50,000 / 10,000 32x32 RGB).
+_CIFAR = {"cifar10": ("CIFAR10", "cifar-10-batches-py", Facts(50000, 10000, 3, 32, 10)),
+          "cifar100": ("CIFAR100", "cifar-100-python", Facts(50000, 10000, 3, 32, 100))}
 
 
 def cifar_root(cfg: "DataConfig") -> Path:
@@ -367,8 +403,12 @@ def _cifar_check(cfg: "DataConfig") -> None:
                           "CIFAR folder, or use data.name=npz with a .npz file")
 
 
+def _cifar_present(cfg: "DataConfig") -> bool:
+    return bool(cfg.download) or (cifar_root(cfg) / _CIFAR[cfg.name][1]).is_dir()
+
+
 def _cifar_facts(cfg: "DataConfig") -> Facts:
-    return Facts(50000, 10000, 3, 32, _CIFAR[cfg.name][2])
+    return _CIFAR[cfg.name][2]
 
 
 def _cifar_load(cfg: "DataConfig") -> Arrays:
@@ -401,6 +441,7 @@ for _name in _CIFAR:
         _name, f"{_name.upper().replace('CIFAR', 'CIFAR-')} from torchvision's folder "
                f"(data.path, default {DEFAULT_ROOT}; data.download=true fetches it)",
         _cifar_load, _cifar_check, _cifar_facts, reads=ARRAY_FIELDS + ("download",),
+        present=_cifar_present, shape=_CIFAR[_name][2],
         label=lambda cfg: f"{cfg.name} ({cfg.path or 'torchvision folder ' + DEFAULT_ROOT})"))
 
 
@@ -476,6 +517,11 @@ def _folder_check(cfg: "DataConfig") -> None:
                                                      f"(no {root / sub})")
 
 
+def _folder_present(cfg: "DataConfig") -> bool:
+    root = Path(os.path.expanduser(cfg.path or ""))
+    return bool(cfg.path) and all((root / sub).is_dir() for sub in ("train", "val"))
+
+
 def load_folder(cfg: "DataConfig") -> Folders:
     """An ImageNet-style folder with ``train/`` and ``val/`` class sub-folders (val = test)."""
     import torchvision.datasets as tvd
@@ -495,4 +541,4 @@ def load_folder(cfg: "DataConfig") -> Folders:
 register_dataset(DatasetSpec(
     "folder", "ImageNet-style image folder with train/ and val/ class sub-folders "
               "(torchvision ImageFolder + DataLoader)", load_folder, _folder_check,
-    needs_path=True, reads=FOLDER_FIELDS))
+    needs_path=True, reads=FOLDER_FIELDS, present=_folder_present))

@@ -9,7 +9,9 @@ Ray Tune folder (:data:`MAIN_PHASE`, :data:`FOLLOWUP_PHASE`) and the trials' run
 The compute estimate counts image passes and FLOPs (torch's ``FlopCounterMode`` on one image
 through the run's model): training forward + backward (~3 forwards), the hardness forward on
 mixed steps where the method table says there is one, and the evaluations of ``eval.every`` /
-``eval.test_every``.
+``eval.test_every``. Its time, device-hours and wall-clock, and whether the machine or cluster
+holds a trial, are :mod:`tune.estimate`'s. Data that are not here are no error in a plan: it
+says so and sizes them by what the dataset registry knows without them (CIFAR-10/100).
 """
 
 from __future__ import annotations
@@ -63,11 +65,12 @@ def describe_data(cfg: SweepConfig) -> str:
 def data_facts(run: RunConfig) -> dict | None:
     """Sizes of a run's data (train images after subset and validation split, validation and
     test images, channels, side, classes), or None where they are unknown without reading
-    every file (the data set's registry entry says)."""
+    every file (the data set's registry entry says). Data that are not here are sized by
+    what the registry knows without them (CIFAR's fixed sizes: ``DatasetSpec.planned_facts``)."""
     from hardmix.datasets import dataset, split_sizes
 
     try:
-        facts = dataset(run.data.name).facts(run.data)
+        facts = dataset(run.data.name).planned_facts(run.data)
     except (ConfigError, OSError):  # data only the trials' nodes see (a sweep on a cluster)
         return None
     if facts is None:
@@ -78,20 +81,11 @@ def data_facts(run: RunConfig) -> dict | None:
 
 
 def forward_flops(run: RunConfig, facts: dict) -> float | None:
-    """FLOPs of one forward pass of one image through the run's model (torch's counter)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one forward pass of one image through the run's model (torch's counter,
+    :func:`hardmix.models.forward_flops`: the count a run's ``flops_per_s`` uses too)."""
+    from hardmix.models import forward_flops as count
 
-    from hardmix.models import build_model
-
-    try:
-        model = build_model(run.model, facts["classes"], facts["channels"], facts["size"])
-        model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, facts["channels"], facts["size"], facts["size"]))
-        return float(counter.get_total_flops())
-    except Exception:  # an estimate only; never block a sweep on it
-        return None
+    return count(run.model, facts["classes"], facts["channels"], facts["size"])
 
 
 def trial_cost(run: RunConfig, flops_cache: dict) -> tuple[int, float | None] | None:
@@ -99,6 +93,7 @@ def trial_cost(run: RunConfig, flops_cache: dict) -> tuple[int, float | None] | 
     backward ~ 3 forwards, plus the hardness forward on mixed steps where the method table says
     there is one) and the validation and test evaluations ``run.eval`` asks for."""
     from hardmix.methods import extra_forwards
+    from hardmix.throughput import training_flops
 
     facts = data_facts(run)
     if facts is None:
@@ -115,8 +110,8 @@ def trial_cost(run: RunConfig, flops_cache: dict) -> tuple[int, float | None] | 
     extra = extra_forwards(aug) * (run.augment.prob if aug["method"] != "none" else 0.0)
     val_evals = len({*range(run.eval.every, e + 1, run.eval.every), e}) if facts["val"] else 0
     test_evals = len({*range(run.eval.test_every, e + 1, run.eval.test_every), e})
-    total = flops * (e * facts["train"] * (3 + extra) + val_evals * facts["val"]
-                     + test_evals * facts["test"])
+    total = (training_flops(flops, e * facts["train"], extra)
+             + flops * (val_evals * facts["val"] + test_evals * facts["test"]))
     return passes, total
 
 
@@ -128,8 +123,33 @@ def fmt_flops(f: float) -> str:
     return f"{f:.3g} FLOP"
 
 
-def plan_text(cfg: SweepConfig) -> str:
-    """The ``--dry-run`` description: trials, resources, compute."""
+def data_note(run: RunConfig) -> str | None:
+    """A line for data that are not here (a plan only): what the plan sizes them by, and that
+    a real run refuses to start without them; None when they are here."""
+    from hardmix.datasets import dataset
+
+    spec = dataset(run.data.name)
+    if spec.present(run.data):
+        return None
+    where = "data.path is unset" if not run.data.path else f"{run.data.path} is not here"
+    facts = spec.planned_facts(run.data)
+    named = run.data.name if spec.shape else \
+        f"the data set its name gives ({os.path.basename(str(run.data.path))})"
+    sized = (f"the plan uses the known sizes of {named} ({facts.train:,} train / "
+             f"{facts.test:,} test images, {facts.size}x{facts.size}x{facts.channels}, "
+             f"{facts.classes} classes)" if facts is not None else
+             "sizes unknown (a .npz named after a data set of fixed sizes, cifar10.npz or "
+             "cifar100.npz, is sized as that one while absent)")
+    return f"data: {where}; {sized}; the sweep itself refuses to start until it is there"
+
+
+def plan_text(cfg: SweepConfig, device_type: str | None = None,
+              cluster: str | None = None) -> str:
+    """The ``--dry-run`` description: trials, resources, compute, time and fit
+    (:mod:`tune.estimate`; ``device_type``: the GPU to estimate for, ``cluster``: a cluster
+    file whose node types must hold a trial)."""
+    from tune.estimate import estimate_lines
+
     seeds = cfg.seeds
     lines = [f"sweep {cfg.name!r} -> {sweep_dir_of(cfg)}",
              f"mode: {cfg.mode}" + (f" (sampler {cfg.sampler}, {cfg.num_samples} configurations)"
@@ -183,6 +203,9 @@ def plan_text(cfg: SweepConfig) -> str:
     method = "" if varied else f", augment {run.augment.method}"
     lines.append(f"run: {run.model.name} on {describe_data(cfg)}, {run.optim.epochs} epochs, "
                  f"batch {run.data.batch_size}{method}")
+    note = data_note(run)
+    if note:
+        lines.append(note)
     if cfg.mode == "grid":
         runs = [trial_config(cfg.run, p, seed) for p, seed in grid_trials(cfg)]
     else:  # a search's trials are unknown yet: the base run stands for each of them
@@ -204,4 +227,7 @@ def plan_text(cfg: SweepConfig) -> str:
     else:
         lines.append(f"compute: {n_trials} trials x {run.optim.epochs} epochs "
                      "(data size unknown before reading the folder)")
+    flops = [c[1] for c in costs] if all(c is not None and c[1] for c in costs) else None
+    lines += estimate_lines(cfg, runs, flops, data_facts(cfg.run),
+                            cfg.local_cpus or local_cpu_count(), device_type, cluster)
     return "\n".join(lines)

@@ -18,9 +18,10 @@ from tune.plan import joins_cluster
 from tune.space import check_space, with_default_space
 
 
-def prepare(cfg: SweepConfig) -> SweepConfig:
+def prepare(cfg: SweepConfig, plan: bool = False) -> SweepConfig:
     """Every check that needs no Ray, and paths made absolute (Tune runs trials in their own
-    working directories). Raises ConfigError."""
+    working directories). Raises ConfigError. ``plan`` (``--dry-run``): data that are not here
+    pass (the plan says so and sizes them where their shape is known, :mod:`tune.plan`)."""
     cfg = with_default_space(cfg)
     check_space(cfg)
     data = cfg.run.data
@@ -28,7 +29,7 @@ def prepare(cfg: SweepConfig) -> SweepConfig:
         data.path = os.path.abspath(os.path.expanduser(data.path))
     # On a cluster the driver's machine may never read the data nor hold a GPU: what depends on
     # the node is checked on a trial's node once Ray is up (check_on_trial_node).
-    check_sweep_environment(cfg, node=not joins_cluster(cfg))
+    check_sweep_environment(cfg, node=not joins_cluster(cfg), plan=plan)
     if cfg.mode == "grid" and cfg.followup.top:
         raise ConfigError("followup.top", cfg.followup.top,
                           "follow-up runs re-run the best of a search: use mode=search "

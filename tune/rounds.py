@@ -256,10 +256,10 @@ def called_trials(cfg: SweepConfig, sweep_dir: Optional[str] = None) -> list[str
 # --------------------------------------------------------------------------------------------
 
 
-def plan_text(cfg: SweepConfig) -> str:
+def plan_text(cfg: SweepConfig, **options) -> str:
     """``--dry-run`` of an until-resolved sweep: the trials, resources and compute of its worst
-    case (every arm runs every seed of the budget), then the design, the seeds, the primary
-    contrasts and the trials per round."""
+    case (every arm runs every seed of the budget; ``options`` as :func:`tune.plan.plan_text`
+    takes them), then the design, the seeds, the primary contrasts and the trials per round."""
     from hardmix.metrics import OUTCOMES
     from tune.plan import plan_text as base_text
 
@@ -267,7 +267,7 @@ def plan_text(cfg: SweepConfig) -> str:
     d = plan.design
     worst = dataclasses.replace(cfg, seeds=list(plan.seeds))
     arms = len(plan.points)
-    lines = [base_text(worst), "",
+    lines = [base_text(worst, **options), "",
              f"until resolved (analysis.until_resolved): {d.describe()}",
              f"  seeds per arm, in the order the rounds take them: {plan.seeds}"
              + (f" (avoiding analysis.avoid_seeds {sorted(cfg.analysis.avoid_seeds)})"

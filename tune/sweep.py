@@ -51,21 +51,28 @@ from tune.space import grid_points, point_seeds
 
 
 def sweep_from_cli(preset: str | None, file: str | None, overrides: list[str],
-                   resume: str | None, dry_run: bool) -> int:
+                   resume: str | None, dry_run: bool, device_type: str | None = None,
+                   cluster: str | None = None) -> int:
     """``hardmix sweep``: 0 when the sweep ran to its end with at least one completed trial,
     1 when every trial failed, 130 when interrupted (resume it with ``--resume``). A bad config
-    raises ConfigError before Ray starts (the CLI prints one line, exit 2)."""
+    raises ConfigError before Ray starts (the CLI prints one line, exit 2). ``device_type``
+    and ``cluster`` shape the dry run's estimate (:func:`tune.plan.plan_text`) and need it."""
+    for flag, value in (("--device-type", device_type), ("--cluster", cluster)):
+        if value is not None and not dry_run:
+            raise ConfigError(flag, value, "only shapes the --dry-run estimate: add --dry-run")
     cfg, resuming = resolve_config(preset, file, overrides, resume)
     _TERMINATED.clear()
-    outcome = run_sweep(cfg, resume=resuming, dry_run=dry_run)
+    outcome = run_sweep(cfg, resume=resuming, dry_run=dry_run,
+                        plan_options={"device_type": device_type, "cluster": cluster})
     if outcome.interrupted:
         return 143 if _TERMINATED else 130
     return 0 if outcome.ok else 1
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = False, dry_run: bool = False,
-              out: TextIO | None = None) -> SweepOutcome:
-    """Run (or resume, or only plan) a sweep; see the module docstring.
+              out: TextIO | None = None, plan_options: dict | None = None) -> SweepOutcome:
+    """Run (or resume, or only plan) a sweep; see the module docstring. ``plan_options``: the
+    dry run's ``device_type`` and ``cluster`` (:func:`tune.plan.plan_text`).
 
     Raises ConfigError before Ray starts when the config cannot work. Trial failures do not
     raise: they are retried ``max_failures`` times, recorded as failed, and counted. An
@@ -74,14 +81,15 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, dry_run: bool = False,
     """
     out = out or sys.stdout
     # 1. resolve: every check that needs no Ray
-    cfg = prepare(cfg)
+    cfg = prepare(cfg, plan=dry_run)
     sweep_dir = sweep_dir_of(cfg)
     # 2. plan
     if cfg.analysis.until_resolved:  # its design and contrasts, refused here if they cannot work
         from tune.rounds import plan_of, plan_text as rounds_text
         plan_of(cfg)
     if dry_run:
-        print(rounds_text(cfg) if cfg.analysis.until_resolved else plan_text(cfg), file=out)
+        text = rounds_text if cfg.analysis.until_resolved else plan_text
+        print(text(cfg, **{k: v for k, v in (plan_options or {}).items() if v}), file=out)
         return SweepOutcome(sweep_dir, dry_run=True)
     if not resume and storage.exists(join(sweep_dir, SWEEP_FILE)):
         raise ConfigError("name", cfg.name,

@@ -65,11 +65,20 @@ def require_package(module: str, field: str, value: object) -> None:
                                         f"pip install \"hardmix[{extra}]\"")
 
 
-def check_data(cfg: RunConfig, prefix: str = "") -> None:
-    """The data exist and can be used, and ``subset``/``val_size`` fit their real size."""
+def check_data(cfg: RunConfig, prefix: str = "", absent_ok: bool = False) -> None:
+    """The data exist and can be used, and ``subset``/``val_size`` fit their real size.
+
+    ``absent_ok`` (a plan, ``hardmix sweep --dry-run``): data that are not here pass, and
+    ``subset``/``val_size`` are checked against the sizes known without them (CIFAR's), if
+    any; the run itself still refuses them."""
     d = cfg.data
     spec = dataset(d.name)
     try:
+        if absent_ok and not spec.present(d):
+            facts = spec.planned_facts(d)
+            if facts is not None:
+                split_sizes(d, facts.train)
+            return
         spec.check(d)
         facts = spec.facts(d)
         if facts is not None:
@@ -78,10 +87,10 @@ def check_data(cfg: RunConfig, prefix: str = "") -> None:
         raise ConfigError(prefix + exc.field, exc.value, exc.allowed) from None
 
 
-def check_node_environment(cfg: RunConfig, prefix: str = "") -> None:
+def check_node_environment(cfg: RunConfig, prefix: str = "", absent_ok: bool = False) -> None:
     """What a run needs from the node it trains on: its data (``data.path`` and the sizes it
-    implies) and, with ``device=cuda``, a CUDA device."""
-    check_data(cfg, prefix)
+    implies; ``absent_ok``: see :func:`check_data`) and, with ``device=cuda``, a CUDA device."""
+    check_data(cfg, prefix, absent_ok)
     if cfg.device == "cuda":
         import torch
 
@@ -118,9 +127,11 @@ def check_driver_environment(cfg: RunConfig, prefix: str = "") -> None:
     check_packages(cfg, prefix)
 
 
-def check_run_environment(cfg: RunConfig, prefix: str = "", outputs: bool = True) -> None:
-    """Everything a run needs from this machine (``outputs``: the output folder too)."""
-    check_node_environment(cfg, prefix)
+def check_run_environment(cfg: RunConfig, prefix: str = "", outputs: bool = True,
+                          absent_ok: bool = False) -> None:
+    """Everything a run needs from this machine (``outputs``: the output folder too;
+    ``absent_ok``: see :func:`check_data`)."""
+    check_node_environment(cfg, prefix, absent_ok)
     check_packages(cfg, prefix)
     if outputs:
         check_writable(f"{prefix}output.dir", cfg.output.dir)
@@ -175,16 +186,18 @@ def _each_run(cfg: SweepConfig, check) -> None:
                 raise ConfigError(f"arms[{i}].{exc.field}", exc.value, exc.allowed) from None
 
 
-def check_sweep_environment(cfg: SweepConfig, node: bool = True) -> None:
+def check_sweep_environment(cfg: SweepConfig, node: bool = True, plan: bool = False) -> None:
     """Everything a sweep needs before Ray starts: its storage, and the base run's and every
     arm's environment (the trials write into the sweep folder, not ``run.output.dir``).
 
     ``node=False`` (a sweep joining a cluster, whose driver may run on a head that never reads
     the data and has no GPU): only the driver's half; :func:`check_sweep_node` is then run on a
-    node where a trial can run."""
+    node where a trial can run. ``plan=True`` (``--dry-run``): data that are not here pass
+    (:func:`check_data`'s ``absent_ok``); the plan says so."""
     check_writable("storage", cfg.storage)
     if node:
-        _each_run(cfg, lambda run, prefix: check_run_environment(run, prefix, outputs=False))
+        _each_run(cfg, lambda run, prefix: check_run_environment(run, prefix, outputs=False,
+                                                                 absent_ok=plan))
     else:
         _each_run(cfg, check_driver_environment)
 
