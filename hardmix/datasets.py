@@ -29,7 +29,7 @@ DataConfig = Any
 
 __all__ = ["Arrays", "Folders", "Facts", "DatasetSpec", "DATASETS", "register_dataset",
            "dataset", "DEFAULT_ROOT", "NPZ_KEYS", "SPLIT_SEED", "stratified_split",
-           "split_sizes", "carve"]
+           "split_sizes", "carve", "named_after"]
 
 DEFAULT_ROOT = "~/.cache/hardmix/data"
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -339,13 +339,19 @@ def _npz_present(cfg: "DataConfig") -> bool:
     return bool(cfg.path) and _npz_path(cfg).is_file()
 
 
-def _npz_named_shape(cfg: "DataConfig") -> Optional[Facts]:
-    """A missing file named after a data set of fixed sizes (``cifar10.npz``, ``CIFAR-100.npz``)
-    stands for that data set's :attr:`DatasetSpec.shape`; any other name for nothing."""
-    if not cfg.path:
+def named_after(path: Optional[str]) -> Optional["DatasetSpec"]:
+    """The registered data set of fixed sizes a file is named after (``cifar10.npz``,
+    ``CIFAR-100.npz``: its name without the extension and punctuation), if any."""
+    if not path:
         return None
-    stem = re.sub(r"[^a-z0-9]", "", Path(str(cfg.path)).stem.lower())
-    spec = DATASETS.get(stem)
+    spec = DATASETS.get(re.sub(r"[^a-z0-9]", "", Path(str(path)).stem.lower()))
+    return spec if spec is not None and spec.shape is not None else None
+
+
+def _npz_named_shape(cfg: "DataConfig") -> Optional[Facts]:
+    """A missing file named after a data set of fixed sizes stands for that data set's
+    :attr:`DatasetSpec.shape` (:func:`named_after`); any other name for nothing."""
+    spec = named_after(cfg.path)
     return spec.shape if spec is not None else None
 
 

@@ -126,7 +126,7 @@ def fmt_flops(f: float) -> str:
 def data_note(run: RunConfig) -> str | None:
     """A line for data that are not here (a plan only): what the plan sizes them by, and that
     a real run refuses to start without them; None when they are here."""
-    from hardmix.datasets import dataset
+    from hardmix.datasets import dataset, named_after
 
     spec = dataset(run.data.name)
     if spec.present(run.data):
@@ -134,7 +134,7 @@ def data_note(run: RunConfig) -> str | None:
     where = "data.path is unset" if not run.data.path else f"{run.data.path} is not here"
     facts = spec.planned_facts(run.data)
     named = run.data.name if spec.shape else \
-        f"the data set its name gives ({os.path.basename(str(run.data.path))})"
+        f"{getattr(named_after(run.data.path), 'name', None)}, the file's name"
     sized = (f"the plan uses the known sizes of {named} ({facts.train:,} train / "
              f"{facts.test:,} test images, {facts.size}x{facts.size}x{facts.channels}, "
              f"{facts.classes} classes)" if facts is not None else
