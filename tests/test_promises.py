@@ -113,6 +113,8 @@ def test_every_preset_trains_one_epoch_and_plans(preset, tmp_path_factory, monke
     """Each preset's run (a sweep preset's base ``run:``, as ``hardmix train --preset`` trains
     it) with its own model, method and data loader, shortened to one epoch on tiny data of its
     kind; a sweep preset also plans (every trial a valid run, on that data)."""
+    from hardmix.config import flatten
+    from hardmix.config.acts import field_acts
     from hardmix.train import train
 
     tmp = tmp_path_factory.getbasetemp() / "preset-data"
@@ -124,7 +126,9 @@ def test_every_preset_trains_one_epoch_and_plans(preset, tmp_path_factory, monke
     out = tmp_path_factory.mktemp(preset)
     if base.data.name != "digits":  # a batch the few images can fill, and what must fit it
         batch = min(base.data.batch_size, 8)
-        fit = [f"data.batch_size={batch}", f"augment.min_hard={min(base.augment.min_hard, batch)}"]
+        fit = [f"data.batch_size={batch}"]
+        if field_acts("augment.min_hard", flatten(base)):  # set by hand only where it acts
+            fit.append(f"augment.min_hard={min(base.augment.min_hard, batch)}")
     else:
         fit = []
     cfg = load_config(RunConfig, preset, None, [*data, *fit, "optim.epochs=1", "device=cpu",
