@@ -24,6 +24,7 @@ def family_text(contrasts: list[Contrast], family: Optional[Sequence[str]],
                  correction: str, margin: Optional[float] = None, outcome: str = "top1") -> str:
     """The family in one sentence: outcome, which contrasts, how many, the correction, the
     interval's meaning and the margin."""
+    members = sum(1 for c in contrasts if not c.excluded)
     m = sum(1 for c in contrasts if not c.excluded and c.difference.tested)
     o = OUTCOMES[outcome]
     which = ("all one-factor contrasts of this report" if not family else
@@ -36,11 +37,15 @@ def family_text(contrasts: list[Contrast], family: Optional[Sequence[str]],
         how = (f"Bonferroni: each contrast tested at {ALPHA:g}/{m} = {ALPHA / m:.3g}; the "
                f"intervals are {label}, so all {m} cover their true Δ together with "
                f"probability ≥ {1 - ALPHA:.0%}")
-    else:
+    elif m == 1:
         how = f"one contrast, tested at {ALPHA:g}"
+    else:
+        how = "none tested yet (a test needs 2 seeds paired)"
     marg = (f"; margin ±{margin:g} {o.unit} (declared smallest effect of interest)" if margin
             else "; no margin declared: no equivalence verdicts")
-    return (f"{o.title}, the {m} comparison{'s' if m != 1 else ''} of {which}; {how}{marg}")
+    shown = m or members  # before any test: the comparisons the family will hold
+    return (f"{o.title}, the {shown} comparison{'s' if shown != 1 else ''} of {which}; "
+            f"{how}{marg}")
 
 
 def _interval_head(items: list[Contrast]) -> str:

@@ -859,3 +859,18 @@ def test_error_bars_never_reach_below_zero(monkeypatch, tmp_path):
     plots.error_by_variant(table, {"a": "tab:blue"}, tmp_path / "e.png")
     ends = np.concatenate(seen["x"])
     assert ends.min() == pytest.approx(0.0) and ends.max() > 0.4 + 1.0
+
+
+def test_a_family_before_its_first_test_says_so_and_counts_its_comparisons():
+    """One seed per arm (an until-resolved sweep's first trials): the family sentence names the
+    comparisons it will hold and that none is tested yet, not "the 0 comparisons"."""
+    from ablations.contrasts import Contrast
+    from ablations.stats import difference
+    from ablations.verdicts_text import family_text
+
+    one = [Contrast("augment.method", "cutmix", v, difference(v, [22.5], [10], "cutmix", [22.4],
+                                                               [10]))
+           for v in ("hardmix", "hardmix (topup)")]
+    text = family_text(one, ["method"], "bonferroni", 0.5)
+    assert "the 2 comparisons of the one-factor contrasts over method; none tested yet" in text
+    assert "the 0 comparisons" not in text and "tested at 0.05" not in text
