@@ -390,8 +390,10 @@ def test_presets_printed_and_fed_back_as_config_give_the_same_config(tmp_path, c
     plans = []
     for source in (["--preset", "quickstart"], ["--config", str(tmp_path / "quickstart.yaml")]):
         assert main(["sweep", *source, "--dry-run", "--set", f"storage={tmp_path}"]) == 0
-        plans.append(capsys.readouterr().out)
-    assert plans[0] == plans[1] and "= 18" in plans[0]
+        # the time estimate is measured on this machine at each call: all but it must agree
+        plans.append([line for line in capsys.readouterr().out.splitlines()
+                      if not line.startswith("time")])
+    assert plans[0] == plans[1] and any("= 18" in line for line in plans[0])
     tiny = ["--set", "data.name=synthetic", "--set", "data.path=null", "--set", "optim.epochs=1",
             "--set", "model.width=8", "--set", "device=cpu", "--set", f"output.dir={tmp_path}"]
     for source, name in ((["--preset", "cpu-quick"], "p"), (["--config", str(tmp_path / "cpu-quick.yaml")], "c")):
