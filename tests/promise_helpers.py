@@ -185,3 +185,28 @@ def run_ranks(fn, tmp: Path, *args, world: int = 2) -> None:
 
     mp.spawn(_rank_entry, args=(world, str(tmp / "gloo-init"), fn, args), nprocs=world,
              join=True)
+
+
+#: Runs ``hardmix`` for each argv in one fresh interpreter (imports cost seconds here): each
+#: exit code, stdout and stderr, and whether Ray was ever imported.
+_CLI_RUNS = """
+import contextlib, io, json, sys
+from hardmix.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    o, e = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        rc = main(argv)
+    out.append({"rc": rc, "out": o.getvalue(), "err": e.getvalue()})
+print(json.dumps({"runs": out, "ray_imported": "ray" in sys.modules}))
+"""
+
+
+def cli_runs(runs: list[list[str]], timeout: float = 600) -> dict:
+    """``{"runs": [{"rc", "out", "err"}, ...], "ray_imported": bool}`` for ``runs``, run by
+    :data:`_CLI_RUNS` in one subprocess (OMP_NUM_THREADS=1, Ray auth off)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
+    proc = subprocess.run([sys.executable, "-c", _CLI_RUNS, json.dumps(runs)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])

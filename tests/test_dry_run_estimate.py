@@ -6,11 +6,7 @@ itself still refuses the missing file before any work."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,32 +18,10 @@ from tune import estimate
 from tune.estimate import Basis, estimate_lines, fmt_duration
 from tune.plan import plan_text
 from tune.preflight import prepare
+from promise_helpers import cli_runs
 
 REPO = Path(__file__).resolve().parents[1]
 NO_GPU = not torch.cuda.is_available()
-
-#: Runs ``hardmix`` for each argv in one fresh interpreter; exit codes, output, and whether Ray
-#: was ever imported.
-_CLI_RUNS = """
-import contextlib, io, json, sys
-from hardmix.cli import main
-out = []
-for argv in json.loads(sys.argv[1]):
-    o, e = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
-        rc = main(argv)
-    out.append({"rc": rc, "out": o.getvalue(), "err": e.getvalue()})
-print(json.dumps({"runs": out, "ray_imported": "ray" in sys.modules}))
-"""
-
-
-def cli_runs(runs: list[list[str]]) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
-    proc = subprocess.run([sys.executable, "-c", _CLI_RUNS, json.dumps(runs)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 def number(pattern: str, text: str) -> float:
     m = re.search(pattern, text)
@@ -137,7 +111,7 @@ def test_table_time_is_flops_over_the_trials_share_of_the_peak(tmp_path):
                                                             "size": 16}, 4, "a100")
     rate = 312e12 * DEFAULT_UTILISATION  # smallnet under amp=auto on an A100: bf16
     seconds = [f / (rate * 0.25) for f in flops]
-    assert f"time basis: the peak table: A100" in lines[1]
+    assert "time basis: the peak table: A100" in lines[1]
     assert lines[2] == (
         "time (compute only; starting Ray and the trials comes on top): "
         f"{fmt_duration(sum(seconds) / 2)} a trial ({fmt_duration(seconds[0])} to "

@@ -22,6 +22,7 @@ import pytest
 
 from hardmix.config import ResourcesConfig, RunConfig, SweepConfig, flatten, load_config
 from hardmix.metrics import EPOCH_METRICS
+from promise_helpers import cli_runs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["run.data.name=synthetic", "run.model.name=smallnet", "run.model.width=8",
@@ -71,29 +72,10 @@ BAD = [("run.augment.alpha=-1", "run.augment.alpha"),
         "[topk_loss]}}}", "space.augment.k.when"),
        ("resources.workers=0", "resources.workers")]
 
-#: Runs ``hardmix`` several times in one fresh interpreter (imports cost seconds here) and
-#: reports each exit code, stdout and stderr, and whether Ray was ever imported.
-_CLI_RUNS = """
-import contextlib, io, json, sys
-from hardmix.cli import main
-out = []
-for argv in json.loads(sys.argv[1]):
-    o, e = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
-        rc = main(argv)
-    out.append({"rc": rc, "out": o.getvalue(), "err": e.getvalue()})
-print(json.dumps({"runs": out, "ray_imported": "ray" in sys.modules}))
-"""
-
-
 def test_bad_configs_fail_before_ray_and_dry_run_plans_without_it(tmp_path):
     runs = [["sweep", "--set", f"storage={tmp_path}", "--set", bad] for bad, _ in BAD]
     runs.append(["sweep", "--preset", "quickstart", "--set", f"storage={tmp_path}", "--dry-run"])
-    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
-    proc = subprocess.run([sys.executable, "-c", _CLI_RUNS, json.dumps(runs)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = cli_runs(runs, timeout=180)
     assert report["ray_imported"] is False  # neither a bad config nor a dry run starts Ray
 
     for (bad, field), run in zip(BAD, report["runs"]):
