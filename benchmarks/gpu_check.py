@@ -508,9 +508,10 @@ def check_packed_trials(env: Env) -> str:
     rows = [r for r in raw.to_table(columns=["trial_id", "epoch"]).to_pylist()
             if r["trial_id"] == target]
     written = sorted(r["epoch"] for r in rows)
-    # Epochs 1 and 2 by the first attempt, then 2 and 3 again from epoch 1's checkpoint.
-    expect(written == [1, 2, 2, 3], f"{target} wrote epochs {written}, not [1, 2, 2, 3] (a "
-                                    "retry from epoch 1's checkpoint)")
+    # Epochs 1 and 2 by the first attempt, then from epoch 1's checkpoint: epoch 1 recorded
+    # again (the checkpoint's epoch, which a kill could have left unrecorded), 2 and 3.
+    expect(written == [1, 1, 2, 2, 3], f"{target} wrote epochs {written}, not [1, 1, 2, 2, 3] "
+                                       "(a retry from epoch 1's checkpoint)")
     spans = []
     for t in trials.values():
         meta = json.loads(Path(outcome.sweep_dir, "runs", t["trial_id"], "run.json").read_text())

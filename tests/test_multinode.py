@@ -327,7 +327,24 @@ def raw_epoch_rows(sweep_dir: Path):
     import pyarrow.dataset as ds
 
     table = ds.dataset(str(sweep_dir / "epochs"), format="parquet", partitioning="hive")
-    return table.to_table(columns=["trial_id", "epoch", "written_at"]).to_pandas()
+    return table.to_table(columns=["trial_id", "epoch", "written_at", "epoch_seconds"]
+                          ).to_pandas()
+
+
+def assert_continued_from_a_checkpoint(rows, killed_at, last_epoch: int) -> None:
+    """The rows of one trial (``raw_epoch_rows``) show a retry that continued from a checkpoint
+    of epoch k >= 1: after the kill it recorded epoch k again, from the checkpoint (the very
+    row of the first attempt, its timing included: a restart would have measured its own),
+    then trained k+1 ... ``last_epoch``, each once; k is at most one past the last row seen
+    before the kill (a checkpoint is written just before its epoch's row)."""
+    before = rows[rows.written_at <= killed_at]
+    again = rows[rows.written_at > killed_at].sort_values("epoch")
+    k = int(again.epoch.min())
+    assert 1 <= k <= before.epoch.max() + 1
+    assert list(again.epoch) == list(range(k, last_epoch + 1))
+    first = before[before.epoch == k]
+    if len(first):  # the first attempt had written it: the replay is that row
+        assert first.epoch_seconds.iloc[0] == again.epoch_seconds.iloc[0]
 
 
 def progress(sweep: str):
@@ -437,13 +454,11 @@ def test_trial_of_a_removed_node_is_retried_elsewhere_from_its_checkpoint(grid_n
     for trial, group in epochs.groupby("trial_id"):
         assert sorted(group.epoch) == list(range(1, GRID_EPOCHS + 1)), trial
     assert (rows.epochs_run == GRID_EPOCHS).all()
-    # ... and the retry continued from a checkpoint: its first epoch after the node died is a
-    # later one than 1 and no later than one past the last epoch seen before.
+    # ... and the retry continued from a checkpoint, not from epoch 1.
     raw = raw_epoch_rows(ev["dir"])
     victim_rows = raw[raw.trial_id == ev["victim"]]
-    before = victim_rows[victim_rows.written_at <= ev["killed_at"]].epoch.max()
+    assert_continued_from_a_checkpoint(victim_rows, ev["killed_at"], GRID_EPOCHS)
     again = victim_rows[victim_rows.written_at > ev["killed_at"]]
-    assert 2 <= again.epoch.min() <= before + 1
     if victim.node_id == cluster.nodes["a"]:
         # One slot per node: the retry went to a only after a's own trial had written its last
         # epoch (Ray's choice between a and c is free; the one-slot rule is not).
@@ -591,10 +606,9 @@ def test_node_removed_under_a_data_parallel_worker(ddp_runs, cluster, shared):
                                                                       DDP_EPOCHS)
     assert sorted(epochs.epoch) == list(range(1, DDP_EPOCHS + 1))  # none lost, none twice
     raw = raw_epoch_rows(shared / "ddp-spread")
-    before = raw[raw.written_at <= ev["killed_at"]].epoch.max()
-    again = raw[raw.written_at > ev["killed_at"]]
     # Resumed from the checkpoint Ray Train held (or a newer one), not restarted.
-    assert ev["ckpt_epoch"] + 1 <= again.epoch.min() <= before + 1
+    assert_continued_from_a_checkpoint(raw, ev["killed_at"], DDP_EPOCHS)
+    assert raw[raw.written_at > ev["killed_at"]].epoch.min() >= ev["ckpt_epoch"]
 
 
 def tensorboard_epochs(run_dir: Path, tag: str = "loss/train_loss") -> list[int]:
