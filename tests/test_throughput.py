@@ -99,7 +99,8 @@ def test_a_cpu_run_records_its_flops_per_second_and_no_mfu(tmp_path, method, ext
     """flops_per_s is the counted FLOPs of the epoch's training over its training seconds:
     against images_per_s (same seconds) it is exactly the FLOPs of a training image, 3
     forwards plus HardMix's hardness forward on its mixed steps."""
-    rows = run_rows(tmp_path, f"augment.method={method}", "augment.prob=1.0")
+    mixing = ["augment.prob=1.0"] if method != "none" else []  # `none` reads no prob
+    rows = run_rows(tmp_path, f"augment.method={method}", *mixing)
     cfg = load_config(RunConfig, None, None, TINY)
     per_image = forward_flops(cfg.model, 10, 3, 16)  # synthetic: 10 classes of 3x16x16
     assert per_image > 0
