@@ -235,20 +235,17 @@ def measure_training_rate(run: Any, classes: int, channels: int, size: int,
                           seconds: float = 2.0) -> Optional[TrainingRate]:
     """Time training steps of the run's model (``run.model``), optimiser (``run.optim``) and
     precision (``optim.amp`` on ``device``) at its batch (``run.data.batch_size``) on random
-    tensors of the data's shape, with ``threads`` torch threads, through the run's own
-    :func:`hardmix.train.training_step` (unmixed): one warm-up step, then steps
+    tensors of the data's shape, with ``threads`` torch threads: one warm-up step, then steps
     until ``seconds`` have passed (at least one). On the CPU a batch whose step would not fit
     in the time is scaled down (:func:`calibration_batch`): the rate per image hardly depends
     on it. Torch's generator and thread count are put back. None when the model's FLOPs are
     unknown."""
     import torch
+    import torch.nn.functional as F
 
-    from hardmix.augment import HardMix
-    from hardmix.config import AugmentConfig
     from hardmix.device import precision_policy
     from hardmix.models import build_model, forward_flops
     from hardmix.optimizers import build_optimizer
-    from hardmix.train import training_step
 
     per_image = forward_flops(run.model, classes, channels, size)
     if not per_image:
@@ -275,16 +272,19 @@ def measure_training_rate(run: Any, classes: int, channels: int, size: int,
             x = torch.randn(batch, channels, size, size, device=dev)
             x = x.contiguous(memory_format=precision.memory_format)
             y = torch.randint(0, classes, (batch,), device=dev)
-            idx = torch.arange(batch, device=dev)
             scaler = precision.grad_scaler()
-            # The run's own step, unmixed: the rate of its three passes (the hardness forward
-            # is counted apart, as extra forwards, where a run has one).
-            plain = HardMix.from_config(AugmentConfig(method="none"), num_classes=classes,
-                                        dataset_size=batch)
 
             def step() -> None:
-                training_step(model, model, plain, opt, x, y, idx,
-                              autocast=precision.autocast, scaler=scaler)
+                opt.zero_grad(set_to_none=True)
+                with precision.autocast():
+                    loss = F.cross_entropy(model(x), y)
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
 
             for _ in range(3 if cuda else 1):  # warm-up (cuDNN picks its algorithms)
                 step()
