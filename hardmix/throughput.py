@@ -7,8 +7,6 @@
   precision): CPU peaks vary too much with cores, clocks and vector units for a table.
 * :func:`device_peak`, :func:`mfu`: a run's model-FLOP utilisation, its achieved FLOP/s over
   its device's peak (the ``mfu`` epoch metric: CUDA only, NULL elsewhere).
-* :func:`measure_training_rate`: a few training steps of the real model at the run's batch on
-  random tensors of the data's shape, timed (the sweep's time estimate, ``--dry-run``).
 
 FLOPs are counted the way :func:`hardmix.models.forward_flops` counts them (2 per multiply-add
 of the matrix products and convolutions), a training image as :data:`TRAIN_PASSES` forwards.
@@ -26,7 +24,7 @@ from hardmix.errors import ConfigError
 
 __all__ = ["Accelerator", "ACCELERATORS", "DEFAULT_UTILISATION", "TRAIN_PASSES",
            "accelerator", "named_accelerator", "peak_of", "device_peak", "mfu",
-           "training_flops", "cpu_matmul_flops", "TrainingRate", "measure_training_rate"]
+           "training_flops", "cpu_matmul_flops"]
 
 #: A training step costs about three forwards: the forward, and a backward of two (the
 #: gradients of the activations and of the weights).
@@ -201,102 +199,3 @@ def cpu_matmul_flops(precision: str = "fp32", threads: Optional[int] = None,
         return 2.0 * n ** 3 / max(best, 1e-9)
     finally:
         torch.set_num_threads(before)
-
-
-@dataclass(frozen=True)
-class TrainingRate:
-    """A measured training rate: FLOP/s (:func:`hardmix.models.forward_flops` x
-    :data:`TRAIN_PASSES` per image), the batch and steps it was timed on, the precision."""
-
-    flops_per_s: float
-    batch: int
-    steps: int
-    seconds: float
-    precision: str
-    device: str
-
-
-#: The smallest batch a calibration step takes (BatchNorm needs more than one value a channel).
-MIN_CALIBRATION_BATCH = 4
-
-
-def calibration_batch(batch: int, step_flops: float, rate: float, seconds: float) -> int:
-    """The batch to time: ``batch`` unless one step of it would take more than half of
-    ``seconds`` at ``rate`` FLOP/s (an upper bound, so the step takes longer still); then
-    the batch that fits, at least :data:`MIN_CALIBRATION_BATCH`."""
-    if step_flops <= 0 or rate <= 0 or step_flops / rate <= seconds / 2:
-        return batch
-    fit = int(batch * (seconds / 2) / (step_flops / rate))
-    return max(min(batch, MIN_CALIBRATION_BATCH), min(batch, fit))
-
-
-def measure_training_rate(run: Any, classes: int, channels: int, size: int,
-                          device: str = "cpu", threads: Optional[int] = None,
-                          seconds: float = 2.0) -> Optional[TrainingRate]:
-    """Time training steps of the run's model (``run.model``), optimiser (``run.optim``) and
-    precision (``optim.amp`` on ``device``) at its batch (``run.data.batch_size``) on random
-    tensors of the data's shape, with ``threads`` torch threads: one warm-up step, then steps
-    until ``seconds`` have passed (at least one). On the CPU a batch whose step would not fit
-    in the time is scaled down (:func:`calibration_batch`): the rate per image hardly depends
-    on it. Torch's generator and thread count are put back. None when the model's FLOPs are
-    unknown."""
-    import torch
-    import torch.nn.functional as F
-
-    from hardmix.device import precision_policy
-    from hardmix.models import build_model, forward_flops
-    from hardmix.optimizers import build_optimizer
-
-    per_image = forward_flops(run.model, classes, channels, size)
-    if not per_image:
-        return None
-    dev = torch.device(device)
-    precision = precision_policy(run.optim, dev)
-    before = torch.get_num_threads(), torch.backends.cudnn.benchmark
-    batch = run.data.batch_size
-    cuda = dev.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    try:
-        if threads:
-            torch.set_num_threads(int(threads))
-        torch.backends.cudnn.benchmark = cuda  # as the run sets it (hardmix.train)
-        if not cuda:
-            rate = cpu_matmul_flops(precision.kind, seconds=min(0.2, seconds / 10))
-            batch = calibration_batch(batch, TRAIN_PASSES * per_image * batch, rate, seconds)
-        index = (dev.index if dev.index is not None else torch.cuda.current_device()) if cuda \
-            else None
-        with torch.random.fork_rng(devices=[index] if cuda else []):
-            model = build_model(run.model, classes, channels, size).to(dev)
-            model = model.to(memory_format=precision.memory_format).train()
-            opt = build_optimizer(model.parameters(), run.optim)
-            x = torch.randn(batch, channels, size, size, device=dev)
-            x = x.contiguous(memory_format=precision.memory_format)
-            y = torch.randint(0, classes, (batch,), device=dev)
-            scaler = precision.grad_scaler()
-
-            def step() -> None:
-                opt.zero_grad(set_to_none=True)
-                with precision.autocast():
-                    loss = F.cross_entropy(model(x), y)
-                if scaler is None:
-                    loss.backward()
-                    opt.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-
-            for _ in range(3 if cuda else 1):  # warm-up (cuDNN picks its algorithms)
-                step()
-            sync()
-            steps, start = 0, time.perf_counter()
-            while steps == 0 or time.perf_counter() - start < seconds:
-                step()
-                sync()  # the calibration's own loop: the run's steps never wait like this
-                steps += 1
-            elapsed = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(before[0])
-        torch.backends.cudnn.benchmark = before[1]
-    return TrainingRate(TRAIN_PASSES * per_image * batch * steps / max(elapsed, 1e-9), batch,
-                        steps, elapsed, precision.kind, str(dev))

@@ -12,8 +12,8 @@ from hardmix.config import RunConfig, load_config
 from hardmix.metrics import EPOCH_METRICS, timings
 from hardmix.models import forward_flops
 from hardmix.throughput import (ACCELERATORS, DEFAULT_UTILISATION, TRAIN_PASSES, accelerator,
-                                calibration_batch, cpu_matmul_flops, device_peak,
-                                measure_training_rate, mfu, named_accelerator, peak_of)
+                                cpu_matmul_flops, device_peak, mfu, named_accelerator, peak_of)
+from tune.estimate import calibration_batch, measure_training_rate
 from hardmix.train import Callback, train
 
 TINY = ["data.name=synthetic", "model.name=smallnet", "model.width=8", "data.batch_size=64",

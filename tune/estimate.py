@@ -5,7 +5,7 @@
 The time of a trial is its FLOPs (:func:`tune.plan.trial_cost`) over the rate one trial gets,
 from one of two bases, and the text says which:
 
-* **measured here** (:func:`hardmix.throughput.measure_training_rate`): a few training steps of
+* **measured here** (:func:`measure_training_rate`): a few training steps of
   the trial's model at its batch and precision on random tensors of the data's shape, with the
   trial's threads (``resources.cpus``), on this machine's CPU, or on its GPU when trials ask
   for GPUs and it has one;
@@ -27,7 +27,8 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+import time
+from typing import Any, Optional, Sequence
 
 from hardmix.config import ConfigError, RunConfig, SweepConfig
 from tune.cluster import (ClusterView, NodeGroup, _describe, _view_from_bootstrap, assess,
@@ -101,7 +102,7 @@ def table_basis(run: RunConfig, device_type: str) -> Basis:
 def measured_basis(run: RunConfig, facts: dict, device: str, threads: int,
                    seconds: float = CALIBRATION_SECONDS) -> Optional[Basis]:
     """The rate of the run's own training steps, timed on this machine's ``device``."""
-    from hardmix.throughput import cpu_matmul_flops, measure_training_rate, peak_of
+    from hardmix.throughput import cpu_matmul_flops, peak_of
 
     rate = measure_training_rate(run, facts["classes"], facts["channels"], facts["size"],
                                  device=device, threads=threads, seconds=seconds)
@@ -318,3 +319,108 @@ def estimate_lines(cfg: SweepConfig, runs: Sequence[RunConfig],
         text += f"; wall-clock {fmt_duration(max(total / n, hi))} with {why}"
     lines.append(text)
     return lines
+
+
+# --------------------------------------------------------------------------------------------
+# The calibration: the run's training step, timed here
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingRate:
+    """A measured training rate: FLOP/s (:func:`hardmix.models.forward_flops` x
+    :data:`hardmix.throughput.TRAIN_PASSES` per image), the batch and steps it was timed on, the precision."""
+
+    flops_per_s: float
+    batch: int
+    steps: int
+    seconds: float
+    precision: str
+    device: str
+
+
+#: The smallest batch a calibration step takes (BatchNorm needs more than one value a channel).
+MIN_CALIBRATION_BATCH = 4
+
+
+def calibration_batch(batch: int, step_flops: float, rate: float, seconds: float) -> int:
+    """The batch to time: ``batch`` unless one step of it would take more than half of
+    ``seconds`` at ``rate`` FLOP/s (an upper bound, so the step takes longer still); then
+    the batch that fits, at least :data:`MIN_CALIBRATION_BATCH`."""
+    if step_flops <= 0 or rate <= 0 or step_flops / rate <= seconds / 2:
+        return batch
+    fit = int(batch * (seconds / 2) / (step_flops / rate))
+    return max(min(batch, MIN_CALIBRATION_BATCH), min(batch, fit))
+
+
+def measure_training_rate(run: Any, classes: int, channels: int, size: int,
+                          device: str = "cpu", threads: Optional[int] = None,
+                          seconds: float = 2.0) -> Optional[TrainingRate]:
+    """Time training steps of the run's model (``run.model``), optimiser (``run.optim``) and
+    precision (``optim.amp`` on ``device``) at its batch (``run.data.batch_size``) on random
+    tensors of the data's shape, with ``threads`` torch threads, through the run's own
+    :func:`hardmix.train.training_step` (unmixed): one warm-up step, then steps
+    until ``seconds`` have passed (at least one). On the CPU a batch whose step would not fit
+    in the time is scaled down (:func:`calibration_batch`): the rate per image hardly depends
+    on it. Torch's generator and thread count are put back. None when the model's FLOPs are
+    unknown."""
+    import torch
+
+    from hardmix.augment import HardMix
+    from hardmix.config import AugmentConfig
+    from hardmix.device import precision_policy
+    from hardmix.models import build_model, forward_flops
+    from hardmix.optimizers import build_optimizer
+    from hardmix.throughput import TRAIN_PASSES, cpu_matmul_flops
+    from hardmix.train import training_step
+
+    per_image = forward_flops(run.model, classes, channels, size)
+    if not per_image:
+        return None
+    dev = torch.device(device)
+    precision = precision_policy(run.optim, dev)
+    before = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    batch = run.data.batch_size
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    try:
+        if threads:
+            torch.set_num_threads(int(threads))
+        torch.backends.cudnn.benchmark = cuda  # as the run sets it (hardmix.train)
+        if not cuda:
+            rate = cpu_matmul_flops(precision.kind, seconds=min(0.2, seconds / 10))
+            batch = calibration_batch(batch, TRAIN_PASSES * per_image * batch, rate, seconds)
+        index = (dev.index if dev.index is not None else torch.cuda.current_device()) if cuda \
+            else None
+        with torch.random.fork_rng(devices=[index] if cuda else []):
+            model = build_model(run.model, classes, channels, size).to(dev)
+            model = model.to(memory_format=precision.memory_format).train()
+            opt = build_optimizer(model.parameters(), run.optim)
+            x = torch.randn(batch, channels, size, size, device=dev)
+            x = x.contiguous(memory_format=precision.memory_format)
+            y = torch.randint(0, classes, (batch,), device=dev)
+            idx = torch.arange(batch, device=dev)
+            scaler = precision.grad_scaler()
+            # The run's own step, unmixed: the rate of its three passes (the hardness forward
+            # is counted apart, as extra forwards, where a run has one).
+            plain = HardMix.from_config(AugmentConfig(method="none"), num_classes=classes,
+                                        dataset_size=batch)
+
+            def step() -> None:
+                training_step(model, model, plain, opt, x, y, idx,
+                              autocast=precision.autocast, scaler=scaler)
+
+            for _ in range(3 if cuda else 1):  # warm-up (cuDNN picks its algorithms)
+                step()
+            sync()
+            steps, start = 0, time.perf_counter()
+            while steps == 0 or time.perf_counter() - start < seconds:
+                step()
+                sync()  # the calibration's own loop: the run's steps never wait like this
+                steps += 1
+            elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+    return TrainingRate(TRAIN_PASSES * per_image * batch * steps / max(elapsed, 1e-9), batch,
+                        steps, elapsed, precision.kind, str(dev))
