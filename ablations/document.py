@@ -19,7 +19,7 @@ import pandas as pd
 from ablations import plots
 from ablations.contrasts import Contrast
 from ablations.factors import INERT, short_names
-from ablations.looks import looks_section
+from ablations.looks import looks_section, sequential_finals
 from ablations.tables import seeds_text
 from ablations.text import DIAG_TITLES, fmt_number, left_out_summary, md_table
 from ablations.verdicts_text import comparison_rows, family_section
@@ -134,6 +134,14 @@ def comparisons(ctx: Context) -> list[str]:
               "contrast detects with 80% power at its level. See docs/reports.md.", ""]
     if ctx.notes:
         lines += [f"**Note.** {n}" for n in ctx.notes] + [""]
+    finals = sequential_finals(ctx.tables)
+    if finals:
+        lines += ["**Sequential seeds: these verdicts stand.** The seeds are added in rounds "
+                  "until each primary contrast is resolved (the design and its path: "
+                  "Sequential seeds, below). The tables of this section test the final seeds "
+                  "as if their number had been fixed in advance; it was not, so for the "
+                  "primary contrasts the sequential verdicts are the answer:", ""]
+        lines += [f"- {v['text']}." for v in finals.values()] + [""]
     lines += family_section(f"### Primary family: {o.title}", members, ctx.family_text)
     if not members:
         lines[-2:-2] = ["_No two variants differ in exactly one factor (or every such pair was "

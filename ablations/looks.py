@@ -128,14 +128,55 @@ def looks_tables(path: str) -> dict[str, pd.DataFrame]:
 
 
 def final_verdicts(record: dict) -> dict[str, dict]:
-    """Each contrast's last decision: ``{label: {"verdict", "look", "n", "stop"}}``."""
+    """Each contrast's last decision: ``{label: {"verdict", "look", "n", "stop", "delta",
+    "low", "high"}}`` (Δ̂ and the repeated interval of that look); a design closed before its end
+    (:func:`tune.rounds.close_design`) ends the contrasts it left running ``undetermined``,
+    with ``closed`` (the reason) and ``projection``."""
     labels = {c["key"]: c.get("label", c["key"]) for c in record.get("contrasts", [])}
     out: dict[str, dict] = {}
     for look in record.get("looks", []):
         for key, v in look.get("contrasts", {}).items():
             out[labels.get(key, key)] = {"verdict": v.get("verdict"), "look": look.get("look"),
-                                         "n": v.get("n"), "stop": bool(v.get("stop"))}
+                                         "n": v.get("n"), "stop": bool(v.get("stop")),
+                                         "delta": _num(v.get("delta")),
+                                         "low": _num(v.get("low")), "high": _num(v.get("high"))}
+    closed = record.get("closed") or {}
+    for key, v in closed.get("contrasts", {}).items():
+        label = labels.get(key, key)
+        out[label] = {**out.get(label, {"look": closed.get("after_look"), "n": v.get("n"),
+                                        "delta": math.nan, "low": math.nan, "high": math.nan}),
+                      "verdict": "undetermined", "stop": True,
+                      "closed": closed.get("reason", ""), "projection": v.get("projection") or {}}
     return out
+
+
+def sequential_finals(tables: dict) -> dict[str, dict]:
+    """``{"<reference> → <variant>": final}`` over every until-resolved sweep of a report's
+    tables (:func:`final_verdicts`, with ``"text"``: the verdict in words): what the
+    Comparisons section and the forest plot show beside the fixed-n verdicts."""
+    table = tables.get("looks")
+    out: dict[str, dict] = {}
+    for d in (table.attrs.get("designs", []) if table is not None else []):
+        last = (d.get("looks") or [0])[-1]
+        for label, v in (d.get("final") or {}).items():
+            out[label] = {**v, "text": _final_text(label, v, last)}
+    return out
+
+
+def _final_text(label: str, v: dict, last_seeds: int) -> str:
+    """One contrast's final verdict in the Sequential section's words."""
+    text = f"{label}: **{v['verdict']}** at look {v['look']} (n = {v['n']})"
+    if "closed" in v:
+        p = v.get("projection") or {}
+        where = (f"at its estimate (Δ̂ and SD taken as the truth) the design would have ended "
+                 f"**{p['verdict']}** at look {p['look']} ({p['seeds']} seeds per arm)"
+                 if p.get("look") else f"at its estimate no bound is crossed by {last_seeds} "
+                 "seeds per arm")
+        reach = p.get("reach")
+        if isinstance(reach, (int, float)) and math.isfinite(reach):
+            where += f"; P(a verdict by {last_seeds} seeds) ≈ {reach:.2f}"
+        return text + f", the design closed before its end ({v['closed']}): {where}"
+    return text + ("" if v["stop"] else ": the design goes on with its next round")
 
 
 def _interval(low: float, high: float) -> str:
@@ -157,10 +198,9 @@ def looks_section(ctx: Any) -> list[str]:
         lines += [f"The sweep{where} added seeds in rounds and stopped each primary contrast "
                   f"once it was resolved or futile. The design: {text}", ""]
         if d.get("final"):
-            lines += ["Final: " + "; ".join(
-                f"{label}: **{v['verdict']}** at look {v['look']} (n = {v['n']})"
-                + ("" if v["stop"] else ", still running") for label, v in d["final"].items())
-                + ".", ""]
+            last = (d.get("looks") or [0])[-1]
+            lines += ["Final: " + "; ".join(_final_text(label, v, last)
+                                            for label, v in d["final"].items()) + ".", ""]
     lines += ["Each row is one contrast at one look (`looks.csv`): n pairs of seeds, Δ̂ (after − "
               "before), the repeated confidence interval that decides better / worse (Δ̂ ± c·SE: "
               "better when it lies below 0, worse above), the one that decides equivalence "

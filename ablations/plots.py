@@ -92,21 +92,24 @@ def error_by_variant(table: pd.DataFrame, colors: dict, path: Path) -> Path | No
 
 
 VERDICT_COLORS = {"better": "tab:green", "worse": "tab:red", "equivalent": "tab:blue",
-                  "undetermined": "0.45"}
+                  "undetermined": "0.45", "continue": "tab:purple"}
 
 
 def contrast_forest(contrasts: Sequence, family: str, path: Path, margin: float | None = None,
-                    outcome=None) -> Path | None:
+                    outcome=None, sequential: dict | None = None) -> Path | None:
     """Δ of every compared pair with its family's interval, named in the title (simultaneous
     or per-comparison), coloured by verdict; with a margin, the band ±margin and, thick, the
-    (1 − 2·level) interval the equivalence test reads. A line at 0."""
+    (1 − 2·level) interval the equivalence test reads. A line at 0. ``sequential``
+    (:func:`ablations.looks.sequential_finals`): for the contrasts an until-resolved sweep
+    decided, the repeated confidence interval of their last look, dashed just below, coloured
+    by the sequential verdict, which stands."""
     items = [c for c in contrasts if c.difference.tested]
     if not items:
         return None
     title_metric = getattr(outcome, "title", "top-1 error")
     unit = getattr(outcome, "unit", "points")
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(items) + 2.2))
-    labels = []
+    labels, dashed = [], []
     if margin:
         ax.axvspan(-margin, margin, color="tab:blue", alpha=0.10, lw=0,
                    label=f"±{margin:g} {unit}: the declared margin")
@@ -119,19 +122,44 @@ def contrast_forest(contrasts: Sequence, family: str, path: Path, margin: float 
             ax.plot([d.eq_low, d.eq_high], [i, i], color=color, lw=4, alpha=0.55,
                     solid_capstyle="butt")
         name = c.factor.rsplit(".", 1)[-1]
-        labels.append(_wrap(f"{name}: {c.change}  [vs {d.baseline}], n={d.n}", 60))
+        label = _wrap(f"{name}: {c.change}  [vs {d.baseline}], n={d.n}", 60)
+        seq = (sequential or {}).get(f"{d.baseline} → {d.variant}")
+        if seq is not None and np.isfinite(seq.get("low", np.nan)):
+            dashed.append((i - 0.22, seq, VERDICT_COLORS.get(seq["verdict"], "0.45")))
+            label += (f"\nsequential (dashed): {seq['verdict']} at look {seq['look']}, "
+                      f"n={seq['n']}, [{seq['low']:+.2f}, {seq['high']:+.2f}]")
+        labels.append(label)
     ax.axvline(0, color="0.2", lw=0.8)
+    if dashed:  # early repeated intervals are wide: drawn up to the axes, arrows past them
+        lo, hi = ax.get_xlim()
+        pad = 0.25 * (hi - lo)
+        lo, hi = lo - pad, hi + pad
+        for y, seq, color in dashed:
+            a, b = max(seq["low"], lo), min(seq["high"], hi)
+            ax.plot([a, b], [y, y], color=color, lw=1.6, ls=(0, (4, 2)))
+            ax.plot([seq["delta"]], [y], marker="D", ms=4, color=color)
+            for end, clipped, mark in ((a, seq["low"] < lo, "<"), (b, seq["high"] > hi, ">")):
+                if clipped:
+                    ax.plot([end], [y], marker=mark, ms=6, color=color, clip_on=False)
+        ax.set_xlim(lo, hi)
     ax.set_yticks(range(len(items)), labels, fontsize=8)
     ax.set_ylim(-0.7, len(items) - 0.3)
     label = items[0].difference.interval_label
     ax.set(xlabel=f"Δ final test {title_metric} ({unit}), variant − reference (lower: better)")
+    seq_any = any(f"{c.difference.baseline} → {c.difference.variant}" in (sequential or {})
+                  for c in items)
     ax.set_title(_wrap(f"Δ with {label} intervals" + (" (thin) and the TOST's "
                        f"{_pct_text(1 - 2 * items[0].difference.level)} intervals (thick)"
-                       if margin else ""), 95) + "\n" + _wrap(family, 120), fontsize=9)
+                       if margin else "") + (" at the final n as if fixed; dashed: the "
+                       "sequential design's repeated interval at its last look (arrows: it "
+                       "goes on past the axes), whose verdict stands" if seq_any else ""), 95)
+                 + "\n" + _wrap(family, 120), fontsize=9)
     ax.grid(axis="x", alpha=0.3)
+    shown = {c.difference.verdict for c in items}
+    if seq_any:
+        shown |= {v["verdict"] for v in sequential.values()}
     handles = [plt.Line2D([], [], color=col, marker="o", lw=1.2, label=v)
-               for v, col in VERDICT_COLORS.items()
-               if any(c.difference.verdict == v for c in items)]
+               for v, col in VERDICT_COLORS.items() if v in shown]
     if margin:
         handles.append(plt.Rectangle((0, 0), 1, 1, color="tab:blue", alpha=0.10,
                                      label=f"±{margin:g} {unit}: the declared margin"))

@@ -71,7 +71,7 @@ from ablations.declared import declared_analysis, declared_search, sweep_mode
 from ablations.document import Context, markdown, terminal
 from ablations.factors import fixed_settings, short_names, varying_factors
 from ablations.importance import factor_importance, rung_target
-from ablations.looks import looks_tables
+from ablations.looks import looks_tables, sequential_finals
 from ablations.paths import data_labels, shown_path, shown_text
 from ablations.search_limits import search_limits
 from ablations.stats import CORRECTIONS
@@ -210,7 +210,7 @@ def build_report(path: str, out: str | None = None, baseline: str = "cutmix",
     secondary_text = {name: family_text(items, family, correction, None, name)
                       for name, items in families.items()}
     made = _figures(out_dir, used, epochs, table, [c for c in contrasts if not c.excluded],
-                    primary_text, margin, primary)
+                    primary_text, margin, primary, sequential_finals(tables))
     for name, df in tables.items():
         _atomic_write(out_dir / f"{name}.csv", lambda p, df=df: df.to_csv(p, index=False))
 
@@ -302,7 +302,7 @@ def _importance(path: str, trials: pd.DataFrame, epochs: pd.DataFrame, search: p
 
 def _figures(out_dir: Path, used: pd.DataFrame, epochs: pd.DataFrame, table: pd.DataFrame,
              members: list[Contrast], primary_text: str, margin: Optional[float],
-             primary: str) -> dict[str, str]:
+             primary: str, sequential: Optional[dict] = None) -> dict[str, str]:
     """The PNGs (:mod:`ablations.plots`), one colour per variant across all of them, from the
     main table, the primary family's members and the epochs of the trials used; ``{name:
     path}`` of those drawn."""
@@ -313,7 +313,7 @@ def _figures(out_dir: Path, used: pd.DataFrame, epochs: pd.DataFrame, table: pd.
     made: dict[str, str] = {}
     for name, fn in (("error_by_variant", lambda p: plots.error_by_variant(table, colors, p)),
                      ("contrasts", lambda p: plots.contrast_forest(
-                         members, primary_text, p, margin, OUTCOMES[primary])),
+                         members, primary_text, p, margin, OUTCOMES[primary], sequential)),
                      ("learning_curves", lambda p: plots.learning_curves(used, epochs_used,
                                                                          colors, p)),
                      ("hardness_over_epochs", lambda p: plots.hardness_dynamics(

@@ -407,6 +407,29 @@ def decide(design: Design, diffs_by_contrast: Mapping[Hashable, Sequence[float]]
     return out
 
 
+def projection(design: Design, look_index: int, mean: float, sd: float) -> dict:
+    """Where a contrast still running after look ``look_index`` (0-based) would end if its
+    estimate were the truth and nothing else changed: the first later look whose bounds the
+    same Δ̂ and SD would cross (``{"look": 1-based, "seeds", "verdict"}``, or look None when
+    none would by the last), and ``reach``, the chance of any verdict by the last look
+    (:func:`_reach`, as futility reads it). A point projection, not a test: it is what "the
+    seeds it would need" means for a design closed before its end."""
+    found = {"look": None, "seeds": None, "verdict": None}
+    if not (math.isfinite(mean) and math.isfinite(sd)):
+        return {**found, "reach": math.nan}
+    plain = Design(looks=design.looks, alpha=design.alpha, margin=design.margin,
+                   contrasts=design.contrasts, futility=0.0, calibrate=design.calibrate,
+                   name=design.name)
+    for k in range(look_index + 1, len(design.looks)):
+        code = int(rule(plain, k, design.looks[k], np.array([mean]), np.array([sd]))[0])
+        if code in (BETTER, WORSE, EQUIVALENT):
+            found = {"look": k + 1, "seeds": design.looks[k], "verdict": NAMES[code]}
+            break
+    reach = float(np.clip(_reach(design, design.looks[look_index], np.array([mean]),
+                                 np.array([sd]))[0], 0.0, 1.0))
+    return {**found, "reach": reach}
+
+
 def simulate(design: Design, delta: float, sd: float, sequences: int,
              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``(codes, seeds_used)`` of ``sequences`` simulated contrasts with paired differences

@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "analysis.max_seeds per arm) and stop each primary contrast once its "
                         "verdict is resolved; needs analysis.margin; same as --set "
                         "analysis.until_resolved=true")
+    p.add_argument("--close", metavar="REASON",
+                   help="with --resume, for an until-resolved sweep: end its design after the "
+                        "last look (e.g. 'the 6 h compute budget is spent'); the contrasts "
+                        "still running end undetermined, with the look their estimate would "
+                        "resolve at; runs nothing, and a later --resume runs nothing either")
     _add_verbose(p)
     p.set_defaults(handler=_sweep)
 
@@ -217,7 +222,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from tune.sweep import sweep_from_cli  # Ray is imported only here
     return sweep_from_cli(args.preset, args.config, overrides, resume=args.resume,
                           dry_run=args.dry_run, device_type=args.device_type,
-                          cluster=args.cluster)
+                          cluster=args.cluster, close=args.close)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -779,6 +779,42 @@ def test_forest_plot_names_its_interval_and_draws_the_margin(study, monkeypatch,
     assert {"better", "equivalent"} <= set(seen["legend"])
 
 
+def test_forest_plot_draws_the_sequential_interval_of_an_until_resolved_sweep(
+        study, monkeypatch, tmp_path):
+    """With the sequential verdicts (ablations.looks.sequential_finals), each decided contrast
+    gets its last look's repeated interval, dashed, in the sequential verdict's colour, its
+    label says the verdict, and an interval wider than the axes ends in arrows."""
+    from ablations import plots
+
+    _, _, rep = study
+    members = [c for c in rep.contrasts if not c.excluded]
+    first = members[0].difference
+    label = f"{first.baseline} → {first.variant}"
+    seq = {label: {"verdict": "continue", "look": 1, "n": 3, "delta": first.diff,
+                   "low": first.diff - 40.0, "high": first.diff + 40.0}}
+    seen = {}
+
+    def grab(fig, path):
+        ax = fig.axes[0]
+        seen["dashed"] = [ln for ln in ax.lines if ln.get_linestyle() not in ("-", "None")]
+        seen["markers"] = [ln.get_marker() for ln in ax.lines]
+        seen["ticks"] = [t.get_text() for t in ax.get_yticklabels()]
+        seen["xlim"] = ax.get_xlim()
+        seen["legend"] = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+        return path
+
+    monkeypatch.setattr(plots, "_save", grab)
+    plots.contrast_forest(members, rep.family, tmp_path / "f.png", 0.5, sequential=seq)
+    (line,) = seen["dashed"]
+    assert line.get_color() == plots.VERDICT_COLORS["continue"]
+    lo, hi = seen["xlim"]
+    assert hi - lo < 40  # the axes keep the fixed-n intervals readable
+    assert list(line.get_xdata()) == pytest.approx([lo, hi])
+    assert "<" in seen["markers"] and ">" in seen["markers"]
+    assert sum("sequential (dashed): continue at look 1, n=3" in t for t in seen["ticks"]) == 1
+    assert "continue" in seen["legend"]
+
+
 def test_a_sweep_that_lists_a_seed_it_declared_to_avoid_is_refused(tmp_path):
     """analysis.avoid_seeds (a pilot's seeds): the sweep's seeds, an arm's and the follow-up's
     are checked before anything runs; one error naming the field."""

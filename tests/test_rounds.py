@@ -449,3 +449,155 @@ def test_until_resolved_sweep_on_ray_resumes_between_rounds_and_reports_its_path
     assert looks["look"].tolist() == [1, 2] and looks["n"].tolist() == [2, 4]
     assert looks["decision"].tolist() == ["continue", want.verdict]
     assert (folder / "report" / "looks.csv").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Closing a design before its end (--close): the running contrasts end undetermined
+# --------------------------------------------------------------------------------------------
+
+
+def test_projection_is_the_first_later_look_whose_bounds_the_estimate_crosses():
+    """Checked against the bounds themselves: the projected look is the first later look where
+    Δ̂ ± c·SE excludes 0 (or Δ̂ ± c_eq·SE lies within ±margin) at the planned n."""
+    from ablations.sequential import projection
+
+    design = Design(looks=(6, 12, 18, 24, 30), margin=0.5, contrasts=2)
+
+    def by_hand(k, mean, sd):
+        for j in range(k + 1, len(design.looks)):
+            n = design.looks[j]
+            c, ce = design.bounds(j, n)
+            se = sd / math.sqrt(n)
+            if abs(mean) - c * se > 0:
+                return j + 1, "worse" if mean > 0 else "better"
+            if mean - ce * se > -0.5 and mean + ce * se < 0.5:
+                return j + 1, "equivalent"
+        return None, None
+
+    cases = [(0, 0.41, 0.455), (1, 0.41, 0.455), (1, -0.3, 0.5), (1, 0.05, 0.8),
+             (0, 0.0, 0.3), (3, 0.05, 3.0), (1, 0.36, 0.114)]
+    for k, mean, sd in cases:
+        got = projection(design, k, mean, sd)
+        assert (got["look"], got["verdict"]) == by_hand(k, mean, sd), (k, mean, sd)
+        assert got["look"] is None or got["seeds"] == design.looks[got["look"] - 1]
+        assert 0.0 <= got["reach"] <= 1.0
+    # A contrast far from any bound (huge SD) is projected nowhere, with a small reach.
+    far = projection(design, 1, 0.05, 3.0)
+    assert far["look"] is None and far["reach"] < 0.5
+    assert math.isnan(projection(design, 0, math.nan, 1.0)["reach"])
+
+
+def _write_sweep_yaml(cfg: SweepConfig, folder: str) -> None:
+    from hardmix.config import to_yaml
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "sweep.yaml").write_text(to_yaml(cfg))
+
+
+def test_close_ends_the_running_contrasts_undetermined_and_a_resume_runs_nothing(
+        tmp_path, monkeypatch, capsys):
+    """Look 1 recorded, then ``--resume SWEEP --close REASON`` (the CLI, no Ray): the
+    contrasts still running end undetermined with the reason and the projection of their
+    estimate; a contrast that stopped before keeps its verdict; the run loop runs nothing
+    after; the report's Final line and its Comparisons say so."""
+    import tune.rounds as rounds
+    from ablations.looks import final_verdicts
+    from ablations.sequential import projection
+    from hardmix.cli import main
+    from tune.rounds import called_trials, run_rounds
+
+    cfg = config(tmp_path, ARMS, "analysis.max_seeds=6", "analysis.rounds=3")
+    error = _errors({0: 0.0, 1: -1.0, 2: -1.2}, noise=0.5)
+
+    def first_stops(design, diffs, look_index):  # none -> cutmix resolved, the rest go on
+        out = decide(design, diffs, look_index)
+        return {k: replace(v, verdict="better", stop=True) if k == "c000 -> c001"
+                else replace(v, verdict="continue", stop=False) for k, v in out.items()}
+
+    monkeypatch.setattr(rounds, "decide", first_stops)
+    fake = Rounds(cfg, error, kill_at="-round2")
+    _write_sweep_yaml(cfg, fake.dir)
+    with pytest.raises(KeyboardInterrupt):
+        run_rounds(cfg, fake.dir, fake, io.StringIO())
+    look1 = read_looks(fake.dir)["looks"][0]["contrasts"]
+
+    assert main(["sweep", "--resume", fake.dir, "--close", "  the  compute budget is spent "]) \
+        == 0
+    printed = capsys.readouterr().out
+    assert "design closed after look 1 (the compute budget is spent)" in printed
+    record = read_looks(fake.dir)
+    closed = record["closed"]
+    assert (closed["after_look"], closed["seeds"], closed["reason"]) == (
+        1, 2, "the compute budget is spent")
+    assert sorted(closed["contrasts"]) == ["c000 -> c002", "c001 -> c002"]  # not the stopped one
+    design = rounds.plan_of(cfg).design
+    for key, v in closed["contrasts"].items():
+        assert v["verdict"] == "undetermined" and v["n"] == look1[key]["n"] == 2
+        want = projection(design, 0, look1[key]["delta"], look1[key]["sd"])
+        assert v["projection"]["look"] == want["look"]
+        assert v["projection"]["reach"] == pytest.approx(want["reach"])
+    final = final_verdicts(record)
+    assert final["none → cutmix"]["verdict"] == "better"
+    assert "closed" not in final["none → cutmix"]
+    for label in ("none → hardmix", "cutmix → hardmix"):
+        assert final[label]["verdict"] == "undetermined" and final[label]["stop"]
+        assert final[label]["closed"] == "the compute budget is spent"
+
+    # The report: the Final line and the list the Comparisons section leads with.
+    from types import SimpleNamespace
+
+    from ablations.looks import looks_section, looks_tables, sequential_finals
+
+    tables = looks_tables(fake.dir)
+    finals = sequential_finals(tables)
+    text = finals["cutmix → hardmix"]["text"]
+    assert text.startswith("cutmix → hardmix: **undetermined** at look 1 (n = 2), the design "
+                           "closed before its end (the compute budget is spent)")
+    proj = closed["contrasts"]["c001 -> c002"]["projection"]
+    assert (f"would have ended **{proj['verdict']}** at look {proj['look']}" in text
+            if proj["look"] else "no bound is crossed by 6 seeds per arm" in text)
+    assert finals["none → cutmix"]["text"] == "none → cutmix: **better** at look 1 (n = 2)"
+    section = "\n".join(looks_section(SimpleNamespace(tables=tables)))
+    assert text in section
+
+    # A resume runs nothing and says why; the looks file is left as it was.
+    before = (Path(fake.dir) / LOOKS_FILE).read_text()
+    after = Rounds(cfg, error)
+    out = io.StringIO()
+    run_rounds(cfg, after.dir, after, out)
+    assert after.calls == [] and "closed after look 1" in out.getvalue()
+    assert (Path(fake.dir) / LOOKS_FILE).read_text() == before
+    # The sweep's planned trials are round 1's: round 2 is not "not started".
+    assert sorted(called_trials(cfg, fake.dir)) == sorted(
+        trial_name("c", arm, s) for arm in range(3) for s in (0, 1))
+
+    # Closing again, or without --resume, is one line and exit 2.
+    assert main(["sweep", "--resume", fake.dir, "--close", "again"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was closed already after look 1" in err[0]
+    assert main(["sweep", "--close", "why"]) == 2
+    assert "add --resume SWEEP" in capsys.readouterr().err
+    assert main(["sweep", "--resume", fake.dir, "--close", "   "]) == 2
+    assert "say why" in capsys.readouterr().err
+
+
+def test_close_is_refused_before_any_look_and_for_a_sweep_of_fixed_seeds(tmp_path, capsys):
+    from hardmix.cli import main
+    from tune.rounds import run_rounds
+
+    cfg = config(tmp_path, "arms=[{augment.method: cutmix}, {augment.method: hardmix}]",
+                 "analysis.max_seeds=6", "analysis.rounds=3")
+    fake = Rounds(cfg, _errors({0: 0.0, 1: 0.0}), kill_at="-round1")
+    _write_sweep_yaml(cfg, fake.dir)
+    with pytest.raises(KeyboardInterrupt):
+        run_rounds(cfg, fake.dir, fake, io.StringIO())
+    assert main(["sweep", "--resume", fake.dir, "--close", "budget"]) == 2
+    assert "has no look yet" in capsys.readouterr().err
+    assert "closed" not in read_looks(fake.dir)
+
+    fixed = load_config(SweepConfig, None, None, [f"storage={tmp_path}", "name=fixed",
+                                                  *TINY[:-2], "seeds=[0, 1]",
+                                                  "arms=[{augment.method: cutmix}]"])
+    _write_sweep_yaml(fixed, str(tmp_path / "fixed"))
+    assert main(["sweep", "--resume", str(tmp_path / "fixed"), "--close", "budget"]) == 2
+    assert "not an until-resolved sweep" in capsys.readouterr().err

@@ -18,6 +18,12 @@ reads the looks it has, never decides them again, and goes on from the round aft
 a driver killed mid-round runs that round's missing trials, then looks. The report shows the
 path (:func:`ablations.looks.looks_section`).
 
+A design can be closed before its end (``hardmix sweep --resume SWEEP --close REASON``, e.g.
+when a compute budget is spent): :func:`close_design` records, after the last look, that the
+contrasts still running end ``undetermined`` with the reason and each one's projection (the
+look its estimate would resolve at, :func:`ablations.sequential.projection`). Closing adds no
+false verdict (no bound is crossed by it) and is final: a resume of a closed sweep runs nothing.
+
 The seeds, in the order rounds take them: ``seeds`` first, then the smallest non-negative
 integers not among them nor in ``analysis.avoid_seeds`` (:func:`budget_seeds`).
 """
@@ -31,7 +37,7 @@ from datetime import datetime, timezone
 from typing import Callable, Optional, TextIO
 
 from ablations.looks import LOOKS_FILE, VERSION, read_looks, write_looks
-from ablations.sequential import ALPHA, Design, decide
+from ablations.sequential import ALPHA, Design, decide, projection
 from hardmix.config import ConfigError, SweepConfig
 from hardmix.config.rules import until_resolved_looks
 
@@ -216,7 +222,8 @@ def rounds_called(plan: Plan, record: Optional[dict]) -> int:
     if record is None:
         return 1
     done = len(record["looks"])
-    if done >= len(plan.design.looks) or not live_after(plan, record, done):
+    if record.get("closed") or done >= len(plan.design.looks) \
+            or not live_after(plan, record, done):
         return done
     return done + 1
 
@@ -349,6 +356,11 @@ def run_rounds(cfg: SweepConfig, sweep_dir: str, run_round: Callable[[list[list[
         record = new_record(plan)
         write_looks(sweep_dir, record)
     looks = plan.design.looks
+    if record.get("closed"):
+        closed = record["closed"]
+        print(f"until resolved: the design was closed after look {closed['after_look']} "
+              f"({closed['reason']}); nothing left to run", file=out)
+        return
     if record["looks"]:
         print(f"until resolved: {len(record['looks'])} look(s) recorded; "
               + ("going on from round " f"{len(record['looks']) + 1}"
@@ -372,3 +384,54 @@ def run_rounds(cfg: SweepConfig, sweep_dir: str, run_round: Callable[[list[list[
             print(f"  look {k + 1} (n={v['n']}): {labels[key]}: {v['verdict']}, Δ̂ "
                   f"{v['delta']:+.3f}, interval [{v['low']:+.3f}, {v['high']:+.3f}] "
                   f"({v['reason']})", file=out)
+
+
+# --------------------------------------------------------------------------------------------
+# Closing a design before its end
+# --------------------------------------------------------------------------------------------
+
+
+def close_design(cfg: SweepConfig, sweep_dir: str, reason: str,
+                 out: Optional[TextIO] = None) -> dict:
+    """Close the sweep's design after its last recorded look: every contrast still running
+    ends ``undetermined`` (``reason`` says why, e.g. "the 6 h compute budget is spent"), with
+    its estimate's projection (:func:`ablations.sequential.projection`). Written atomically to
+    the looks file; returns the ``closed`` entry. Raises ConfigError (one line) for a sweep
+    with no look yet, one already closed or with no contrast left running."""
+    out = out or sys.stdout
+    reason = " ".join(str(reason).split())
+    if not reason:
+        raise ConfigError("--close", repr(reason), "say why the design ends early (e.g. "
+                          "'the 6 h compute budget is spent')")
+    plan = plan_of(cfg)
+    record = load_record(plan, sweep_dir)
+    where = f"{sweep_dir}/{LOOKS_FILE}"
+    if record is None or not record["looks"]:
+        raise ConfigError("--close", where, "has no look yet: there is nothing to close (run "
+                          "the first round, or start a sweep without --until-resolved)")
+    if record.get("closed"):
+        raise ConfigError("--close", where, f"was closed already after look "
+                          f"{record['closed']['after_look']} ({record['closed']['reason']})")
+    k = len(record["looks"])
+    live = live_after(plan, record, k)
+    if not live:
+        raise ConfigError("--close", where, "has no contrast running: every one has its verdict")
+    last = {key: v for look in record["looks"] for key, v in look["contrasts"].items()}
+    closed = {"after_look": k, "seeds": plan.design.looks[k - 1], "reason": reason,
+              "time": _now(), "contrasts": {}}
+    labels = {c["key"]: c["label"] for c in plan.contrasts}
+    for c in live:
+        v = last.get(c["key"], {})
+        delta = v.get("delta") if v.get("delta") is not None else float("nan")
+        sd = v.get("sd") if v.get("sd") is not None else float("nan")
+        proj = projection(plan.design, k - 1, float(delta), float(sd))
+        closed["contrasts"][c["key"]] = {"verdict": "undetermined", "n": v.get("n"),
+                                         "delta": delta, "sd": sd, "projection": proj}
+        at = (f"{proj['verdict']} at look {proj['look']} ({proj['seeds']} seeds)"
+              if proj["look"] else f"no verdict by {plan.design.looks[-1]} seeds")
+        print(f"  {labels[c['key']]}: undetermined at look {k} (n={v.get('n')}); at its "
+              f"estimate it would end {at}", file=out)
+    record["closed"] = closed
+    write_looks(sweep_dir, record)
+    print(f"until resolved: design closed after look {k} ({reason})", file=out)
+    return closed

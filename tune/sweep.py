@@ -52,7 +52,7 @@ from tune.space import grid_points, point_seeds
 
 def sweep_from_cli(preset: str | None, file: str | None, overrides: list[str],
                    resume: str | None, dry_run: bool, device_type: str | None = None,
-                   cluster: str | None = None) -> int:
+                   cluster: str | None = None, close: str | None = None) -> int:
     """``hardmix sweep``: 0 when the sweep ran to its end with at least one completed trial,
     1 when every trial failed, 130 when interrupted (resume it with ``--resume``). A bad config
     raises ConfigError before Ray starts (the CLI prints one line, exit 2). ``device_type``
@@ -60,6 +60,8 @@ def sweep_from_cli(preset: str | None, file: str | None, overrides: list[str],
     for flag, value in (("--device-type", device_type), ("--cluster", cluster)):
         if value is not None and not dry_run:
             raise ConfigError(flag, value, "only shapes the --dry-run estimate: add --dry-run")
+    if close is not None:
+        return _close(preset, file, overrides, resume, dry_run, close)
     cfg, resuming = resolve_config(preset, file, overrides, resume)
     _TERMINATED.clear()
     outcome = run_sweep(cfg, resume=resuming, dry_run=dry_run,
@@ -67,6 +69,24 @@ def sweep_from_cli(preset: str | None, file: str | None, overrides: list[str],
     if outcome.interrupted:
         return 143 if _TERMINATED else 130
     return 0 if outcome.ok else 1
+
+
+def _close(preset: str | None, file: str | None, overrides: list[str], resume: str | None,
+           dry_run: bool, reason: str) -> int:
+    """``--resume SWEEP --close REASON``: end an until-resolved sweep's design after its last
+    look (:func:`tune.rounds.close_design`), without starting Ray."""
+    if resume is None:
+        raise ConfigError("--close", reason, "closes a sweep that ran: add --resume SWEEP")
+    if dry_run:
+        raise ConfigError("--close", reason, "runs nothing to plan: drop --dry-run")
+    cfg, _ = resolve_config(preset, file, overrides, resume)
+    if not cfg.analysis.until_resolved:
+        raise ConfigError("--close", reason, f"{cfg.name} is not an until-resolved sweep "
+                          "(analysis.until_resolved): its seeds were fixed, there is no design "
+                          "to close")
+    from tune.rounds import close_design
+    close_design(cfg, sweep_dir_of(cfg), reason)
+    return 0
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = False, dry_run: bool = False,
