@@ -195,8 +195,11 @@ def looks_section(ctx: Any) -> list[str]:
         where = f" ({d['sweep']})" if "sweep" in table else ""
         name, text = d.get("name", "group-sequential"), d.get("description", "")
         text = f"**{name}**{text[len(name):]}" if text.startswith(name) else f"**{name}**. {text}"
+        closed = [v["closed"] for v in (d.get("final") or {}).values() if "closed" in v]
         lines += [f"The sweep{where} added seeds in rounds and stopped each primary contrast "
-                  f"once it was resolved or futile. The design: {text}", ""]
+                  "once it was resolved or futile"
+                  + (f", until its design was closed before its end ({closed[0]})"
+                     if closed else "") + f". The design: {text}", ""]
         if d.get("final"):
             last = (d.get("looks") or [0])[-1]
             lines += ["Final: " + "; ".join(_final_text(label, v, last)

@@ -559,6 +559,8 @@ def test_close_ends_the_running_contrasts_undetermined_and_a_resume_runs_nothing
     assert finals["none → cutmix"]["text"] == "none → cutmix: **better** at look 1 (n = 2)"
     section = "\n".join(looks_section(SimpleNamespace(tables=tables)))
     assert text in section
+    assert "once it was resolved or futile, until its design was closed before its end (the " \
+           "compute budget is spent)." in section
 
     # A resume runs nothing and says why; the looks file is left as it was.
     before = (Path(fake.dir) / LOOKS_FILE).read_text()
